@@ -1,0 +1,270 @@
+"""The draft side of one request: the token tree and the evolving tree KV cache.
+
+KV layout: [committed prefix | tree slots]. A tree node is either *forwarded* (its KV sits in a
+tree slot, its children have been proposed) or *pending* (a proposed token, not yet run). One
+`expand` runs the `width` best pending leaves in a single non-square forward (new leaves against
+prefix + tree) and proposes their children. `reroot` commits verified tokens: the accepted path's
+KV joins the prefix, the surviving subtree's KV slides right after it, dead branches are dropped,
+nothing is recomputed; only tokens the tree never ran (a miss) are forwarded.
+
+Node scores are cumulative log-probabilities, never increasing from parent to child nor along a
+sibling list, and ties break by node index (parents and earlier siblings have smaller indices), so
+the best `bs` nodes always form a subtree whose children at each node are a prefix of the
+proposal order: exactly what greedy and without-replacement speculative sampling verification need.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import InvalidRequest
+from .kv_cache import KVCache
+from .model import Transformer, causal_mask
+from .sampling import SamplingParams, probs_from_logits
+from .tree_mask import tree_mask
+
+
+@dataclass(frozen=True)
+class TreeParams:
+    """width: leaves per expansion and children per node (w); subtree_size: nodes per round (bs);
+    depth: expansions per round (d); max_tree: forwarded tree slots; max_nodes: all nodes."""
+
+    width: int = 4
+    subtree_size: int = 16
+    depth: int = 4
+    max_tree: int = 64
+    max_nodes: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("width", "subtree_size", "depth", "max_tree", "max_nodes"):
+            if getattr(self, name) < 1:
+                raise InvalidRequest(f"tree parameter {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tree < self.width + 1:
+            raise InvalidRequest(f"max_tree ({self.max_tree}) must exceed width ({self.width})")
+
+
+@dataclass
+class TokenTree:
+    """Parallel lists, index order is topological (parent index < child index)."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    depth: list[int] = field(default_factory=list)
+    score: list[float] = field(default_factory=list)
+    slot: list[int] = field(default_factory=list)  # tree-local KV slot, -1 while pending
+    children: list[list[int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, token: int, parent: int, score: float, slot: int = -1) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.depth.append(0 if parent < 0 else self.depth[parent] + 1)
+        self.score.append(score)
+        self.slot.append(slot)
+        self.children.append([])
+        if parent >= 0:
+            self.children[parent].append(len(self.tokens) - 1)
+        return len(self.tokens) - 1
+
+    def child_with_token(self, node: int, token: int) -> int | None:
+        return next((c for c in self.children[node] if self.tokens[c] == token), None)
+
+    def subtree(self, node: int) -> list[int]:
+        """node and all its descendants, in index order."""
+        out, stack = [], [node]
+        while stack:
+            n = stack.pop()
+            out.append(n)
+            stack.extend(self.children[n])
+        return sorted(out)
+
+    def best(self, k: int, candidates: list[int] | None = None) -> list[int]:
+        pool = range(len(self.tokens)) if candidates is None else candidates
+        return sorted(pool, key=lambda i: (-self.score[i], i))[:k]
+
+
+@dataclass
+class RerootResult:
+    hit: bool  # the new root was already forwarded: its subtree and KV carry over
+    kept_nodes: int
+    forwarded_tokens: int  # tokens the draft had to run because the tree never ran them
+
+
+class DraftSession:
+    def __init__(self, model: Transformer, cache: KVCache, params: TreeParams, sampling: SamplingParams,
+                 vocab_width: int | None = None) -> None:
+        self.model = model
+        self.cache = cache
+        self.params = params
+        self.sampling = sampling
+        self.vocab_width = vocab_width or model.vocab_size
+        self.generator = sampling.generator(salt=2) if not sampling.greedy else None
+        self.tree = TokenTree()
+        self.forwarded = 0  # tree slots in use
+        self._anc = torch.zeros(params.max_tree, params.max_tree, dtype=torch.bool, device=model.device)
+        # Draft distributions of forwarded nodes, only needed (and only allocated) when sampling.
+        self._q = None if sampling.greedy else torch.zeros(params.max_tree, self.vocab_width)
+        self.expansions = 0
+
+    @property
+    def prefix_len(self) -> int:
+        return self.cache.length
+
+    # -- growing -----------------------------------------------------------------------------
+    def start(self, prompt: list[int]) -> None:
+        """Prefill the prompt; its last token becomes the root of the first tree."""
+        if not prompt:
+            raise InvalidRequest("prompt is empty")
+        self.cache.length = 0
+        self._new_tree(prompt)
+
+    def can_expand(self) -> bool:
+        return self.forwarded < self.params.max_tree and any(s < 0 for s in self.tree.slot)
+
+    def expand(self) -> int:
+        """Run the `width` best pending leaves in one forward; returns how many ran (0: tree full)."""
+        t, p = self.tree, self.params
+        room = min(p.width, p.max_tree - self.forwarded,
+                   self.cache.capacity - self.cache.length - self.forwarded)
+        limit = self.cache.capacity - self.cache.length - 1
+        pending = [i for i, s in enumerate(t.slot) if s < 0 and t.depth[i] < limit]
+        leaves = sorted(t.best(room, pending)) if room > 0 else []
+        if not leaves:
+            return 0
+        n, base = len(leaves), self.forwarded
+        device = self.model.device
+        new_slots = torch.arange(base, base + n, device=device)
+        parent_slots = torch.tensor([t.slot[t.parents[i]] for i in leaves], device=device)
+        self._anc[new_slots] = self._anc[parent_slots]
+        self._anc[new_slots, new_slots] = True
+        for j, i in enumerate(leaves):
+            t.slot[i] = base + j
+        self.forwarded += n
+        start = self.cache.length + base
+        positions = torch.tensor([t.depth[i] for i in leaves], device=device) + self.cache.length
+        mask = tree_mask(self.cache.length, self._anc[base:base + n, :base + n])
+        logits = self.model.forward(torch.tensor([t.tokens[i] for i in leaves], device=device), positions,
+                                    self.cache, start, mask)
+        self._propose_children(leaves, logits)
+        self.expansions += 1
+        return n
+
+    def _propose_children(self, nodes: list[int], logits: torch.Tensor) -> None:
+        t, w = self.tree, self.params.width
+        logits = self._fit_vocab(logits)
+        room = self.params.max_nodes - len(t)
+        if self.sampling.greedy:
+            logp = torch.log_softmax(logits, dim=-1)
+            top = torch.topk(logp, w, dim=-1)
+            values, ids = top.values.tolist(), top.indices.tolist()
+        else:
+            probs = probs_from_logits(logits, self.sampling)
+            self._q[[t.slot[i] for i in nodes]] = probs
+            logp = probs.log()
+            # Gumbel-top-k = w draws without replacement from q, in draw order.
+            gumbel = -torch.log(-torch.log(torch.rand(logp.shape, generator=self.generator).clamp_(1e-20, 1.0)))
+            ids_t = torch.topk(logp + gumbel, w, dim=-1).indices
+            values, ids = logp.gather(-1, ids_t).tolist(), ids_t.tolist()
+        for node, vals, toks in zip(nodes, values, ids):
+            score = t.score[node]
+            for v, tok in zip(vals, toks):
+                if room <= 0 or v == float("-inf"):
+                    break
+                score = min(score, t.score[node] + v)  # keeps sibling scores non-increasing
+                t.add(tok, node, score)
+                room -= 1
+
+    def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Cut or pad draft logits to the target's vocab width (Qwen pairs differ by padding only)."""
+        v = logits.shape[-1]
+        if v == self.vocab_width:
+            return logits
+        if v > self.vocab_width:
+            return logits[:, :self.vocab_width]
+        return torch.nn.functional.pad(logits, (0, self.vocab_width - v), value=float("-inf"))
+
+    # -- sending -----------------------------------------------------------------------------
+    def select_subtree(self, size: int) -> tuple[list[int], list[int], torch.Tensor | None]:
+        """The `size` most probable nodes (a subtree rooted at the root), as (tokens, parents, q)."""
+        t = self.tree
+        chosen = sorted(t.best(size))
+        local = {node: i for i, node in enumerate(chosen)}
+        tokens = [t.tokens[i] for i in chosen]
+        parents = [local[t.parents[i]] if i else -1 for i in chosen]
+        q = None
+        if self._q is not None:
+            q = torch.zeros(len(chosen), self.vocab_width)
+            fwd = [i for i, node in enumerate(chosen) if t.slot[node] >= 0]
+            q[fwd] = self._q[[t.slot[chosen[i]] for i in fwd]]
+        return tokens, parents, q
+
+    # -- committing ----------------------------------------------------------------------------
+    def reroot(self, verified: list[int]) -> RerootResult:
+        """Commit the target's verified tokens (accepted draft tokens + bonus) and move the root."""
+        t = self.tree
+        path, node = [0], 0
+        for tok in verified[:-1]:
+            nxt = t.child_with_token(node, tok)
+            if nxt is None:
+                break
+            path.append(nxt)
+            node = nxt
+        missing = verified[len(path) - 1:-1]  # committed tokens the tree does not hold
+        new_root = t.child_with_token(node, verified[-1]) if not missing else None
+        ran = [n for n in path if t.slot[n] >= 0]  # a prefix of the path: ancestors run first
+        all_ran = len(ran) == len(path)
+        if all_ran and new_root is not None and t.slot[new_root] >= 0:
+            keep = t.subtree(new_root)
+            keep_ran = sorted((n for n in keep if t.slot[n] >= 0), key=lambda n: t.slot[n])
+            base = self.cache.length
+            src = torch.tensor([t.slot[n] for n in ran + keep_ran], device=self.model.device) + base
+            self.cache.move_slots(src, base)
+            self.cache.length = base + len(ran)
+            self._rebuild(keep, keep_ran)
+            return RerootResult(True, len(keep), 0)
+        base = self.cache.length
+        if ran:
+            self.cache.move_slots(torch.tensor([t.slot[n] for n in ran], device=self.model.device) + base, base)
+            self.cache.length = base + len(ran)
+        catch_up = [t.tokens[n] for n in path[len(ran):]] + missing + [verified[-1]]
+        self._new_tree(catch_up, already=self.cache.length)
+        return RerootResult(False, 1, len(catch_up))
+
+    def _rebuild(self, keep: list[int], keep_ran: list[int]) -> None:
+        """Re-index the surviving subtree (root first) and its slots, preserving their order."""
+        old = self.tree
+        new_index = {n: i for i, n in enumerate(keep)}
+        new_slot = {n: s for s, n in enumerate(keep_ran)}
+        tree = TokenTree()
+        root_score = old.score[keep[0]]
+        for n in keep:
+            tree.add(old.tokens[n], new_index[old.parents[n]] if n != keep[0] else -1,
+                     old.score[n] - root_score, new_slot.get(n, -1))
+        old_slots = torch.tensor([old.slot[n] for n in keep_ran], device=self.model.device)
+        m = len(keep_ran)
+        # Ancestry restricted to the subtree is unchanged, so it is one gather, not a rebuild.
+        self._anc[:m, :m] = self._anc[old_slots][:, old_slots]
+        if self._q is not None:
+            self._q[:m] = self._q[old_slots]
+        self.tree, self.forwarded = tree, m
+
+    def _new_tree(self, tokens: list[int], already: int = 0) -> None:
+        """Forward tokens the draft never ran; all but the last join the prefix, the last is the root."""
+        n = len(tokens)
+        start = already
+        if start + n > self.cache.capacity:
+            raise InvalidRequest(f"context full: {start + n} tokens > {self.cache.capacity}")
+        device = self.model.device
+        logits = self.model.forward(torch.tensor(tokens, device=device), torch.arange(start, start + n, device=device),
+                                    self.cache, start, causal_mask(start, n, device) if n > 1 else None,
+                                    logits_rows=slice(n - 1, n))
+        self.cache.length = start + n - 1
+        self.tree = TokenTree()
+        self.tree.add(tokens[-1], -1, 0.0, slot=0)
+        self.forwarded = 1
+        self._anc[0].zero_()
+        self._anc[0, 0] = True
+        self._propose_children([0], logits)

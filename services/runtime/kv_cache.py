@@ -1,0 +1,106 @@
+"""KV memory: one preallocated pool per model, sessions own contiguous block ranges of it.
+
+Why contiguous ranges instead of a block table: attention on the CPU path reads a session's cache
+as one strided view (no gather per layer per step), and compaction is one index copy. The treekv
+service leases whole ranges up front (never per round), so fragmentation is an admission question.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ResourceExhausted
+from .model_config import ModelConfig
+
+
+@dataclass
+class KVCache:
+    """A session's KV slots: views over a pool range, `length` of them hold committed tokens.
+
+    Layout per tensor: [num_layers, num_kv_heads, capacity, head_dim]. Slots [0, length) are the
+    committed prefix; anything after is scratch owned by the caller (a tree being verified or grown).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, capacity: int, dtype: torch.dtype,
+                 device: str | torch.device = "cpu", num_kv_heads: int | None = None) -> "KVCache":
+        shape = (config.num_layers, num_kv_heads or config.num_kv_heads, capacity, config.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def move_slots(self, src: torch.Tensor, dst_start: int) -> None:
+        """Copy the KV of slots `src` (ascending, each >= its destination) to dst_start, dst_start+1, ...
+
+        This is the whole of the evolving tree cache's compaction: accepted / surviving nodes slide
+        left over dead ones; nothing is recomputed.
+        """
+        n = src.numel()
+        if n == 0:
+            return
+        if int(src[0]) == dst_start and int(src[-1]) == dst_start + n - 1:
+            return  # already in place (src is ascending and distinct, so it is a contiguous run)
+        self.k[:, :, dst_start:dst_start + n] = self.k.index_select(2, src)
+        self.v[:, :, dst_start:dst_start + n] = self.v.index_select(2, src)
+
+
+class KVPool:
+    """A model's KV memory as blocks of `block_size` slots; hands out contiguous block ranges."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: str | torch.device = "cpu", num_kv_heads: int | None = None) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        whole = KVCache.allocate(config, num_blocks * block_size, dtype, device, num_kv_heads)
+        self._k, self._v = whole.k, whole.v
+        self._free: list[tuple[int, int]] = [(0, num_blocks)]  # sorted (start, count) runs
+
+    def blocks_for(self, slots: int) -> int:
+        return -(-slots // self.block_size)
+
+    @property
+    def free_blocks(self) -> int:
+        return sum(c for _, c in self._free)
+
+    def allocate(self, num_blocks: int) -> int:
+        """First-fit a contiguous run; returns its first block id."""
+        for i, (start, count) in enumerate(self._free):
+            if count >= num_blocks:
+                if count == num_blocks:
+                    self._free.pop(i)
+                else:
+                    self._free[i] = (start + num_blocks, count - num_blocks)
+                return start
+        raise ResourceExhausted(f"KV pool full: need {num_blocks} contiguous blocks, "
+                                f"{self.free_blocks} free of {self.num_blocks}")
+
+    def claim(self, first_block: int, num_blocks: int) -> None:
+        """Mark a range granted elsewhere (by treekv) as used here."""
+        end = first_block + num_blocks
+        for i, (start, count) in enumerate(self._free):
+            if start <= first_block and end <= start + count:
+                pieces = [(start, first_block - start), (end, start + count - end)]
+                self._free[i:i + 1] = [p for p in pieces if p[1] > 0]
+                return
+        raise ResourceExhausted(f"blocks [{first_block}, {end}) are not free in this pool")
+
+    def release(self, first_block: int, num_blocks: int) -> None:
+        runs = sorted(self._free + [(first_block, num_blocks)])
+        merged: list[tuple[int, int]] = []
+        for start, count in runs:
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + count)
+            else:
+                merged.append((start, count))
+        self._free = merged
+
+    def view(self, first_block: int, num_blocks: int) -> KVCache:
+        a, b = first_block * self.block_size, (first_block + num_blocks) * self.block_size
+        return KVCache(self._k[:, :, a:b], self._v[:, :, a:b])

@@ -1,0 +1,91 @@
+"""The target side of one request: committed KV, one forward per round, lossless verification.
+
+The KV layout is [committed prefix | scratch]. Each round the tree (root = last committed token,
+whose KV is not computed yet) is written into the scratch, verified, and only the accepted path's
+KV slides down to extend the prefix. Autoregressive decoding is the same round with a one-node tree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidRequest
+from .kv_cache import KVCache
+from .model import Transformer, causal_mask
+from .sampling import SamplingParams, probs_from_logits, sample
+from .tree_mask import ancestor_matrix, tree_mask
+from .verify import greedy_accept, speculative_sampling_accept
+
+
+@dataclass
+class RoundResult:
+    """What one verification round commits: `tokens` = accepted draft tokens followed by the bonus."""
+
+    tokens: list[int]
+    accepted_draft: int  # how many of the tree's tokens were accepted (len(tokens) - 1)
+    tree_size: int
+
+
+class TargetSession:
+    def __init__(self, model: Transformer, cache: KVCache, sampling: SamplingParams) -> None:
+        self.model = model
+        self.cache = cache
+        self.sampling = sampling
+        self.generator = sampling.generator(salt=1) if not sampling.greedy else None
+        self.root: int | None = None  # last committed token; its KV is computed by the next round
+
+    @property
+    def prefix_len(self) -> int:
+        return self.cache.length
+
+    def prefill(self, prompt: list[int]) -> None:
+        """Compute the KV of all prompt tokens but the last, which becomes the first tree root."""
+        if not prompt:
+            raise InvalidRequest("prompt is empty")
+        if len(prompt) > self.cache.capacity:
+            raise InvalidRequest(f"prompt of {len(prompt)} tokens exceeds the context ({self.cache.capacity})")
+        head = prompt[:-1]
+        if head:
+            ids = torch.tensor(head, dtype=torch.long, device=self.model.device)
+            self.model.forward(ids, torch.arange(len(head), device=self.model.device), self.cache, 0,
+                               causal_mask(0, len(head), self.model.device), logits_rows=slice(0, 0))
+        self.cache.length = len(head)
+        self.root = prompt[-1]
+
+    def step(self) -> int:
+        """Plain autoregressive decoding: verify the one-node tree [root]."""
+        return self.verify([self.root], [-1]).tokens[0]
+
+    def verify(self, tokens: list[int], parents: list[int], draft_probs: torch.Tensor | None = None) -> RoundResult:
+        """One forward over the tree, accept the longest lossless path, keep only its KV."""
+        n = len(tokens)
+        start = self.cache.length
+        if tokens[0] != self.root:
+            raise InvalidRequest(f"tree root {tokens[0]} is not the last committed token {self.root}")
+        if start + n > self.cache.capacity:
+            raise InvalidRequest(f"context full: {start} committed + {n} tree tokens > {self.cache.capacity}")
+        device = self.model.device
+        if n == 1:
+            positions = torch.tensor([start], device=device)
+            mask = None
+        else:
+            depth = [0] * n
+            for i in range(1, n):
+                depth[i] = depth[parents[i]] + 1
+            positions = torch.tensor(depth, device=device) + start
+            mask = tree_mask(start, ancestor_matrix(parents, device))
+        logits = self.model.forward(torch.tensor(tokens, device=device), positions, self.cache, start, mask)
+        if self.sampling.greedy:
+            path, bonus = greedy_accept(logits, tokens, parents)
+        else:
+            probs = probs_from_logits(logits, self.sampling)
+            if n == 1:
+                path, bonus = [0], sample(probs[0], self.generator)
+            else:
+                q = draft_probs if draft_probs is not None else torch.zeros_like(probs)
+                path, bonus = speculative_sampling_accept(probs, q, tokens, parents, self.generator)
+        self.cache.move_slots(torch.tensor(path, device=device) + start, start)
+        self.cache.length = start + len(path)
+        self.root = bonus
+        return RoundResult([tokens[i] for i in path[1:]] + [bonus], len(path) - 1, n)
