@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -21,6 +22,7 @@ def generate_protos() -> None:
 
     protos = sorted(glob.glob(os.path.join(HERE, "protos", "specmesh", "v1", "*.proto")))
     out = os.path.join(HERE, GEN_ROOT)
+    shutil.rmtree(os.path.join(out, "specmesh"), ignore_errors=True)  # no stale modules of deleted protos
     os.makedirs(os.path.join(out, "specmesh", "v1"), exist_ok=True)
     include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
     args = ["protoc", f"-I{os.path.join(HERE, 'protos')}", f"-I{include}", f"--python_out={out}",

@@ -490,6 +490,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, chat_template: str | None) -> 
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
+        for f in out_dir.iterdir():  # safetensors writes 0600; let other service users read the cache
+            f.chmod(0o644)
     finally:
         transformers.logging.set_verbosity(prev_verbosity)
     n_params = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,351 @@
+{{/* Chart name, truncated to the 63 characters of a DNS label. */}}
+{{- define "specmesh.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Release full name: every object is <fullname>-<component>. */}}
+{{- define "specmesh.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "specmesh.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Object name of a component: (dict "ctx" $ "component" "router"). Headless: + "-headless". */}}
+{{- define "specmesh.componentName" -}}
+{{- $full := include "specmesh.fullname" .ctx -}}
+{{- printf "%s-%s" ($full | trunc (int (sub 54 (len .component))) | trimSuffix "-") .component -}}
+{{- end -}}
+
+{{- define "specmesh.labels" -}}
+helm.sh/chart: {{ include "specmesh.chart" .ctx }}
+app.kubernetes.io/name: {{ include "specmesh.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/part-of: specmesh
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "specmesh.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "specmesh.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "specmesh.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "specmesh.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* host:port of a component's gRPC Service, as the other components dial it. */}}
+{{- define "specmesh.addr" -}}
+{{- $c := index .ctx.Values .component -}}
+{{- printf "%s:%d" (include "specmesh.componentName" .) (int $c.port) -}}
+{{- end -}}
+
+{{/* The default image tag: image.tag, else appVersion (+ "-cpu" for the CPU build). */}}
+{{- define "specmesh.imageTag" -}}
+{{- if .Values.image.tag -}}
+{{- .Values.image.tag -}}
+{{- else -}}
+{{- .Chart.AppVersion -}}{{- if eq .Values.image.variant "cpu" -}}-cpu{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A file under the models mount. */}}
+{{- define "specmesh.modelPath" -}}
+{{- printf "%s/%s" (.ctx.Values.models.mountPath | trimSuffix "/") (.path | trimPrefix "/") -}}
+{{- end -}}
+
+{{/* The OTLP endpoint in force: otel.endpoint, else the bundled Jaeger, else empty (tracing off). */}}
+{{- define "specmesh.otelEndpoint" -}}
+{{- if .Values.otel.endpoint -}}
+{{- .Values.otel.endpoint -}}
+{{- else if .Values.jaeger.enabled -}}
+{{- printf "http://%s:4317" (include "specmesh.componentName" (dict "ctx" . "component" "jaeger")) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+GPUs a component requests: target = tp, draft = gpus, when its device is cuda; else 0.
+*/}}
+{{- define "specmesh.gpuCount" -}}
+{{- $c := index .ctx.Values .component -}}
+{{- if and (hasKey $c "device") (eq (toString $c.device) "cuda") -}}
+{{- if eq .component "target" -}}{{ int $c.tp }}{{- else -}}{{ int (default 0 $c.gpus) }}{{- end -}}
+{{- else -}}0{{- end -}}
+{{- end -}}
+
+{{/*
+The pod template of a component. Arguments (dict):
+  ctx: the root context; component: router|draft|target|treekv;
+  args: flags after `serve <component>`; env: env entries (list of maps);
+  ports: container ports (list of maps, the first is the gRPC port);
+  models: whether to mount the model volume; shmSize: size of /dev/shm ("" for none).
+*/}}
+{{- define "specmesh.podTemplate" -}}
+{{- $ctx := .ctx -}}
+{{- $v := $ctx.Values -}}
+{{- $name := .component -}}
+{{- $c := index $v $name -}}
+{{- $sel := dict "ctx" $ctx "component" $name -}}
+{{- $gpus := int (include "specmesh.gpuCount" $sel) -}}
+{{- $repo := default $v.image.repository $c.image.repository -}}
+{{- $tag := default (include "specmesh.imageTag" $ctx) $c.image.tag -}}
+{{- $probes := mergeOverwrite (deepCopy $v.probes) (deepCopy (default (dict) $c.probes)) -}}
+{{- $resources := deepCopy (default (dict) $c.resources) -}}
+{{- if gt $gpus 0 -}}
+{{- $limits := default (dict) (get $resources "limits") -}}
+{{- $_ := set $limits $v.gpuResourceName $gpus -}}
+{{- $_ := set $resources "limits" $limits -}}
+{{- end -}}
+{{- $affinity := deepCopy (default (dict) $c.affinity) -}}
+{{- if and (eq $name "draft") $v.colocation.enabled -}}
+{{- $term := dict "labelSelector" (dict "matchLabels" (fromYaml (include "specmesh.selectorLabels" (dict "ctx" $ctx "component" "target")))) "topologyKey" $v.colocation.topologyKey -}}
+{{- $pa := default (dict) (get $affinity "podAffinity") -}}
+{{- if eq $v.colocation.mode "required" -}}
+{{- $req := default (list) (get $pa "requiredDuringSchedulingIgnoredDuringExecution") -}}
+{{- $_ := set $pa "requiredDuringSchedulingIgnoredDuringExecution" (append $req $term) -}}
+{{- else -}}
+{{- $pref := default (list) (get $pa "preferredDuringSchedulingIgnoredDuringExecution") -}}
+{{- $_ := set $pa "preferredDuringSchedulingIgnoredDuringExecution" (append $pref (dict "weight" (int $v.colocation.weight) "podAffinityTerm" $term)) -}}
+{{- end -}}
+{{- $_ := set $affinity "podAffinity" $pa -}}
+{{- end -}}
+{{- $grpcPort := int $c.port -}}
+metadata:
+  labels:
+    {{- include "specmesh.labels" $sel | nindent 4 }}
+    {{- with $c.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- if or $v.metrics.prometheusAnnotations $c.podAnnotations }}
+  annotations:
+    {{- if $v.metrics.prometheusAnnotations }}
+    prometheus.io/scrape: "true"
+    prometheus.io/port: {{ $v.metrics.port | quote }}
+    prometheus.io/path: {{ $v.metrics.path | quote }}
+    {{- end }}
+    {{- with $c.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- end }}
+spec:
+  serviceAccountName: {{ include "specmesh.serviceAccountName" $ctx }}
+  automountServiceAccountToken: false
+  enableServiceLinks: false
+  {{- with $v.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $c.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $c.runtimeClassName }}
+  runtimeClassName: {{ . }}
+  {{- end }}
+  terminationGracePeriodSeconds: {{ int $c.terminationGracePeriodSeconds }}
+  {{- with $v.podSecurityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $c.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $c.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if $affinity }}
+  affinity:
+    {{- toYaml $affinity | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ $name }}
+      image: "{{ $repo }}:{{ $tag }}"
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      # The image's ENTRYPOINT is ["specmesh"]: args are `serve <component> [flags]`.
+      args:
+        - serve
+        - {{ $name }}
+        - --host
+        - "0.0.0.0"
+        - --port
+        - {{ $grpcPort | quote }}
+        - --metrics-port
+        - {{ int $v.metrics.port | quote }}
+        - --log-level
+        - {{ default $v.logLevel $c.logLevel | quote }}
+        {{- range .args }}
+        - {{ . | quote }}
+        {{- end }}
+        {{- range $c.extraArgs }}
+        - {{ . | quote }}
+        {{- end }}
+      ports:
+        {{- toYaml .ports | nindent 8 }}
+        - name: metrics
+          containerPort: {{ int $v.metrics.port }}
+          protocol: TCP
+      env:
+        - name: POD_NAME
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.name
+        - name: POD_NAMESPACE
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.namespace
+        - name: POD_IP
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIP
+        - name: NODE_NAME
+          valueFrom:
+            fieldRef:
+              fieldPath: spec.nodeName
+        - name: HOME
+          value: /tmp
+        - name: PYTHONUNBUFFERED
+          value: "1"
+        - name: HF_HUB_OFFLINE
+          value: "1"
+        - name: TRANSFORMERS_OFFLINE
+          value: "1"
+        {{- if .models }}
+        - name: SPECMESH_CACHE
+          value: {{ $v.models.cache.mountPath | quote }}
+        {{- end }}
+        {{- with .env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+        - name: OTEL_SERVICE_NAME
+          value: {{ printf "specmesh-%s" $name | quote }}
+        {{- $endpoint := include "specmesh.otelEndpoint" $ctx }}
+        {{- if $endpoint }}
+        - name: OTEL_EXPORTER_OTLP_ENDPOINT
+          value: {{ $endpoint | quote }}
+        - name: OTEL_EXPORTER_OTLP_PROTOCOL
+          value: grpc
+        - name: OTEL_TRACES_EXPORTER
+          value: otlp
+        - name: OTEL_TRACES_SAMPLER
+          value: {{ $v.otel.sampler | quote }}
+        - name: OTEL_TRACES_SAMPLER_ARG
+          value: {{ $v.otel.samplerArg | toString | quote }}
+        {{- end }}
+        - name: OTEL_RESOURCE_ATTRIBUTES
+          value: {{ printf "service.namespace=%s,service.version=%s,k8s.namespace.name=$(POD_NAMESPACE),k8s.pod.name=$(POD_NAME),k8s.node.name=$(NODE_NAME)%s" $ctx.Release.Name $ctx.Chart.AppVersion (ternary (printf ",%s" $v.otel.resourceAttributes) "" (ne $v.otel.resourceAttributes "")) | quote }}
+        {{- with $c.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- range $kind, $field := dict "startup" "startupProbe" "readiness" "readinessProbe" "liveness" "livenessProbe" }}
+      {{- $p := get $probes $kind }}
+      {{- if and $p (ne (toString (get $p "enabled")) "false") }}
+      {{ $field }}:
+        grpc:
+          port: {{ $grpcPort }}
+        {{- toYaml (omit $p "enabled") | nindent 8 }}
+      {{- end }}
+      {{- end }}
+      {{- with $resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.securityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      volumeMounts:
+        - name: tmp
+          mountPath: /tmp
+        {{- if .shmSize }}
+        - name: dshm
+          mountPath: /dev/shm
+        {{- end }}
+        {{- if and .models (ne $v.models.source "image") }}
+        - name: models
+          mountPath: {{ $v.models.mountPath }}
+          readOnly: true
+        {{- end }}
+        {{- if .models }}
+        - name: model-cache
+          mountPath: {{ $v.models.cache.mountPath }}
+        {{- end }}
+  volumes:
+    - name: tmp
+      emptyDir: {}
+    {{- if .shmSize }}
+    - name: dshm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ .shmSize }}
+    {{- end }}
+    {{- if and .models (eq $v.models.source "pvc") }}
+    - name: models
+      persistentVolumeClaim:
+        claimName: {{ $v.models.pvc.claimName }}
+        readOnly: {{ $v.models.pvc.readOnly }}
+    {{- else if and .models (eq $v.models.source "hostPath") }}
+    - name: models
+      hostPath:
+        path: {{ $v.models.hostPath.path }}
+        type: ""
+    {{- end }}
+    {{- if .models }}
+    - name: model-cache
+      {{- if $v.models.cache.claimName }}
+      persistentVolumeClaim:
+        claimName: {{ $v.models.cache.claimName }}
+      {{- else }}
+      emptyDir:
+        {{- with $v.models.cache.sizeLimit }}
+        sizeLimit: {{ . }}
+        {{- end }}
+      {{- end }}
+    {{- end }}
+{{- end -}}
+
+{{/* A ClusterIP (or other type) Service for a component: (dict ctx component ports headless type annotations). */}}
+{{- define "specmesh.service" -}}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "specmesh.componentName" . }}{{ if .headless }}-headless{{ end }}
+  labels:
+    {{- include "specmesh.labels" . | nindent 4 }}
+  {{- with .annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  {{- if .headless }}
+  clusterIP: None
+  # The tensor-channel rendezvous happens before the pods report ready.
+  publishNotReadyAddresses: true
+  {{- else }}
+  type: {{ default "ClusterIP" .type }}
+  {{- end }}
+  selector:
+    {{- include "specmesh.selectorLabels" . | nindent 4 }}
+  ports:
+    {{- toYaml .ports | nindent 4 }}
+{{- end -}}

@@ -1,0 +1,85 @@
+"""gRPC plumbing shared by all four services: servers with health + reflection, channels, errors."""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .errors import SpecmeshError
+
+log = logging.getLogger("specmesh.rpc")
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # control messages only; tensors go over the tensor channel
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.enable_retries", 0),
+]
+
+
+async def start_server(host: str, port: int, register: Iterable[tuple[Callable[[Any, Any], None], Any]],
+                       service_names: Iterable[str]) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server with our servicers, standard health checking and reflection.
+
+    Returns the server and the bound port (pass port 0 for a free one). Health reports SERVING for
+    the overall server ("") and each named service.
+    """
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    for add, servicer in register:
+        add(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC server to {host}:{port}")
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
+
+
+def connect(addr: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+
+
+def status_code(exc: SpecmeshError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, exc.grpc_code_name, grpc.StatusCode.INTERNAL)
+
+
+def rpc_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Turn SpecmeshError into the matching gRPC status with its one-line message (unary methods)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except SpecmeshError as exc:
+            await context.abort(status_code(exc), str(exc))
+
+    return wrapper
+
+
+async def wait_healthy(addr: str, timeout_s: float, service: str = "") -> None:
+    """Block until addr answers health SERVING (used by `specmesh up` and the router at start-up)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    async with connect(addr) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{addr} not healthy after {timeout_s:.0f}s")
+            await asyncio.sleep(0.1)
