@@ -1,0 +1,190 @@
+"""The draft's loop (SwiftSpec Algorithm 1, draft side): grow trees while the target verifies.
+
+One worker thread owns the model. It keeps expanding the most promising session's tree (at most
+`depth` expansions per round, so it is idle, not mid-forward, when verified tokens arrive); a
+receiver thread turns verified-token messages into work items. On verified tokens the session
+re-roots its evolving tree cache and, as soon as its tree holds `subtree_size` nodes, sends the
+best subtree to the target. The draft is only waited for when a tree is smaller than that.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from specmesh.services.runtime.channel import TensorChannel, Verified
+from specmesh.services.runtime.draft_session import DraftSession, TreeParams
+from specmesh.services.runtime.errors import SpecmeshError
+from specmesh.services.runtime.model import Transformer
+from specmesh.services.runtime.model_worker import LeasedPool
+from specmesh.services.runtime.sampling import SamplingParams
+
+log = logging.getLogger("specmesh.draft")
+
+
+@dataclass
+class DraftState:
+    slot: int
+    session_id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    tree: TreeParams
+    lease: tuple[int, int]
+    session: DraftSession | None = None
+    owed: bool = True  # the target is waiting for (or about to want) this session's next subtree
+    round: int = 0
+    grown: int = 0  # expansions since the last send
+    idle_since: float = 0.0
+
+
+class DraftEngine:
+    def __init__(self, model: Transformer, pool: LeasedPool, expand_delay_ms: float = 0.0,
+                 on_event: Any = None) -> None:
+        self.model, self.pool = model, pool
+        self.sessions: dict[int, DraftState] = {}
+        self.work: queue.Queue = queue.Queue()
+        self.channel: TensorChannel | None = None
+        self.vocab_width = model.vocab_size
+        self.expand_delay_ms = expand_delay_ms
+        self.on_event = on_event  # hook for metrics/tracing: (name, state, **fields) -> None
+        self._worker = threading.Thread(target=self._run, name="draft-worker", daemon=True)
+        self._worker.start()
+
+    # -- called from the gRPC side -----------------------------------------------------------
+    def open(self, state: DraftState) -> None:
+        self.work.put(("open", state))
+
+    def close(self, session_id: str) -> None:
+        self.work.put(("close", session_id))
+
+    def attach_channel(self, channel: TensorChannel, vocab_width: int) -> None:
+        self.work.put(("channel", (channel, vocab_width)))
+
+    def stop(self) -> None:
+        self.work.put(("stop", None))
+
+    # -- receiver thread ---------------------------------------------------------------------
+    def _receive(self, channel: TensorChannel) -> None:
+        while True:
+            try:
+                verified = channel.recv_verified()
+            except Exception as exc:
+                self.work.put(("channel_down", (channel, str(exc).splitlines()[0])))
+                return
+            self.work.put(("verified", verified))
+
+    # -- worker thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self.work.get_nowait() if self._has_growth() else self.work.get()
+            except queue.Empty:
+                self._grow_one()
+                continue
+            kind, arg = item
+            if kind == "stop":
+                return
+            try:
+                getattr(self, f"_on_{kind}")(arg)
+            except Exception:
+                log.exception("draft worker failed on %s", kind)
+
+    def _has_growth(self) -> bool:
+        return any(self._wants_growth(s) for s in self.sessions.values())
+
+    def _wants_growth(self, s: DraftState) -> bool:
+        if s.session is None or not s.session.can_expand():
+            return False
+        return s.owed or s.grown < s.tree.depth
+
+    def _grow_one(self) -> None:
+        # Owed sessions first: the target is idle until they reach subtree_size nodes.
+        candidates = [s for s in self.sessions.values() if self._wants_growth(s)]
+        state = min(candidates, key=lambda s: (not s.owed, s.grown))
+        if self.expand_delay_ms:
+            time.sleep(random.uniform(0, self.expand_delay_ms) / 1000)
+        state.session.expand()
+        state.grown += 1
+        self._maybe_send(state)
+
+    def _maybe_send(self, state: DraftState) -> None:
+        session = state.session
+        if not state.owed or self.channel is None:
+            return
+        if len(session.tree) < state.tree.subtree_size and session.can_expand():
+            return  # too small to be worth a target forward; grow first
+        tokens, parents, q = session.select_subtree(state.tree.subtree_size)
+        try:
+            self.channel.send_subtree(state.slot, state.round, tokens, parents, q)
+        except Exception as exc:
+            self._on_channel_down((self.channel, str(exc).splitlines()[0]))
+            return
+        state.owed, state.grown = False, 0
+        if self.on_event is not None:
+            self.on_event("send", state, size=len(tokens))
+
+    def _on_channel(self, arg: tuple[TensorChannel, int]) -> None:
+        channel, vocab_width = arg
+        if self.channel is not None:
+            self._on_channel_down((self.channel, "replaced by a new pairing"))
+        self.channel, self.vocab_width = channel, vocab_width
+        threading.Thread(target=self._receive, args=(channel,), name="draft-recv", daemon=True).start()
+        log.info("tensor channel to the target is up")
+
+    def _on_channel_down(self, arg: tuple[TensorChannel, str]) -> None:
+        channel, why = arg
+        if channel is not self.channel:
+            return
+        log.warning("tensor channel to the target is down (%s); dropping %d sessions", why, len(self.sessions))
+        channel.close()
+        self.channel = None
+        for slot in list(self.sessions):
+            self._free(slot)
+
+    def _on_open(self, state: DraftState) -> None:
+        try:
+            cache = self.pool.open(*state.lease)
+        except SpecmeshError as exc:
+            log.warning("session %s not opened: %s", state.session_id, exc)
+            return
+        self.sessions[state.slot] = state
+        state.session = DraftSession(self.model, cache, state.tree, state.sampling, vocab_width=self.vocab_width)
+        try:
+            state.session.start(state.prompt)
+        except SpecmeshError as exc:
+            log.warning("session %s failed to start: %s", state.session_id, exc)
+            self._free(state.slot)
+            return
+        self._maybe_send(state)
+
+    def _on_verified(self, verified: Verified) -> None:
+        state = self.sessions.get(verified.slot)
+        if state is None:
+            return
+        if verified.end:
+            self._free(verified.slot)
+            return
+        result = state.session.reroot(verified.tokens)
+        state.round, state.owed = verified.round, True
+        if self.on_event is not None:
+            self.on_event("reroot", state, hit=result.hit, grown=state.grown)
+        state.grown = 0
+        self._maybe_send(state)
+
+    def _on_close(self, session_id: str) -> None:
+        for slot, state in list(self.sessions.items()):
+            if state.session_id == session_id:
+                self._free(slot)
+
+    def _free(self, slot: int) -> None:
+        state = self.sessions.pop(slot, None)
+        if state is not None:
+            self.pool.close(*state.lease)
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self.sessions)

@@ -1,0 +1,111 @@
+"""draft-service: the draft model, the token trees and their evolving KV caches."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import grpc
+
+from specmesh.services.runtime import rpc
+from specmesh.services.runtime.channel import DRAFT_RANK, TensorChannel, join_store
+from specmesh.services.runtime.errors import InvalidRequest, ServiceUnavailable
+from specmesh.services.runtime.model_worker import (LeasedPool, instance_id, load_service_model,
+                                                     time_tree_forward)
+from specmesh.services.runtime.protocol import sampling_from_proto, tree_from_proto
+from specmesh.services.runtime.service_config import add_dataclass_arguments, from_namespace, setup_logging
+from specmesh.services.runtime.service_main import run, start_metrics, wait_for_stop_signal, write_ready_file
+from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+from .config import DraftConfig
+from .engine import DraftEngine, DraftState
+
+log = logging.getLogger("specmesh.draft")
+
+
+class DraftServicer(mesh_pb2_grpc.DraftServicer):
+    def __init__(self, config: DraftConfig, engine: DraftEngine, forward_ms: float) -> None:
+        self.config, self.engine, self.forward_ms = config, engine, forward_ms
+        self.instance = instance_id()
+
+    @rpc.rpc_errors
+    async def ConnectChannel(self, request: mesh_pb2.ChannelEndpoint, context: grpc.aio.ServicerContext) -> mesh_pb2.Empty:
+        model = self.engine.model
+        if request.vocab_size < model.vocab_size and request.vocab_size <= 0:
+            raise InvalidRequest("channel endpoint without a vocab size")
+
+        def join() -> TensorChannel:
+            store = join_store(request.host, request.port)
+            return TensorChannel(store, request.epoch, DRAFT_RANK, request.subtree_capacity, request.vocab_size,
+                                 request.backend or "gloo", model.device, host=_local_host(request.host))
+
+        try:
+            channel = await asyncio.wait_for(asyncio.to_thread(join), timeout=60)
+        except Exception as exc:
+            raise ServiceUnavailable(f"cannot join the tensor channel at {request.host}:{request.port}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        self.engine.attach_channel(channel, request.vocab_size)
+        return mesh_pb2.Empty()
+
+    @rpc.rpc_errors
+    async def OpenSession(self, request: mesh_pb2.DraftOpenRequest, context: grpc.aio.ServicerContext) -> mesh_pb2.Empty:
+        if not request.prompt_ids:
+            raise InvalidRequest("prompt is empty")
+        if request.lease.num_blocks <= 0:
+            raise InvalidRequest("no KV lease given")
+        tree = tree_from_proto(request.tree)
+        if tree.subtree_size > (self.engine.channel.capacity if self.engine.channel else tree.subtree_size):
+            raise InvalidRequest(f"subtree_size {tree.subtree_size} exceeds the channel capacity")
+        self.engine.open(DraftState(slot=request.channel_slot, session_id=request.session_id,
+                                    prompt=list(request.prompt_ids), sampling=sampling_from_proto(request.sampling),
+                                    tree=tree, lease=(request.lease.first_block, request.lease.num_blocks)))
+        return mesh_pb2.Empty()
+
+    async def CloseSession(self, request: mesh_pb2.SessionRef, context: grpc.aio.ServicerContext) -> mesh_pb2.Empty:
+        self.engine.close(request.session_id)
+        return mesh_pb2.Empty()
+
+    async def Info(self, request: mesh_pb2.Empty, context: grpc.aio.ServicerContext) -> mesh_pb2.ServiceTiming:
+        pool = self.engine.pool
+        return mesh_pb2.ServiceTiming(forward_ms=self.forward_ms, instance_id=self.instance,
+                                      channel_connected=self.engine.channel is not None,
+                                      active_sessions=self.engine.active_sessions,
+                                      pool_blocks_used=pool.used_blocks, pool_blocks_total=pool.pool.num_blocks)
+
+
+def _local_host(peer_host: str) -> str:
+    """The address gloo should bind on our side: loopback pairs stay on loopback."""
+    if peer_host in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    import socket
+
+    return socket.gethostbyname(socket.gethostname())
+
+
+async def serve(config: DraftConfig) -> None:
+    model, _ = await asyncio.to_thread(load_service_model, config, "draft")
+    forward_ms = await asyncio.to_thread(time_tree_forward, model, config.tree_width)
+    log.info("one expansion of %d leaves takes %.1f ms", config.tree_width, forward_ms)
+    engine = DraftEngine(model, LeasedPool(model, config), config.expand_delay_ms)
+    servicer = DraftServicer(config, engine, forward_ms)
+    metrics_port = start_metrics(config.host, config.metrics_port)
+    server, port = await rpc.start_server(config.host, config.port,
+                                          [(mesh_pb2_grpc.add_DraftServicer_to_server, servicer)],
+                                          ["specmesh.v1.Draft"])
+    log.info("draft-service serving on %s:%d", config.host, port)
+    write_ready_file(config.ready_file, {"port": port, "metrics_port": metrics_port})
+    await wait_for_stop_signal()
+    await server.stop(grace=2)
+    engine.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specmesh serve draft", description=__doc__)
+    add_dataclass_arguments(parser, DraftConfig)
+    config = from_namespace(DraftConfig, parser.parse_args(argv))
+    setup_logging(config.log_level, "draft")
+    return run(lambda: serve(config))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

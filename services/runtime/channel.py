@@ -1,0 +1,126 @@
+"""The tensor channel between a draft and a target: torch.distributed point-to-point.
+
+Two pair groups per pairing, one per direction, so each has exactly one sending thread and one
+receiving thread (the target's worker sends verified tokens while its receiver waits for the
+next subtree). Messages are fixed-shape preallocated tensors: a subtree is one int64 tensor
+[header | tokens | parents], verified tokens are one int64 tensor [header | tokens], and draft
+probabilities (only when sampling) follow a subtree as one float32 [n, vocab] tensor. Gloo on
+CPU, NCCL when the models live on CUDA. The rendezvous is a TCPStore hosted by the target; the
+router hands its address to the draft over gRPC, with a fresh `epoch` prefix for every pairing.
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+HEADER = 6  # kind, slot, round, n, flags, has_q
+KIND_SUBTREE, KIND_VERIFIED = 1, 2
+FLAG_END = 1  # verified: the session is over, free it
+TARGET_RANK, DRAFT_RANK = 0, 1
+FOREVER = datetime.timedelta(days=365)  # an idle pairing is normal; peer death surfaces as an error
+
+
+@dataclass
+class Subtree:
+    slot: int
+    round: int
+    tokens: list[int]
+    parents: list[int]
+    q: torch.Tensor | None
+
+
+@dataclass
+class Verified:
+    slot: int
+    round: int
+    tokens: list[int]
+    end: bool
+
+
+def host_store(host: str, port: int) -> dist.TCPStore:
+    """The target's rendezvous store (port 0 = a free port; read it back from store.port)."""
+    return dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=60),
+                         use_libuv=True)
+
+
+def join_store(host: str, port: int) -> dist.TCPStore:
+    return dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=60), use_libuv=True)
+
+
+def _pair_group(store: dist.Store, name: str, rank: int, backend: str, host: str) -> dist.ProcessGroup:
+    prefixed = dist.PrefixStore(name, store)
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(prefixed, rank, 2)
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = FOREVER
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    return dist.ProcessGroupGloo(prefixed, rank, 2, opts)
+
+
+class TensorChannel:
+    """One side of a draft<->target pairing. Construction blocks until the peer joins."""
+
+    def __init__(self, store: dist.Store, epoch: str, rank: int, capacity: int, vocab: int,
+                 backend: str = "gloo", device: str | torch.device = "cpu", host: str = "127.0.0.1") -> None:
+        self.rank, self.peer = rank, 1 - rank
+        self.capacity, self.vocab, self.device = capacity, vocab, torch.device(device)
+        # Build both groups in the same order on both sides (each constructor rendezvouses).
+        self.d2t = _pair_group(store, f"{epoch}/d2t", rank, backend, host)
+        self.t2d = _pair_group(store, f"{epoch}/t2d", rank, backend, host)
+        self._tree_buf = torch.zeros(HEADER + 2 * capacity, dtype=torch.long, device=self.device)
+        self._verified_buf = torch.zeros(HEADER + capacity + 1, dtype=torch.long, device=self.device)
+        self._q_buf: torch.Tensor | None = None  # allocated on the first sampled subtree
+
+    def _q_buffer(self) -> torch.Tensor:
+        if self._q_buf is None:
+            self._q_buf = torch.zeros(self.capacity, self.vocab, dtype=torch.float32, device=self.device)
+        return self._q_buf
+
+    # -- draft side ----------------------------------------------------------------------------
+    def send_subtree(self, slot: int, round_: int, tokens: list[int], parents: list[int],
+                     q: torch.Tensor | None = None) -> None:
+        n = len(tokens)
+        buf = self._tree_buf
+        buf[:HEADER + 2 * n] = torch.tensor([KIND_SUBTREE, slot, round_, n, 0, q is not None] + tokens + parents)
+        self.d2t.send([buf], self.peer, 0).wait()
+        if q is not None:
+            qb = self._q_buffer()[:n]
+            qb.copy_(q)
+            self.d2t.send([qb], self.peer, 1).wait()
+
+    def recv_verified(self) -> Verified:
+        buf = self._verified_buf
+        self.t2d.recv([buf], self.peer, 0).wait()
+        head = buf[:HEADER].tolist()
+        n = head[3]
+        return Verified(head[1], head[2], buf[HEADER:HEADER + n].tolist(), bool(head[4] & FLAG_END))
+
+    # -- target side ---------------------------------------------------------------------------
+    def recv_subtree(self) -> Subtree:
+        buf = self._tree_buf
+        self.d2t.recv([buf], self.peer, 0).wait()
+        head = buf[:HEADER].tolist()
+        n = head[3]
+        body = buf[HEADER:HEADER + 2 * n].tolist()
+        q = None
+        if head[5]:
+            q = self._q_buffer()[:n]
+            self.d2t.recv([q], self.peer, 1).wait()
+            q = q.clone()  # the buffer is reused by the next receive while this round verifies
+        return Subtree(head[1], head[2], body[:n], body[n:], q)
+
+    def send_verified(self, slot: int, round_: int, tokens: list[int], end: bool) -> None:
+        n = len(tokens)
+        buf = self._verified_buf
+        buf[:HEADER + n] = torch.tensor([KIND_VERIFIED, slot, round_, n, FLAG_END if end else 0, 0] + tokens)
+        self.t2d.send([buf], self.peer, 0).wait()
+
+    def close(self) -> None:
+        for group in (self.d2t, self.t2d):
+            try:
+                group.abort() if hasattr(group, "abort") else None
+            except Exception:  # best effort: the peer may already be gone
+                pass

@@ -1,0 +1,91 @@
+"""What draft- and target-service share: load the model, own its KV pool, time one forward."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import InvalidRequest
+from .kv_cache import KVCache, KVPool
+from .loader import load_transformer, parse_dtype
+from .model import Transformer, causal_mask
+from .tree_mask import tree_mask
+
+log = logging.getLogger("specmesh.worker")
+
+
+@dataclasses.dataclass
+class ModelServiceConfig:
+    """Flags both model services have (mixed into their config dataclasses)."""
+
+    model: str = dataclasses.field(default="", metadata={"help": "model directory or .gguf ('' = default pair)"})
+    dtype: str = dataclasses.field(default="bf16", metadata={"help": "bf16 or fp32"})
+    threads: int = dataclasses.field(default=0, metadata={"help": "torch threads (0 = torch's default)"})
+    device: str = dataclasses.field(default="cpu", metadata={"help": "cpu or cuda[:N]"})
+    pool_blocks: int = dataclasses.field(default=1024, metadata={"help": "KV pool size in blocks (must match "
+                                                                          "treekv's count for this pool)"})
+    block_size: int = dataclasses.field(default=16, metadata={"help": "KV slots per block (match treekv)"})
+    max_context: int = dataclasses.field(default=4096, metadata={"help": "positions the model may reach"})
+
+
+def load_service_model(cfg: ModelServiceConfig, role: str, tp_rank: int = 0, tp_size: int = 1,
+                       tp_group: object | None = None) -> tuple[Transformer, Path]:
+    from .model_store import resolve_model_dir
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    model_dir = resolve_model_dir(cfg.model or None, role)  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    model = load_transformer(model_dir, parse_dtype(cfg.dtype), cfg.device, tp_rank, tp_size, tp_group,
+                             max_positions=cfg.max_context + 256)
+    log.info("%s model %s loaded in %.1fs (%s, %d threads)", role, model_dir, time.perf_counter() - t0,
+             cfg.dtype, torch.get_num_threads())
+    return model, model_dir
+
+
+class LeasedPool:
+    """The service's KV pool; sessions get the contiguous block range treekv leased to them."""
+
+    def __init__(self, model: Transformer, cfg: ModelServiceConfig) -> None:
+        self.pool = KVPool(model.config, cfg.pool_blocks, cfg.block_size, model.dtype, model.device,
+                           num_kv_heads=model.local_kv_heads)
+
+    def open(self, first_block: int, num_blocks: int) -> KVCache:
+        if num_blocks <= 0 or first_block < 0 or first_block + num_blocks > self.pool.num_blocks:
+            raise InvalidRequest(f"lease [{first_block}, {first_block + num_blocks}) is outside this pool of "
+                                 f"{self.pool.num_blocks} blocks (treekv and this service disagree on pool size)")
+        self.pool.claim(first_block, num_blocks)
+        return self.pool.view(first_block, num_blocks)
+
+    def close(self, first_block: int, num_blocks: int) -> None:
+        self.pool.release(first_block, num_blocks)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.pool.num_blocks - self.pool.free_blocks
+
+
+def time_tree_forward(model: Transformer, n: int, context: int = 128, repeats: int = 3) -> float:
+    """Median ms of one forward of n tree tokens after `context` committed ones (start-up calibration)."""
+    cache = model.new_cache(context + n)
+    tokens = torch.randint(0, model.vocab_size, (context,), device=model.device)
+    model.forward(tokens, torch.arange(context, device=model.device), cache, 0, causal_mask(0, context, model.device),
+                  logits_rows=slice(0, 0))
+    parents = torch.arange(n, device=model.device) - 1  # a chain is as costly as any tree of n nodes
+    anc = torch.ones(n, n, dtype=torch.bool, device=model.device).tril_()
+    mask = tree_mask(context, anc)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.forward(tokens[:n], parents + 1 + context, cache, context, mask)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def instance_id() -> str:
+    return f"{os.getpid()}-{time.time_ns()}"

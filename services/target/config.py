@@ -1,0 +1,19 @@
+"""target-service configuration: one typed place, flags + SPECMESH_* environment."""
+from __future__ import annotations
+
+import dataclasses
+
+from specmesh.services.runtime.model_worker import ModelServiceConfig
+from specmesh.services.runtime.service_config import CommonConfig
+
+
+@dataclasses.dataclass
+class TargetConfig(CommonConfig, ModelServiceConfig):
+    port: int = 50053
+    tp: int = dataclasses.field(default=1, metadata={"help": "tensor-parallel ranks"})
+    tensor_port: int = dataclasses.field(default=29500, metadata={"help": "tensor channel rendezvous port (0 = free)"})
+    advertise_host: str = dataclasses.field(default="", metadata={"help": "host the draft should dial for the "
+                                                                          "tensor channel ('' = --host)"})
+    subtree_capacity: int = dataclasses.field(default=64, metadata={"help": "max nodes per subtree"})
+    calibrate_tokens: int = dataclasses.field(default=16, metadata={"help": "tree size timed at start-up"})
+    treekv_addr: str = dataclasses.field(default="", metadata={"help": "treekv address (informational)"})

@@ -1,0 +1,130 @@
+"""target-service: the target model, tree verification, the session stream to the router."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import threading
+import uuid
+
+import grpc
+
+from specmesh.services.runtime import rpc
+from specmesh.services.runtime.channel import TARGET_RANK, TensorChannel, host_store
+from specmesh.services.runtime.engines import Request
+from specmesh.services.runtime.errors import InvalidRequest, SpecmeshError
+from specmesh.services.runtime.model_worker import (LeasedPool, instance_id, load_service_model,
+                                                     time_tree_forward)
+from specmesh.services.runtime.protocol import FINISH_REASONS, sampling_from_proto
+from specmesh.services.runtime.service_config import add_dataclass_arguments, from_namespace, setup_logging
+from specmesh.services.runtime.service_main import run, start_metrics, wait_for_stop_signal, write_ready_file
+from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+from .config import TargetConfig
+from .engine import RoundOut, SessionState, TargetEngine
+
+log = logging.getLogger("specmesh.target")
+
+
+class TargetServicer(mesh_pb2_grpc.TargetServicer):
+    def __init__(self, config: TargetConfig, engine: TargetEngine, forward_ms: float) -> None:
+        self.config = config
+        self.engine = engine
+        self.forward_ms = forward_ms
+        self.instance = instance_id()
+        self.store = host_store(config.host, config.tensor_port)
+        self.backend = "nccl" if config.device.startswith("cuda") else "gloo"
+        self._pairing_lock = threading.Lock()
+
+    @rpc.rpc_errors
+    async def PrepareChannel(self, request: mesh_pb2.Empty, context: grpc.aio.ServicerContext) -> mesh_pb2.ChannelEndpoint:
+        epoch = uuid.uuid4().hex
+        model = self.engine.model
+        endpoint = mesh_pb2.ChannelEndpoint(host=self.config.advertise_host or self.config.host, port=self.store.port,
+                                            epoch=epoch, subtree_capacity=self.config.subtree_capacity,
+                                            vocab_size=model.vocab_size, backend=self.backend)
+
+        def pair() -> None:  # blocks until the draft joins with the same epoch
+            with self._pairing_lock:
+                try:
+                    channel = TensorChannel(self.store, epoch, TARGET_RANK, self.config.subtree_capacity,
+                                            model.vocab_size, self.backend, model.device,
+                                            host=self.config.advertise_host or self.config.host)
+                except Exception as exc:
+                    log.warning("pairing %s failed: %s", epoch[:8], str(exc).splitlines()[0])
+                    return
+                self.engine.attach_channel(channel)
+
+        threading.Thread(target=pair, name="target-pair", daemon=True).start()
+        return endpoint
+
+    async def Generate(self, request: mesh_pb2.TargetGenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            req = Request(list(request.prompt_ids), request.max_tokens, sampling_from_proto(request.sampling),
+                          tuple(request.stop_token_ids))
+            req.validate(self.config.max_context)
+            if request.lease.num_blocks <= 0:
+                raise InvalidRequest("no KV lease given")
+            if request.channel_slot in self.engine.sessions:
+                raise InvalidRequest(f"channel slot {request.channel_slot} is already in use")
+        except SpecmeshError as exc:
+            await context.abort(rpc.status_code(exc), str(exc))
+        state = SessionState(slot=request.channel_slot, session_id=request.session_id, request=req,
+                             lease=(request.lease.first_block, request.lease.num_blocks),
+                             speculative=request.speculate, out=asyncio.Queue(), loop=asyncio.get_running_loop())
+        self.engine.open(state)
+        try:
+            while True:
+                item: RoundOut = await state.out.get()
+                if item.error:
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, item.error)
+                yield mesh_pb2.RoundUpdate(token_ids=item.tokens, accepted=item.accepted, tree_size=item.tree_size,
+                                           round=item.round, finish_reason=FINISH_REASONS[item.finish],
+                                           verify_ms=item.verify_ms, speculative=item.speculative)
+                if item.finish:
+                    return
+        finally:
+            if not state.done:  # the router cancelled (stop string, client gone, deadline)
+                self.engine.abort(state.slot)
+
+    async def Abort(self, request: mesh_pb2.SessionRef, context: grpc.aio.ServicerContext) -> mesh_pb2.Empty:
+        for state in list(self.engine.sessions.values()):
+            if state.session_id == request.session_id:
+                self.engine.abort(state.slot)
+        return mesh_pb2.Empty()
+
+    async def Info(self, request: mesh_pb2.Empty, context: grpc.aio.ServicerContext) -> mesh_pb2.ServiceTiming:
+        pool = self.engine.pool
+        return mesh_pb2.ServiceTiming(forward_ms=self.forward_ms, instance_id=self.instance,
+                                      channel_connected=self.engine.channel is not None,
+                                      active_sessions=self.engine.active_sessions,
+                                      pool_blocks_used=pool.used_blocks, pool_blocks_total=pool.pool.num_blocks)
+
+
+async def serve(config: TargetConfig) -> None:
+    model, _ = await asyncio.to_thread(load_service_model, config, "target")
+    forward_ms = await asyncio.to_thread(time_tree_forward, model, config.calibrate_tokens)
+    log.info("one verify of %d tree tokens takes %.1f ms", config.calibrate_tokens, forward_ms)
+    engine = TargetEngine(model, LeasedPool(model, config))
+    servicer = TargetServicer(config, engine, forward_ms)
+    metrics_port = start_metrics(config.host, config.metrics_port)
+    server, port = await rpc.start_server(config.host, config.port,
+                                          [(mesh_pb2_grpc.add_TargetServicer_to_server, servicer)],
+                                          ["specmesh.v1.Target"])
+    log.info("target-service serving on %s:%d (tensor channel port %d)", config.host, port, servicer.store.port)
+    write_ready_file(config.ready_file, {"port": port, "tensor_port": servicer.store.port, "metrics_port": metrics_port})
+    await wait_for_stop_signal()
+    await server.stop(grace=2)
+    engine.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specmesh serve target", description=__doc__)
+    add_dataclass_arguments(parser, TargetConfig)
+    config = from_namespace(TargetConfig, parser.parse_args(argv))
+    setup_logging(config.log_level, "target")
+    return run(lambda: serve(config))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
