@@ -30,3 +30,9 @@ class ServiceUnavailable(SpecmeshError):
     """A peer service is down or unreachable."""
 
     grpc_code_name = "UNAVAILABLE"
+
+
+class NotFound(SpecmeshError):
+    """A session (or other named object) that does not exist or was already closed."""
+
+    grpc_code_name = "NOT_FOUND"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ResourceExhausted
+from .block_allocator import BlockAllocator
 from .model_config import ModelConfig
 
 
@@ -52,7 +52,11 @@ class KVCache:
 
 
 class KVPool:
-    """A model's KV memory as blocks of `block_size` slots; hands out contiguous block ranges."""
+    """A model's KV memory as blocks of `block_size` slots; hands out contiguous block ranges.
+
+    The bookkeeping is a tensor-free BlockAllocator (shared with the treekv ledger); this class adds
+    the tensors and slot views.
+    """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: str | torch.device = "cpu", num_kv_heads: int | None = None) -> None:
@@ -60,46 +64,26 @@ class KVPool:
         self.num_blocks = num_blocks
         whole = KVCache.allocate(config, num_blocks * block_size, dtype, device, num_kv_heads)
         self._k, self._v = whole.k, whole.v
-        self._free: list[tuple[int, int]] = [(0, num_blocks)]  # sorted (start, count) runs
+        self.allocator = BlockAllocator(num_blocks)
 
     def blocks_for(self, slots: int) -> int:
         return -(-slots // self.block_size)
 
     @property
     def free_blocks(self) -> int:
-        return sum(c for _, c in self._free)
+        return self.allocator.free_blocks
 
     def allocate(self, num_blocks: int) -> int:
-        """First-fit a contiguous run; returns its first block id."""
-        for i, (start, count) in enumerate(self._free):
-            if count >= num_blocks:
-                if count == num_blocks:
-                    self._free.pop(i)
-                else:
-                    self._free[i] = (start + num_blocks, count - num_blocks)
-                return start
-        raise ResourceExhausted(f"KV pool full: need {num_blocks} contiguous blocks, "
-                                f"{self.free_blocks} free of {self.num_blocks}")
+        """First-fit a contiguous run; returns its first block id (ResourceExhausted when none fits)."""
+        return self.allocator.allocate(num_blocks)
 
     def claim(self, first_block: int, num_blocks: int) -> None:
         """Mark a range granted elsewhere (by treekv) as used here."""
-        end = first_block + num_blocks
-        for i, (start, count) in enumerate(self._free):
-            if start <= first_block and end <= start + count:
-                pieces = [(start, first_block - start), (end, start + count - end)]
-                self._free[i:i + 1] = [p for p in pieces if p[1] > 0]
-                return
-        raise ResourceExhausted(f"blocks [{first_block}, {end}) are not free in this pool")
+        self.allocator.claim(first_block, num_blocks)
 
     def release(self, first_block: int, num_blocks: int) -> None:
-        runs = sorted(self._free + [(first_block, num_blocks)])
-        merged: list[tuple[int, int]] = []
-        for start, count in runs:
-            if merged and merged[-1][0] + merged[-1][1] == start:
-                merged[-1] = (merged[-1][0], merged[-1][1] + count)
-            else:
-                merged.append((start, count))
-        self._free = merged
+        """Return a range (ValueError on a double release)."""
+        self.allocator.release(first_block, num_blocks)
 
     def view(self, first_block: int, num_blocks: int) -> KVCache:
         a, b = first_block * self.block_size, (first_block + num_blocks) * self.block_size

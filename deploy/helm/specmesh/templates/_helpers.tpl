@@ -21,10 +21,11 @@
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* Object name of a component: (dict "ctx" $ "component" "router"). Headless: + "-headless". */}}
+{{/* Object name of a component: (dict "ctx" $ "component" "router"); at most 52 characters, so
+"-headless" Services and StatefulSet revision labels (name-<hash>) stay within 63. */}}
 {{- define "specmesh.componentName" -}}
 {{- $full := include "specmesh.fullname" .ctx -}}
-{{- printf "%s-%s" ($full | trunc (int (sub 54 (len .component))) | trimSuffix "-") .component -}}
+{{- printf "%s-%s" ($full | trunc (int (sub 51 (len .component))) | trimSuffix "-") .component -}}
 {{- end -}}
 
 {{- define "specmesh.labels" -}}
