@@ -1,6 +1,7 @@
 """treekv: the block allocator, the KV ledger, and the real service over gRPC in a subprocess."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -335,7 +336,7 @@ def test_service_env_config_metrics_and_clean_stop(tmp_path) -> None:  # type: i
                      'specmesh_kv_admission_rejections_total{pool="draft"} 0.0'):
             assert line in text.splitlines(), line
         with open(ready_file) as f:
-            assert int(f.read()) == service.port
+            assert json.loads(f.read())["port"] == service.port
     finally:
         status = service.stop()
     assert status == 0, service.log_tail()  # SIGTERM is a clean stop
