@@ -7,6 +7,7 @@ KV slides down to extend the prefix. Autoregressive decoding is the same round w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -34,6 +35,10 @@ class TargetSession:
         self.sampling = sampling
         self.generator = sampling.generator(salt=1) if not sampling.greedy else None
         self.root: int | None = None  # last committed token; its KV is computed by the next round
+        # Tensor parallelism: every rank runs the forward, only the leader decides what is accepted
+        # and the others adopt its (path, bonus), so all shards compact identically.
+        self.path_sync: Callable[[tuple[list[int], int] | None], tuple[list[int], int]] | None = None
+        self.leader = True
 
     @property
     def prefix_len(self) -> int:
@@ -76,6 +81,20 @@ class TargetSession:
             positions = torch.tensor(depth, device=device) + start
             mask = tree_mask(start, ancestor_matrix(parents, device))
         logits = self.model.forward(torch.tensor(tokens, device=device), positions, self.cache, start, mask)
+        if not self.leader:
+            path, bonus = self.path_sync(None)
+        else:
+            path, bonus = self._accept(logits, tokens, parents, draft_probs)
+            if self.path_sync is not None:
+                self.path_sync((path, bonus))
+        self.cache.move_slots(torch.tensor(path, device=device) + start, start)
+        self.cache.length = start + len(path)
+        self.root = bonus
+        return RoundResult([tokens[i] for i in path[1:]] + [bonus], len(path) - 1, n)
+
+    def _accept(self, logits: torch.Tensor, tokens: list[int], parents: list[int],
+                draft_probs: torch.Tensor | None) -> tuple[list[int], int]:
+        n = len(tokens)
         if self.sampling.greedy:
             path, bonus = greedy_accept(logits, tokens, parents)
         else:
@@ -85,7 +104,4 @@ class TargetSession:
             else:
                 q = draft_probs if draft_probs is not None else torch.zeros_like(probs)
                 path, bonus = speculative_sampling_accept(probs, q, tokens, parents, self.generator)
-        self.cache.move_slots(torch.tensor(path, device=device) + start, start)
-        self.cache.length = start + len(path)
-        self.root = bonus
-        return RoundResult([tokens[i] for i in path[1:]] + [bonus], len(path) - 1, n)
+        return path, bonus

@@ -7,6 +7,7 @@ tokens to the draft, then hand them to the session's gRPC stream. Sessions whose
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -58,8 +59,9 @@ class SessionState:
 
 
 class TargetEngine:
-    def __init__(self, model: Transformer, pool: LeasedPool, on_round: Any = None) -> None:
+    def __init__(self, model: Transformer, pool: LeasedPool, on_round: Any = None, tp: Any = None) -> None:
         self.model, self.pool = model, pool
+        self.tp = tp  # TPLeader when the target is tensor parallel: replays session operations
         self.sessions: dict[int, SessionState] = {}
         self.orphans: dict[int, list[Subtree]] = {}  # subtrees that beat their session's open
         self.work: queue.Queue = queue.Queue()
@@ -129,6 +131,10 @@ class TargetEngine:
             return
         self.sessions[state.slot] = state
         state.session = TargetSession(self.model, cache, state.request.sampling)
+        if self.tp is not None:
+            self.tp.replay("open", state.slot, state.lease, dataclasses.asdict(state.request.sampling))
+            self.tp.replay("prefill", state.slot, state.request.prompt)
+            self.tp.attach(state.session)
         try:
             state.session.prefill(state.request.prompt)
         except SpecmeshError as exc:
@@ -166,6 +172,8 @@ class TargetEngine:
 
     def _round(self, state: SessionState, tokens: list[int], parents: list[int], q: Any) -> None:
         t0 = time.perf_counter()
+        if self.tp is not None:
+            self.tp.replay("verify", state.slot, tokens, parents)
         try:
             result = state.session.verify(tokens, parents, q)
         except SpecmeshError as exc:
@@ -200,6 +208,8 @@ class TargetEngine:
         self.sessions.pop(state.slot, None)
         if state.session is not None:
             self.pool.close(*state.lease)
+            if self.tp is not None:
+                self.tp.replay("close", state.slot)
         state.emit(out)
 
     @property

@@ -22,17 +22,18 @@ from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from .config import TargetConfig
 from .engine import RoundOut, SessionState, TargetEngine
+from .tensor_parallel import TPLeader
 
 log = logging.getLogger("specmesh.target")
 
 
 class TargetServicer(mesh_pb2_grpc.TargetServicer):
-    def __init__(self, config: TargetConfig, engine: TargetEngine, forward_ms: float) -> None:
+    def __init__(self, config: TargetConfig, engine: TargetEngine, forward_ms: float, store: object) -> None:
         self.config = config
         self.engine = engine
         self.forward_ms = forward_ms
         self.instance = instance_id()
-        self.store = host_store(config.host, config.tensor_port)
+        self.store = store
         self.backend = "nccl" if config.device.startswith("cuda") else "gloo"
         self._pairing_lock = threading.Lock()
 
@@ -102,11 +103,20 @@ class TargetServicer(mesh_pb2_grpc.TargetServicer):
 
 
 async def serve(config: TargetConfig) -> None:
-    model, _ = await asyncio.to_thread(load_service_model, config, "target")
+    # One store for everything that rendezvouses here: draft pairings and the tensor-parallel group.
+    store = host_store(config.host, config.tensor_port)
+    tp = None
+    if config.tp > 1:
+        tp = TPLeader(config, config.host, store.port)
+        await asyncio.to_thread(tp.join, store, config.device)
+        log.info("tensor-parallel group of %d ranks is up", config.tp)
+    model, _ = await asyncio.to_thread(load_service_model, config, "target", 0, config.tp)
+    if tp is not None:
+        tp.replay("calibrate", config.calibrate_tokens)
     forward_ms = await asyncio.to_thread(time_tree_forward, model, config.calibrate_tokens)
     log.info("one verify of %d tree tokens takes %.1f ms", config.calibrate_tokens, forward_ms)
-    engine = TargetEngine(model, LeasedPool(model, config))
-    servicer = TargetServicer(config, engine, forward_ms)
+    engine = TargetEngine(model, LeasedPool(model, config), tp=tp)
+    servicer = TargetServicer(config, engine, forward_ms, store)
     metrics_port = start_metrics(config.host, config.metrics_port)
     server, port = await rpc.start_server(config.host, config.port,
                                           [(mesh_pb2_grpc.add_TargetServicer_to_server, servicer)],
@@ -116,6 +126,8 @@ async def serve(config: TargetConfig) -> None:
     await wait_for_stop_signal()
     await server.stop(grace=2)
     engine.stop()
+    if tp is not None:
+        tp.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
