@@ -21,9 +21,13 @@ from specmesh.services.runtime.draft_session import DraftSession, TreeParams
 from specmesh.services.runtime.errors import SpecmeshError
 from specmesh.services.runtime.model import Transformer
 from specmesh.services.runtime.model_worker import LeasedPool
+from specmesh.services.runtime import telemetry
 from specmesh.services.runtime.sampling import SamplingParams
 
+from . import metrics
+
 log = logging.getLogger("specmesh.draft")
+_TRACER = telemetry.tracer("specmesh.draft")
 
 
 @dataclass
@@ -38,19 +42,22 @@ class DraftState:
     owed: bool = True  # the target is waiting for (or about to want) this session's next subtree
     round: int = 0
     grown: int = 0  # expansions since the last send
-    idle_since: float = 0.0
+    idle_since: float | None = None  # when the tree stopped growing while the target verified
+    round_started: float = 0.0
+    round_expansions: int = 0
+    round_idle_s: float = 0.0
+    reroot_hit: bool | None = None
+    trace_ctx: Any = None  # the OpenSession span's context: round spans are its children
 
 
 class DraftEngine:
-    def __init__(self, model: Transformer, pool: LeasedPool, expand_delay_ms: float = 0.0,
-                 on_event: Any = None) -> None:
+    def __init__(self, model: Transformer, pool: LeasedPool, expand_delay_ms: float = 0.0) -> None:
         self.model, self.pool = model, pool
         self.sessions: dict[int, DraftState] = {}
         self.work: queue.Queue = queue.Queue()
         self.channel: TensorChannel | None = None
         self.vocab_width = model.vocab_size
         self.expand_delay_ms = expand_delay_ms
-        self.on_event = on_event  # hook for metrics/tracing: (name, state, **fields) -> None
         self._worker = threading.Thread(target=self._run, name="draft-worker", daemon=True)
         self._worker.start()
 
@@ -107,9 +114,15 @@ class DraftEngine:
         state = min(candidates, key=lambda s: (not s.owed, s.grown))
         if self.expand_delay_ms:
             time.sleep(random.uniform(0, self.expand_delay_ms) / 1000)
+        t0 = time.perf_counter()
         state.session.expand()
+        metrics.EXPAND.observe(time.perf_counter() - t0)
+        metrics.EXPANSIONS.inc()
         state.grown += 1
+        state.round_expansions += 1
         self._maybe_send(state)
+        if not state.owed and not self._wants_growth(state):
+            state.idle_since = time.perf_counter()
 
     def _maybe_send(self, state: DraftState) -> None:
         session = state.session
@@ -118,14 +131,32 @@ class DraftEngine:
         if len(session.tree) < state.tree.subtree_size and session.can_expand():
             return  # too small to be worth a target forward; grow first
         tokens, parents, q = session.select_subtree(state.tree.subtree_size)
+        trace_ids = self._trace_round(state, len(tokens)) if telemetry.trace_round() else (0, 0, 0)
+        metrics.SUBTREE.observe(len(tokens))
+        metrics.TREE_NODES.observe(len(session.tree))
         try:
-            self.channel.send_subtree(state.slot, state.round, tokens, parents, q)
+            self.channel.send_subtree(state.slot, state.round, tokens, parents, q, trace_ids)
         except Exception as exc:
             self._on_channel_down((self.channel, str(exc).splitlines()[0]))
             return
         state.owed, state.grown = False, 0
-        if self.on_event is not None:
-            self.on_event("send", state, size=len(tokens))
+        if not self._wants_growth(state):
+            state.idle_since = time.perf_counter()
+
+    def _trace_round(self, state: DraftState, size: int) -> tuple[int, int, int]:
+        """The draft's work for one round as a span; its ids ride in the subtree header."""
+        if state.trace_ctx is None:
+            return (0, 0, 0)
+        to_ns = time.time_ns() - int(time.perf_counter() * 1e9)
+        span = _TRACER.start_span("draft.round", context=state.trace_ctx,
+                                  start_time=int(state.round_started * 1e9) + to_ns,
+                                  attributes={"specmesh.round": state.round, "specmesh.expansions": state.round_expansions,
+                                              "specmesh.reroot": {None: "start", True: "hit", False: "new_tree"}[state.reroot_hit],
+                                              "specmesh.idle_ms": state.round_idle_s * 1000,
+                                              "specmesh.subtree_size": size, "specmesh.tree_nodes": len(state.session.tree),
+                                              "specmesh.session_id": state.session_id})
+        span.end()
+        return telemetry.span_ids(span)
 
     def _on_channel(self, arg: tuple[TensorChannel, int]) -> None:
         channel, vocab_width = arg
@@ -152,6 +183,8 @@ class DraftEngine:
             log.warning("session %s not opened: %s", state.session_id, exc)
             return
         self.sessions[state.slot] = state
+        metrics.SESSIONS.set(len(self.sessions))
+        state.round_started = time.perf_counter()
         state.session = DraftSession(self.model, cache, state.tree, state.sampling, vocab_width=self.vocab_width)
         try:
             state.session.start(state.prompt)
@@ -168,11 +201,15 @@ class DraftEngine:
         if verified.end:
             self._free(verified.slot)
             return
+        now = time.perf_counter()
+        state.round_idle_s = now - state.idle_since if state.idle_since is not None else 0.0
+        metrics.IDLE.inc(state.round_idle_s)
+        state.idle_since = None
         result = state.session.reroot(verified.tokens)
-        state.round, state.owed = verified.round, True
-        if self.on_event is not None:
-            self.on_event("reroot", state, hit=result.hit, grown=state.grown)
-        state.grown = 0
+        metrics.REROOT.observe(time.perf_counter() - now)
+        metrics.REROOTS.labels("hit" if result.hit else "new_tree").inc()
+        state.round, state.owed, state.reroot_hit = verified.round, True, result.hit
+        state.round_started, state.round_expansions, state.grown = now, 0, 0
         self._maybe_send(state)
 
     def _on_close(self, session_id: str) -> None:
@@ -182,6 +219,7 @@ class DraftEngine:
 
     def _free(self, slot: int) -> None:
         state = self.sessions.pop(slot, None)
+        metrics.SESSIONS.set(len(self.sessions))
         if state is not None:
             self.pool.close(*state.lease)
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 
 import grpc
 
-from specmesh.services.runtime import rpc
+from specmesh.services.runtime import rpc, telemetry
 from specmesh.services.runtime.channel import DRAFT_RANK, TensorChannel, join_store
 from specmesh.services.runtime.errors import InvalidRequest, ServiceUnavailable
 from specmesh.services.runtime.model_worker import (LeasedPool, instance_id, load_service_model,
@@ -58,7 +59,8 @@ class DraftServicer(mesh_pb2_grpc.DraftServicer):
             raise InvalidRequest(f"subtree_size {tree.subtree_size} exceeds the channel capacity")
         self.engine.open(DraftState(slot=request.channel_slot, session_id=request.session_id,
                                     prompt=list(request.prompt_ids), sampling=sampling_from_proto(request.sampling),
-                                    tree=tree, lease=(request.lease.first_block, request.lease.num_blocks)))
+                                    tree=tree, lease=(request.lease.first_block, request.lease.num_blocks),
+                                    trace_ctx=telemetry.current_context()))
         return mesh_pb2.Empty()
 
     async def CloseSession(self, request: mesh_pb2.SessionRef, context: grpc.aio.ServicerContext) -> mesh_pb2.Empty:
@@ -83,6 +85,7 @@ def _local_host(peer_host: str) -> str:
 
 
 async def serve(config: DraftConfig) -> None:
+    telemetry.setup_tracing("specmesh-draft")  # before any gRPC server or channel exists
     model, _ = await asyncio.to_thread(load_service_model, config, "draft")
     forward_ms = await asyncio.to_thread(time_tree_forward, model, config.tree_width)
     log.info("one expansion of %d leaves takes %.1f ms", config.tree_width, forward_ms)
@@ -97,6 +100,7 @@ async def serve(config: DraftConfig) -> None:
     await wait_for_stop_signal()
     await server.stop(grace=2)
     engine.stop()
+    telemetry.shutdown_tracing()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_arguments(parser, DraftConfig)
     config = from_namespace(DraftConfig, parser.parse_args(argv))
     setup_logging(config.log_level, "draft")
-    return run(lambda: serve(config))
+    code = run(lambda: serve(config))
+    # Receiver threads may still sit in a native gloo recv; interpreter teardown under them aborts
+    # the process ("terminate called ..."), so leave without it once everything is flushed.
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":

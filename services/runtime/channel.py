@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-HEADER = 6  # kind, slot, round, n, flags, has_q
+HEADER = 9  # kind, slot, round, n, flags, has_q, trace id hi, trace id lo, span id (0 = untraced)
 KIND_SUBTREE, KIND_VERIFIED = 1, 2
 FLAG_END = 1  # verified: the session is over, free it
 TARGET_RANK, DRAFT_RANK = 0, 1
@@ -30,6 +30,7 @@ class Subtree:
     tokens: list[int]
     parents: list[int]
     q: torch.Tensor | None
+    trace: tuple[int, int, int] = (0, 0, 0)  # the draft's span for this round, linked from the target's
 
 
 @dataclass
@@ -81,10 +82,10 @@ class TensorChannel:
 
     # -- draft side ----------------------------------------------------------------------------
     def send_subtree(self, slot: int, round_: int, tokens: list[int], parents: list[int],
-                     q: torch.Tensor | None = None) -> None:
+                     q: torch.Tensor | None = None, trace: tuple[int, int, int] = (0, 0, 0)) -> None:
         n = len(tokens)
         buf = self._tree_buf
-        buf[:HEADER + 2 * n] = torch.tensor([KIND_SUBTREE, slot, round_, n, 0, q is not None] + tokens + parents)
+        buf[:HEADER + 2 * n] = torch.tensor([KIND_SUBTREE, slot, round_, n, 0, q is not None, *trace] + tokens + parents)
         self.d2t.send([buf], self.peer, 0).wait()
         if q is not None:
             qb = self._q_buffer()[:n]
@@ -110,12 +111,12 @@ class TensorChannel:
             q = self._q_buffer()[:n]
             self.d2t.recv([q], self.peer, 1).wait()
             q = q.clone()  # the buffer is reused by the next receive while this round verifies
-        return Subtree(head[1], head[2], body[:n], body[n:], q)
+        return Subtree(head[1], head[2], body[:n], body[n:], q, (head[6], head[7], head[8]))
 
     def send_verified(self, slot: int, round_: int, tokens: list[int], end: bool) -> None:
         n = len(tokens)
         buf = self._verified_buf
-        buf[:HEADER + n] = torch.tensor([KIND_VERIFIED, slot, round_, n, FLAG_END if end else 0, 0] + tokens)
+        buf[:HEADER + n] = torch.tensor([KIND_VERIFIED, slot, round_, n, FLAG_END if end else 0, 0, 0, 0, 0] + tokens)
         self.t2d.send([buf], self.peer, 0).wait()
 
     def close(self) -> None:

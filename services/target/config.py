@@ -16,4 +16,6 @@ class TargetConfig(CommonConfig, ModelServiceConfig):
                                                                           "tensor channel ('' = --host)"})
     subtree_capacity: int = dataclasses.field(default=64, metadata={"help": "max nodes per subtree"})
     calibrate_tokens: int = dataclasses.field(default=16, metadata={"help": "tree size timed at start-up"})
+    verify_delay_ms: float = dataclasses.field(default=0.0, metadata={"help": "testing: random extra delay per "
+                                                                               "round, uniform in [0, x] ms"})
     treekv_addr: str = dataclasses.field(default="", metadata={"help": "treekv address (informational)"})

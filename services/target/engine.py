@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,9 +21,13 @@ from specmesh.services.runtime.engines import Request, clip_chunk
 from specmesh.services.runtime.errors import SpecmeshError
 from specmesh.services.runtime.model import Transformer
 from specmesh.services.runtime.model_worker import LeasedPool
+from specmesh.services.runtime import telemetry
 from specmesh.services.runtime.target_session import TargetSession
 
+from . import metrics
+
 log = logging.getLogger("specmesh.target")
+_TRACER = telemetry.tracer("specmesh.target")
 
 
 @dataclass
@@ -52,21 +57,22 @@ class SessionState:
     produced: int = 0
     rounds: int = 0
     done: bool = False
-    pending: list[Subtree] = field(default_factory=list)
+    trace_ctx: Any = None  # the Generate span's context: round spans are its children
+    sent_at: float | None = None  # when verified tokens last went to the draft
 
     def emit(self, item: RoundOut) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 
 class TargetEngine:
-    def __init__(self, model: Transformer, pool: LeasedPool, on_round: Any = None, tp: Any = None) -> None:
+    def __init__(self, model: Transformer, pool: LeasedPool, tp: Any = None, verify_delay_ms: float = 0.0) -> None:
         self.model, self.pool = model, pool
+        self.verify_delay_ms = verify_delay_ms
         self.tp = tp  # TPLeader when the target is tensor parallel: replays session operations
         self.sessions: dict[int, SessionState] = {}
         self.orphans: dict[int, list[Subtree]] = {}  # subtrees that beat their session's open
         self.work: queue.Queue = queue.Queue()
         self.channel: TensorChannel | None = None
-        self.on_round = on_round  # hook for metrics/tracing: (state, RoundOut, tree) -> None
         self._worker = threading.Thread(target=self._run, name="target-worker", daemon=True)
         self._worker.start()
 
@@ -130,6 +136,7 @@ class TargetEngine:
             state.emit(RoundOut([], 0, 0, 0, "abort", 0.0, False, error=str(exc)))
             return
         self.sessions[state.slot] = state
+        metrics.SESSIONS.set(len(self.sessions))
         state.session = TargetSession(self.model, cache, state.request.sampling)
         if self.tp is not None:
             self.tp.replay("open", state.slot, state.lease, dataclasses.asdict(state.request.sampling))
@@ -154,7 +161,7 @@ class TargetEngine:
             return
         if state.done or not state.speculative:
             return
-        self._round(state, subtree.tokens, subtree.parents, subtree.q)
+        self._round(state, subtree.tokens, subtree.parents, subtree.q, subtree.trace)
 
     def _on_ar(self, slot: int) -> None:
         state = self.sessions.get(slot)
@@ -170,7 +177,12 @@ class TargetEngine:
             self._finish(state, RoundOut([], 0, 0, state.rounds, "abort", 0.0, state.speculative))
         self.orphans.pop(slot, None)
 
-    def _round(self, state: SessionState, tokens: list[int], parents: list[int], q: Any) -> None:
+    def _round(self, state: SessionState, tokens: list[int], parents: list[int], q: Any,
+               draft_span: tuple[int, int, int] = (0, 0, 0)) -> None:
+        received = time.perf_counter()
+        wait_s = received - state.sent_at if state.sent_at is not None else None
+        if self.verify_delay_ms:
+            time.sleep(random.uniform(0, self.verify_delay_ms) / 1000)
         t0 = time.perf_counter()
         if self.tp is not None:
             self.tp.replay("verify", state.slot, tokens, parents)
@@ -180,23 +192,40 @@ class TargetEngine:
             self._finish(state, RoundOut([], 0, len(tokens), state.rounds, "abort", 0.0, state.speculative,
                                          error=str(exc)))
             return
-        verify_ms = (time.perf_counter() - t0) * 1000
+        t1 = time.perf_counter()
+        verify_ms = (t1 - t0) * 1000
         chunk, reason = clip_chunk(result.tokens, state.produced, state.request)
         state.produced += len(chunk)
         state.rounds += 1
         if state.speculative and self.channel is not None:
             try:  # the draft first: it is what the next round waits on
                 self.channel.send_verified(state.slot, state.rounds, result.tokens, end=reason is not None)
+                state.sent_at = time.perf_counter()
             except Exception as exc:
                 self._on_channel_down((self.channel, str(exc).splitlines()[0]))
         out = RoundOut(chunk, result.accepted_draft, result.tree_size, state.rounds, reason, verify_ms,
                        len(tokens) > 1)
-        if self.on_round is not None:
-            self.on_round(state, out)
+        metrics.record_round(result.accepted_draft, result.tree_size, len(chunk), t1 - t0, wait_s)
+        if telemetry.trace_round() and state.trace_ctx is not None:
+            self._trace_round(state, out, result.tokens[-1], draft_span, received, t0, t1)
         if reason is not None:
             self._finish(state, out, notify_draft=False)
         else:
             state.emit(out)
+
+    def _trace_round(self, state: SessionState, out: RoundOut, bonus: int, draft_span: tuple[int, int, int],
+                     received: float, t0: float, t1: float) -> None:
+        """One span per round, a child of the session's Generate span, linked to the draft's round span."""
+        to_ns = time.time_ns() - int(time.perf_counter() * 1e9)  # perf_counter -> wall clock
+        link = telemetry.link_from_ids(*draft_span)
+        span = _TRACER.start_span("target.round", context=state.trace_ctx, start_time=int(received * 1e9) + to_ns,
+                                  links=[link] if link else None,
+                                  attributes={"specmesh.round": out.round, "specmesh.subtree_size": out.tree_size,
+                                              "specmesh.accepted": out.accepted, "specmesh.bonus_token": bonus,
+                                              "specmesh.verify_ms": (t1 - t0) * 1000,
+                                              "specmesh.speculative": out.speculative,
+                                              "specmesh.session_id": state.session_id})
+        span.end(end_time=int(time.perf_counter() * 1e9) + to_ns)
 
     def _finish(self, state: SessionState, out: RoundOut, notify_draft: bool = True) -> None:
         state.done = True
@@ -206,6 +235,7 @@ class TargetEngine:
             except Exception as exc:
                 self._on_channel_down((self.channel, str(exc).splitlines()[0]))
         self.sessions.pop(state.slot, None)
+        metrics.SESSIONS.set(len(self.sessions))
         if state.session is not None:
             self.pool.close(*state.lease)
             if self.tp is not None:

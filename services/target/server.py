@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import threading
 import uuid
 
 import grpc
 
-from specmesh.services.runtime import rpc
+from specmesh.services.runtime import rpc, telemetry
 from specmesh.services.runtime.channel import TARGET_RANK, TensorChannel, host_store
 from specmesh.services.runtime.engines import Request
 from specmesh.services.runtime.errors import InvalidRequest, SpecmeshError
@@ -72,7 +73,8 @@ class TargetServicer(mesh_pb2_grpc.TargetServicer):
             await context.abort(rpc.status_code(exc), str(exc))
         state = SessionState(slot=request.channel_slot, session_id=request.session_id, request=req,
                              lease=(request.lease.first_block, request.lease.num_blocks),
-                             speculative=request.speculate, out=asyncio.Queue(), loop=asyncio.get_running_loop())
+                             speculative=request.speculate, out=asyncio.Queue(), loop=asyncio.get_running_loop(),
+                             trace_ctx=telemetry.current_context())
         self.engine.open(state)
         try:
             while True:
@@ -103,6 +105,7 @@ class TargetServicer(mesh_pb2_grpc.TargetServicer):
 
 
 async def serve(config: TargetConfig) -> None:
+    telemetry.setup_tracing("specmesh-target")  # before any gRPC server or channel exists
     # One store for everything that rendezvouses here: draft pairings and the tensor-parallel group.
     store = host_store(config.host, config.tensor_port)
     tp = None
@@ -115,7 +118,7 @@ async def serve(config: TargetConfig) -> None:
         tp.replay("calibrate", config.calibrate_tokens)
     forward_ms = await asyncio.to_thread(time_tree_forward, model, config.calibrate_tokens)
     log.info("one verify of %d tree tokens takes %.1f ms", config.calibrate_tokens, forward_ms)
-    engine = TargetEngine(model, LeasedPool(model, config), tp=tp)
+    engine = TargetEngine(model, LeasedPool(model, config), tp=tp, verify_delay_ms=config.verify_delay_ms)
     servicer = TargetServicer(config, engine, forward_ms, store)
     metrics_port = start_metrics(config.host, config.metrics_port)
     server, port = await rpc.start_server(config.host, config.port,
@@ -128,6 +131,7 @@ async def serve(config: TargetConfig) -> None:
     engine.stop()
     if tp is not None:
         tp.stop()
+    telemetry.shutdown_tracing()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_arguments(parser, TargetConfig)
     config = from_namespace(TargetConfig, parser.parse_args(argv))
     setup_logging(config.log_level, "target")
-    return run(lambda: serve(config))
+    code = run(lambda: serve(config))
+    # Receiver threads may still sit in a native gloo recv; interpreter teardown under them aborts
+    # the process ("terminate called ..."), so leave without it once everything is flushed.
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""The mesh's promise, end to end over real processes: output equals target-only greedy decoding.
+
+fp32 tiny models (bf16 batched and one-token passes may break near-ties differently), adversarial
+timing (random delays in draft expansions and target rounds), a draft that disagrees with the
+target (trees fully rejected, re-roots that miss), a tensor-parallel target, and a draft that is
+killed mid-stream.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+import torch
+
+from specmesh.services.runtime.engines import Request, generate_ar
+from specmesh.services.runtime.loader import load_transformer
+from specmesh.services.runtime.tiny import make_tiny_pair
+from specmesh.v1 import generation_pb2 as pb
+from specmesh.v1 import generation_pb2_grpc as pb_grpc
+from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+from router_testing import FullMesh, wait_kv_idle
+
+PROMPTS = [[5, 6, 7, 8, 9], [100, 3, 45, 200, 7, 7, 7], [42], [250, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+           list(range(60, 90)), [17, 17]]
+FP32 = ["--dtype", "fp32"]
+
+
+def reference(target_dir: Path, prompt: list[int], n: int) -> list[int]:
+    model = load_transformer(target_dir, torch.float32)
+    return sum(generate_ar(model, Request(prompt, n), 2048), [])
+
+
+def stream(addr: str, prompt: list[int], n: int) -> list[pb.GenerateResponse]:
+    with grpc.insecure_channel(addr) as ch:
+        return list(pb_grpc.GenerationStub(ch).Generate(
+            pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_tokens=n, ignore_eos=True), timeout=120))
+
+
+def tokens_of(responses: list[pb.GenerateResponse]) -> list[int]:
+    return [t for r in responses if r.HasField("chunk") for t in r.chunk.token_ids]
+
+
+@pytest.fixture(scope="module")
+def delayed_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullMesh]:
+    """Noisy-copy draft (often right), random delays on both sides of the channel."""
+    m = FullMesh(tmp_path_factory.mktemp("delayed"), target_args=[*FP32, "--verify-delay-ms", "25"],
+                 draft_args=[*FP32, "--expand-delay-ms", "15"])
+    try:
+        m.wait_paired()
+        yield m
+    finally:
+        m.stop()
+
+
+@pytest.fixture(scope="module")
+def rejecting_tp_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullMesh]:
+    """An independent Llama-family draft (its trees are mostly rejected) and a target with --tp 2."""
+    base = tmp_path_factory.mktemp("rejecting")
+    pair = make_tiny_pair(base / "pair", seed=7, draft_arch="llama")
+    m = FullMesh(base, pair=pair, target_args=[*FP32, "--tp", "2"], draft_args=FP32)
+    try:
+        m.wait_paired()
+        yield m
+    finally:
+        m.stop()
+
+
+def test_greedy_mesh_equals_target_only_under_random_delays(delayed_mesh: FullMesh) -> None:
+    accepted = speculative = 0
+    for prompt in PROMPTS:
+        responses = stream(delayed_mesh.router.addr, prompt, 40)
+        assert tokens_of(responses) == reference(delayed_mesh.target_dir, prompt, 40), prompt
+        chunks = [r.chunk for r in responses if r.HasField("chunk")]
+        accepted += sum(c.accepted for c in chunks)
+        speculative += sum(c.tree_size > 1 for c in chunks)
+    assert speculative > 0 and accepted > 0  # the draft really took part
+
+
+def test_concurrent_sessions_stay_lossless(delayed_mesh: FullMesh) -> None:
+    results: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        results[i] = tokens_of(stream(delayed_mesh.router.addr, PROMPTS[i], 30))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i in range(4):
+        assert results[i] == reference(delayed_mesh.target_dir, PROMPTS[i], 30)
+    wait_kv_idle(delayed_mesh.treekv.addr)
+
+
+def test_fully_rejected_trees_and_tensor_parallel_target(rejecting_tp_mesh: FullMesh) -> None:
+    rejected_rounds = 0
+    for prompt in PROMPTS[:4]:
+        responses = stream(rejecting_tp_mesh.router.addr, prompt, 40)
+        assert tokens_of(responses) == reference(rejecting_tp_mesh.target_dir, prompt, 40), prompt
+        rejected_rounds += sum(r.chunk.accepted == 0 and r.chunk.tree_size > 1
+                               for r in responses if r.HasField("chunk"))
+    assert rejected_rounds > 0
+
+
+def test_draft_killed_mid_stream_finishes_target_only(rejecting_tp_mesh: FullMesh) -> None:
+    prompt, n = PROMPTS[4], 400
+    got: list[int] = []
+    with grpc.insecure_channel(rejecting_tp_mesh.router.addr) as ch:
+        call = pb_grpc.GenerationStub(ch).Generate(
+            pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_tokens=n, ignore_eos=True), timeout=120)
+        for i, response in enumerate(call):
+            if response.HasField("chunk"):
+                got.extend(response.chunk.token_ids)
+                if i == 3:
+                    os.kill(rejecting_tp_mesh.draft.proc.pid, signal.SIGKILL)
+            else:
+                final = response.final
+    assert final.finish_reason == pb.FINISH_REASON_LENGTH
+    assert got == reference(rejecting_tp_mesh.target_dir, prompt, n)
+    wait_kv_idle(rejecting_tp_mesh.treekv.addr)
+    with grpc.insecure_channel(rejecting_tp_mesh.target.addr) as ch:
+        info = mesh_pb2_grpc.TargetStub(ch).Info(mesh_pb2.Empty(), timeout=5)
+    assert info.pool_blocks_used == 0 and info.active_sessions == 0
