@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
+from ..runtime import telemetry
 from ..runtime.errors import ResourceExhausted, SpecmeshError
 from ..runtime.rpc import rpc_errors, start_server
 from ..runtime.service_main import write_ready_file
@@ -125,6 +126,7 @@ async def serve(config: TreekvConfig) -> None:
     removed, so a stale file never claims a dead server is ready.
     """
     config.validate()
+    telemetry.setup_tracing("specmesh-treekv")  # before any gRPC server exists
     ledger = KVLedger(config.draft_blocks, config.target_blocks, config.block_size)
     metrics_server = None
     if config.metrics_port >= 0:
@@ -155,6 +157,7 @@ async def serve(config: TreekvConfig) -> None:
         for sig in handled:
             loop.remove_signal_handler(sig)
         await server.stop(config.shutdown_grace_s)
+        telemetry.shutdown_tracing()
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
