@@ -12,6 +12,7 @@ import torch
 from .errors import ModelError
 from .model import LayerWeights, Transformer
 from .model_config import ModelConfig
+from .quant import QUANT_MODES, Weight, quantize_int8
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -25,8 +26,10 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def build_transformer(config: ModelConfig, get: Callable[[str], torch.Tensor], dtype: torch.dtype,
                       device: str | torch.device = "cpu", tp_rank: int = 0, tp_size: int = 1,
-                      tp_group: Any = None, max_positions: int | None = None) -> Transformer:
+                      tp_group: Any = None, max_positions: int | None = None, quantize: str = "none") -> Transformer:
     """Fuse q/k/v and gate/up, shard them for tensor parallelism, cast, and wrap in a Transformer.
+
+    quantize "int8" stores every projection and the LM head as weight-only int8 (see quant.py).
 
     `get(name)` returns one tensor of the transformers state dict (names like
     "model.layers.0.self_attn.q_proj.weight").
@@ -39,8 +42,16 @@ def build_transformer(config: ModelConfig, get: Callable[[str], torch.Tensor], d
     kv_rows = config.num_kv_heads // tp_size * hd
     ff = config.intermediate_size // tp_size
 
+    if quantize not in QUANT_MODES:
+        raise ModelError(f"unknown quantization '{quantize}' (use {', '.join(QUANT_MODES)})")
+    if quantize == "int8" and str(device).startswith("cuda"):
+        raise ModelError("int8 weight-only quantization is a CPU path; use --quantize none on CUDA")
+
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype).contiguous()
+
+    def weight(t: torch.Tensor) -> Weight:
+        return quantize_int8(t, dtype) if quantize == "int8" else cast(t)
 
     def rows(t: torch.Tensor, size: int) -> torch.Tensor:
         return t[tp_rank * size:(tp_rank + 1) * size]
@@ -57,18 +68,22 @@ def build_transformer(config: ModelConfig, get: Callable[[str], torch.Tensor], d
         o = get(p + "self_attn.o_proj.weight")[:, tp_rank * q_rows:(tp_rank + 1) * q_rows]
         gate_up = torch.cat([rows(get(p + "mlp.gate_proj.weight"), ff), rows(get(p + "mlp.up_proj.weight"), ff)])
         down = get(p + "mlp.down_proj.weight")[:, tp_rank * ff:(tp_rank + 1) * ff]
+        # Llama's attention_bias also gives o_proj a bias (Qwen2's o_proj has none).
+        o_bias = cast(get(p + "self_attn.o_proj.bias")) if config.attention_bias and config.model_type == "llama" else None
         layers.append(LayerWeights(
-            input_norm=cast(get(p + "input_layernorm.weight")), qkv=cast(qkv), qkv_bias=bias, o=cast(o),
-            post_norm=cast(get(p + "post_attention_layernorm.weight")), gate_up=cast(gate_up), down=cast(down)))
+            input_norm=cast(get(p + "input_layernorm.weight")), qkv=weight(qkv), qkv_bias=bias, o=weight(o),
+            post_norm=cast(get(p + "post_attention_layernorm.weight")), gate_up=weight(gate_up), down=weight(down),
+            o_bias=o_bias))
     embed = cast(get("model.embed_tokens.weight"))
-    lm_head = embed if config.tie_word_embeddings else cast(get("lm_head.weight"))
+    lm_head = get("model.embed_tokens.weight") if config.tie_word_embeddings else get("lm_head.weight")
+    lm_head = embed if config.tie_word_embeddings and quantize == "none" else weight(lm_head)
     return Transformer(config, embed, layers, cast(get("model.norm.weight")), lm_head, tp_rank=tp_rank,
                        tp_size=tp_size, tp_group=tp_group, max_positions=max_positions)
 
 
 def load_transformer(model_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
                      device: str | torch.device = "cpu", tp_rank: int = 0, tp_size: int = 1,
-                     tp_group: Any = None, max_positions: int | None = None) -> Transformer:
+                     tp_group: Any = None, max_positions: int | None = None, quantize: str = "none") -> Transformer:
     """Load a dense safetensors checkpoint directory (see model_store.resolve_model_dir)."""
     from safetensors import safe_open
     from transformers import AutoConfig
@@ -86,7 +101,7 @@ def load_transformer(model_dir: str | os.PathLike, dtype: torch.dtype = torch.bf
             raise ModelError(f"weight '{name}' missing from {model_dir}")
         return where[name].get_tensor(name)
 
-    return build_transformer(config, get, dtype, device, tp_rank, tp_size, tp_group, max_positions)
+    return build_transformer(config, get, dtype, device, tp_rank, tp_size, tp_group, max_positions, quantize)
 
 
 def transformer_from_state_dict(hf_config: Any, state_dict: Mapping[str, torch.Tensor],

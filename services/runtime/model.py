@@ -20,18 +20,20 @@ import torch.nn.functional as F
 from specmesh.kernels import tree_attention
 
 from .kv_cache import KVCache
+from .quant import Weight, linear
 from .model_config import ModelConfig
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # fused [q; k; v] rows of this rank's heads
+    qkv: Weight  # fused [q; k; v] rows of this rank's heads
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # columns of this rank's heads
+    o: Weight  # columns of this rank's heads
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # fused [gate; up] rows of this rank's shard
-    down: torch.Tensor
+    gate_up: Weight  # fused [gate; up] rows of this rank's shard
+    down: Weight
+    o_bias: torch.Tensor | None = None  # Llama attention_bias: o_proj bias (added once, after the all-reduce)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,13 +66,15 @@ class Transformer:
         self.local_kv_heads = config.num_kv_heads // tp_size
         self.dtype = embed.dtype
         self.device = embed.device
-        positions = max_positions or config.max_position_embeddings
-        inv_freq, scaling = config.rope_inv_freq()
+        self._rope_table(max_positions or config.max_position_embeddings)
+        self.scale = config.head_dim ** -0.5
+
+    def _rope_table(self, positions: int) -> None:
+        inv_freq, scaling = self.config.rope_inv_freq()
         freqs = torch.arange(positions, dtype=torch.float)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self._cos = (emb.cos() * scaling).to(self.device)
         self._sin = (emb.sin() * scaling).to(self.device)
-        self.scale = config.head_dim ** -0.5
 
     @property
     def vocab_size(self) -> int:
@@ -103,22 +107,29 @@ class Transformer:
         end = start + n
         hd, nh, nkv = cfg.head_dim, self.local_heads, self.local_kv_heads
         q_size, kv_size = nh * hd, nkv * hd
+        if end > self._cos.shape[0]:
+            # Every position is < end (a tree node's depth never exceeds its slot), so a Python-int
+            # check suffices. Speculative trees near the end of a context as long as the model's
+            # max_position_embeddings run a few positions past it (never committed).
+            self._rope_table(max(end, 2 * self._cos.shape[0]))
         cos = self._cos[positions].to(self.dtype)[:, None, :]
         sin = self._sin[positions].to(self.dtype)[:, None, :]
         h = self.embed[tokens]
         for i, w in enumerate(self.layers):
             x = rms_norm(h, w.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(x, w.qkv, w.qkv_bias)
+            qkv = linear(x, w.qkv, w.qkv_bias)
             q = self._rope(qkv[:, :q_size].view(n, nh, hd), cos, sin)
             k = self._rope(qkv[:, q_size:q_size + kv_size].view(n, nkv, hd), cos, sin)
             v = qkv[:, q_size + kv_size:].view(n, nkv, hd)
             cache.k[i, :, start:end] = k.transpose(0, 1)
             cache.v[i, :, start:end] = v.transpose(0, 1)
             attn = tree_attention(q.transpose(0, 1), cache.k[i, :, :end], cache.v[i, :, :end], mask, self.scale)
-            h = h + self._all_reduce(F.linear(attn.transpose(0, 1).reshape(n, q_size), w.o))
+            h = h + self._all_reduce(linear(attn.transpose(0, 1).reshape(n, q_size), w.o))
+            if w.o_bias is not None:
+                h = h + w.o_bias
             x = rms_norm(h, w.post_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
-            h = h + self._all_reduce(F.linear(F.silu(gate) * up, w.down))
+            gate, up = linear(x, w.gate_up).chunk(2, dim=-1)
+            h = h + self._all_reduce(linear(F.silu(gate) * up, w.down))
         if logits_rows is not None:
             h = h[logits_rows]
-        return F.linear(rms_norm(h, self.final_norm, cfg.rms_norm_eps), self.lm_head).float()
+        return linear(rms_norm(h, self.final_norm, cfg.rms_norm_eps), self.lm_head).float()

@@ -40,6 +40,8 @@ class ModelConfig:
         rope_type = _rope_parameters(config).get("rope_type", "default")
         if rope_type not in STATIC_ROPE_TYPES:
             raise ModelError(f"unsupported RoPE scaling '{rope_type}' (supported: {', '.join(STATIC_ROPE_TYPES)})")
+        if getattr(config, "mlp_bias", False):
+            raise ModelError(f"unsupported {model_type} config: mlp_bias=True (MLP projections with biases)")
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(

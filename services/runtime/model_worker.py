@@ -31,6 +31,9 @@ class ModelServiceConfig:
                                                                           "treekv's count for this pool)"})
     block_size: int = dataclasses.field(default=16, metadata={"help": "KV slots per block (match treekv)"})
     max_context: int = dataclasses.field(default=4096, metadata={"help": "positions the model may reach"})
+    quantize: str = dataclasses.field(default="auto", metadata={"help": "none | int8 (weight-only, CPU) | auto: "
+                                                                        "int8 for the draft on CPU (never changes "
+                                                                        "outputs), none for the target"})
 
 
 def load_service_model(cfg: ModelServiceConfig, role: str, tp_rank: int = 0, tp_size: int = 1,
@@ -41,10 +44,13 @@ def load_service_model(cfg: ModelServiceConfig, role: str, tp_rank: int = 0, tp_
         torch.set_num_threads(cfg.threads)
     model_dir = resolve_model_dir(cfg.model or None, role)  # type: ignore[arg-type]
     t0 = time.perf_counter()
+    quantize = cfg.quantize
+    if quantize == "auto":
+        quantize = "int8" if role == "draft" and cfg.device == "cpu" else "none"
     model = load_transformer(model_dir, parse_dtype(cfg.dtype), cfg.device, tp_rank, tp_size, tp_group,
-                             max_positions=cfg.max_context + 256)
-    log.info("%s model %s loaded in %.1fs (%s, %d threads)", role, model_dir, time.perf_counter() - t0,
-             cfg.dtype, torch.get_num_threads())
+                             max_positions=cfg.max_context + 256, quantize=quantize)
+    log.info("%s model %s loaded in %.1fs (%s, weights %s, %d threads)", role, model_dir, time.perf_counter() - t0,
+             cfg.dtype, quantize, torch.get_num_threads())
     return model, model_dir
 
 
