@@ -1,0 +1,57 @@
+"""router configuration: flags `--draft-addr` etc., env `SPECMESH_DRAFT_ADDR` etc."""
+from __future__ import annotations
+
+import dataclasses
+
+from ..runtime.service_config import CommonConfig
+
+
+@dataclasses.dataclass
+class RouterConfig(CommonConfig):
+    """The public face: where the mesh lives, request limits, and the tree shape it asks the draft for."""
+
+    port: int = dataclasses.field(default=50051, metadata={"help": "public gRPC port (0 = a free port)"})
+    http_port: int = dataclasses.field(default=8000, metadata={"help": "OpenAI-style HTTP port (-1 = off, "
+                                                                       "0 = a free port)"})
+    draft_addr: str = dataclasses.field(default="127.0.0.1:50052", metadata={"help": "draft-service host:port "
+                                                                                    "('' = no draft: target only)"})
+    target_addr: str = dataclasses.field(default="127.0.0.1:50053", metadata={"help": "target-service host:port"})
+    treekv_addr: str = dataclasses.field(default="127.0.0.1:50054", metadata={"help": "treekv-service host:port"})
+    model: str = dataclasses.field(default="", metadata={"help": "target model (directory or .gguf; '' = the "
+                                                                 "default pair) for the tokenizer and chat template"})
+    draft_model: str = dataclasses.field(default="", metadata={"help": "draft model name shown by ModelInfo "
+                                                                       "('' = the default draft's name when --model "
+                                                                       "is the default pair)"})
+    max_context: int = dataclasses.field(default=4096, metadata={"help": "prompt + max_tokens limit (clamped to "
+                                                                         "the model's max positions)"})
+    tree_width: int = dataclasses.field(default=4, metadata={"help": "w: leaves per draft expansion"})
+    subtree_size: int = dataclasses.field(default=16, metadata={"help": "bs: tree nodes verified per round"})
+    depth: int = dataclasses.field(default=0, metadata={"help": "d: draft expansions per round (0 = auto: target "
+                                                                "forward ms / draft forward ms)"})
+    max_tree: int = dataclasses.field(default=64, metadata={"help": "draft tree slots beyond the prefix"})
+    max_stop_strings: int = dataclasses.field(default=16, metadata={"help": "stop strings per request"})
+    max_stop_len: int = dataclasses.field(default=256, metadata={"help": "characters per stop string"})
+    max_concurrent: int = dataclasses.field(default=64, metadata={"help": "requests in flight; more are refused "
+                                                                          "with RESOURCE_EXHAUSTED (HTTP 429)"})
+    rpc_timeout_s: float = dataclasses.field(default=10.0, metadata={"help": "deadline of unary calls to the "
+                                                                             "mesh services"})
+    shutdown_grace_s: float = dataclasses.field(default=5.0, metadata={"help": "seconds in-flight requests get "
+                                                                               "on SIGTERM/SIGINT"})
+
+    def validate(self) -> None:
+        """Reject settings the router cannot work with (ValueError naming the flag)."""
+        positive = ("max_context", "tree_width", "subtree_size", "max_tree", "max_concurrent", "max_stop_len")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("depth", "max_stop_strings"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.http_port < -1:
+            raise ValueError(f"--http-port must be -1 (off), 0 (free) or a port, got {self.http_port}")
+        if not self.target_addr:
+            raise ValueError("--target-addr is required")
+        if not self.treekv_addr:
+            raise ValueError("--treekv-addr is required")
+        if self.rpc_timeout_s <= 0:
+            raise ValueError(f"--rpc-timeout-s must be positive, got {self.rpc_timeout_s}")

@@ -1,0 +1,246 @@
+"""The one path every request takes, for both front doors (gRPC and HTTP).
+
+    prepare()  validate + tokenize                       (InvalidRequest)
+    generate() treekv.OpenSession -> draft.OpenSession -> target.Generate stream
+               -> OutputProcessor per round -> ChunkEvent ... FinalEvent
+               finally: Target.Abort (unless it finished) and wait for its last update,
+                        Draft.CloseSession, then TreeKV.CloseSession
+
+Committed tokens go to treekv.AppendCommitted from a background task (never awaited before a
+chunk is delivered). Cleanup always runs, also when the client goes away or its deadline passes,
+so no KV block outlives its request, and treekv frees a session's blocks only after the target
+confirmed it no longer uses them.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncGenerator
+
+import grpc
+
+from specmesh.v1 import generation_pb2, mesh_pb2
+
+from ..runtime.errors import InvalidRequest, ResourceExhausted, SpecmeshError
+from ..runtime.protocol import FINISH_NAMES, sampling_to_proto
+from . import metrics
+from .config import RouterConfig
+from .mesh import Mesh, Peer, PeerError
+from .model_meta import ModelMeta
+from .output import ABORT, ChunkEvent, FinalEvent, OutputProcessor
+from .pairing import Pairing
+from .request import GenRequest, Limits, Prepared, prepare
+from .session import END, WAKE, CommittedLog, Session, TargetStream
+
+log = logging.getLogger("specmesh.router")
+
+Event = ChunkEvent | FinalEvent
+CLEANUP_TIMEOUT_S = 10.0
+SLOT_LIMIT = 2 ** 31 - 1  # channel_slot is an int32
+BIG_INPUT_CHARS = 16_384  # tokenize in a worker thread above this
+
+
+@dataclass
+class LiveRequest:
+    """A running request, findable by id for Abort."""
+
+    request_id: str
+    aborted: bool = False
+    finished: bool = False  # the stream is over; only the cleanup still runs
+    stream: TargetStream | None = None  # the target's stream, once started
+
+    def abort(self) -> bool:
+        """Ask the request to end with ABORT; False if its stream is already over."""
+        if self.finished:
+            return False
+        self.aborted = True
+        if self.stream is not None:
+            self.stream.wake()  # the request ends at once; the cleanup then aborts the target's session
+        return True
+
+
+class Router:
+    """Owns the mesh connections, pairing, live requests and admission."""
+
+    def __init__(self, config: RouterConfig, meta: ModelMeta) -> None:
+        self.config = config
+        self.meta = meta
+        self.limits = Limits(max_context=meta.context_length, vocab_size=meta.vocab_size,
+                             max_stop_strings=config.max_stop_strings, max_stop_len=config.max_stop_len)
+        self.mesh = Mesh(config.treekv_addr, config.target_addr, config.draft_addr, config.rpc_timeout_s)
+        self.pairing = Pairing(self.mesh, config.depth)
+        self.live: dict[str, LiveRequest] = {}
+        self._slots = itertools.count(1)
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self.pairing.start()
+
+    async def close(self) -> None:
+        """Stop pairing, let running cleanups finish (so KV is freed), close the channels."""
+        for live in list(self.live.values()):
+            live.abort()
+        await self.pairing.stop()
+        if self._cleanups:
+            await asyncio.wait(list(self._cleanups), timeout=CLEANUP_TIMEOUT_S)
+        await self.mesh.close()
+
+    # ---------------------------------------------------------------- public operations
+
+    def prepare(self, req: GenRequest) -> Prepared:
+        """Validate and tokenize (raises InvalidRequest)."""
+        return prepare(req, self.meta.tokenizer, self.limits, self.meta.eos_ids)
+
+    async def prepare_async(self, req: GenRequest) -> Prepared:
+        """`prepare`, moved off the event loop for big inputs so other streams do not stall
+        (the Rust tokenizer releases the GIL while it encodes)."""
+        size = len(req.prompt or "") + sum(len(m.get("content") or "") for m in req.messages or ())
+        if size > BIG_INPUT_CHARS:
+            return await asyncio.to_thread(self.prepare, req)
+        return self.prepare(req)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a running request; its stream ends with finish reason ABORT. False if unknown."""
+        live = self.live.get(request_id)
+        return live is not None and live.abort()
+
+    def model_info(self) -> generation_pb2.ModelInfoResponse:
+        m = self.meta
+        return generation_pb2.ModelInfoResponse(
+            target_model=m.target_name, draft_model=m.draft_name if self.mesh.draft is not None else "",
+            context_length=m.context_length, vocab_size=m.vocab_size, eos_token_ids=m.eos_ids, dtype=m.dtype,
+            draft_connected=self.pairing.connected)
+
+    async def generate(self, p: Prepared) -> AsyncGenerator[Event, None]:
+        """Run one request: ChunkEvents, then exactly one FinalEvent (or a SpecmeshError).
+
+        Use with `contextlib.aclosing` so an abandoned stream is cleaned up at once. Client
+        deadlines need nothing here: gRPC cancels the handler, and the cleanup runs.
+        """
+        if p.request_id in self.live:
+            raise InvalidRequest(f"request_id {p.request_id!r} is already running")
+        if len(self.live) >= self.config.max_concurrent:
+            metrics.REJECTED.inc()
+            raise ResourceExhausted(f"router is at its limit of {self.config.max_concurrent} concurrent requests")
+        live = LiveRequest(p.request_id)
+        self.live[p.request_id] = live
+        session = Session(p, slot=next(self._slots) % SLOT_LIMIT or 1)
+        out = OutputProcessor(self.meta.tokenizer, p.prompt_ids, p.max_tokens, p.stop, p.user_stop_ids, p.eos_ids)
+        t0 = time.perf_counter()
+        metrics.LIVE.inc()
+        try:
+            async with contextlib.aclosing(self._run(session, live, out)) as events:
+                async for event in events:
+                    if isinstance(event, ChunkEvent) and out.usage.rounds == 1 and event.token_ids:
+                        metrics.TTFT.observe(time.perf_counter() - t0)
+                    yield event
+        except SpecmeshError as exc:
+            metrics.ERRORS.labels(exc.grpc_code_name).inc()
+            raise
+        finally:
+            live.finished = True
+            metrics.LIVE.dec()
+            metrics.TOKENS.inc(out.usage.completion_tokens)
+            await self._release(session)
+
+    # ---------------------------------------------------------------- the request's steps
+
+    async def _run(self, s: Session, live: LiveRequest, out: OutputProcessor) -> AsyncGenerator[Event, None]:
+        p = s.prepared
+        final = lambda reason: FinalEvent(reason, out.usage, p.request_id)  # noqa: E731
+        await self._open(s)
+        target = self.mesh.target
+        if not live.aborted:
+            s.stream = live.stream = TargetStream(target, mesh_pb2.TargetGenerateRequest(
+                session_id=p.request_id, prompt_ids=p.prompt_ids, sampling=sampling_to_proto(p.sampling),
+                max_tokens=p.max_tokens, stop_token_ids=p.stop_token_ids, lease=s.target_lease,
+                speculate=s.speculate, channel_slot=s.slot))
+            s.log = CommittedLog(self.mesh.treekv, p.request_id)
+        while True:
+            if live.aborted:
+                metrics.FINISHED.labels(ABORT).inc()
+                yield final(ABORT)
+                return
+            assert s.stream is not None and s.log is not None
+            update = await s.stream.next()
+            if update is WAKE:
+                continue
+            if update is END:
+                raise PeerError(grpc.StatusCode.INTERNAL, f"{target.name} ended the stream without a finish reason")
+            step = out.process(update.token_ids, FINISH_NAMES.get(update.finish_reason))
+            if step.token_ids:
+                s.log.append(step.token_ids)
+                yield ChunkEvent(step.token_ids, step.text, update.accepted, update.tree_size, update.round)
+            elif step.text:
+                yield ChunkEvent([], step.text, 0, 0, update.round)
+            if step.finish_reason is not None:
+                metrics.FINISHED.labels(step.finish_reason).inc()
+                yield final(step.finish_reason)
+                return
+
+    async def _open(self, s: Session) -> None:
+        """Admission by treekv, then the draft's session (optional: a failure means target-only)."""
+        p = s.prepared
+        n = len(p.prompt_ids)
+        cfg = self.config
+        reply = await self.mesh.treekv.call("OpenSession", mesh_pb2.KVOpenRequest(
+            session_id=p.request_id, prompt_ids=p.prompt_ids,
+            draft_slots=n + p.max_tokens + cfg.max_tree + cfg.subtree_size,
+            target_slots=n + p.max_tokens + cfg.subtree_size))
+        s.kv_open = True
+        s.target_lease = reply.target
+        draft = self.mesh.draft
+        if draft is None or not self.pairing.connected:
+            return
+        try:
+            await draft.call("OpenSession", mesh_pb2.DraftOpenRequest(
+                session_id=p.request_id, prompt_ids=p.prompt_ids, sampling=sampling_to_proto(p.sampling),
+                tree=mesh_pb2.TreeOptions(width=cfg.tree_width, subtree_size=cfg.subtree_size,
+                                          depth=self.pairing.depth, max_tree=cfg.max_tree),
+                lease=reply.draft, channel_slot=s.slot))
+            s.speculate = s.draft_close = True
+        except SpecmeshError as exc:
+            log.warning("request %s: no draft session, generating target-only: %s", p.request_id, exc)
+            # Unless the draft was unreachable, it may hold part of the session: close it anyway
+            # (CloseSession is idempotent).
+            s.draft_close = exc.grpc_code_name != "UNAVAILABLE"
+
+    async def _release(self, s: Session) -> None:
+        """Free everything the session holds; shielded so a second cancellation cannot skip it."""
+        task = asyncio.create_task(self._cleanup(s), name=f"cleanup-{s.prepared.request_id}")
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        await asyncio.shield(task)  # if we are cancelled here, the cleanup task still runs to the end
+
+    async def _cleanup(self, s: Session) -> None:
+        try:
+            await self._free(s)
+        finally:
+            # Only now may the id be used again: a new session under the same id must not race
+            # this one's CloseSession in treekv.
+            self.live.pop(s.prepared.request_id, None)
+
+    async def _free(self, s: Session) -> None:
+        ref = mesh_pb2.SessionRef(session_id=s.prepared.request_id)
+        steps = []
+        if s.stream is not None:
+            steps.append(s.stream.stop())
+        if s.draft_close and self.mesh.draft is not None:
+            steps.append(self._quiet(self.mesh.draft, "CloseSession", ref))
+        if s.log is not None:
+            steps.append(s.log.flush())
+        if steps:
+            await asyncio.gather(*steps)
+        if s.kv_open:
+            await self._quiet(self.mesh.treekv, "CloseSession", ref)
+
+    @staticmethod
+    async def _quiet(peer: Peer, method: str, request: Any) -> None:
+        try:
+            await peer.call(method, request)
+        except SpecmeshError as exc:
+            log.warning("cleanup: %s.%s(%s) failed: %s", peer.name, method, getattr(request, "session_id", ""), exc)

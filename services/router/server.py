@@ -1,0 +1,153 @@
+"""router: the public face of specmesh (gRPC `specmesh.v1.Generation` + OpenAI-style HTTP).
+
+    python -m specmesh.services.router.server --model <target dir> --http-port 8000 \\
+        --draft-addr 127.0.0.1:50052 --target-addr 127.0.0.1:50053 --treekv-addr 127.0.0.1:50054
+
+It tokenizes, opens sessions in treekv / draft / target, relays the target's verified rounds as
+detokenized chunks with exact stop handling, and frees every session on the way out. The ready
+file gets {"port": ..., "http_port": ..., "metrics_port": ...} once both front doors listen.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from typing import AsyncIterator
+
+import grpc
+
+from specmesh.v1 import generation_pb2, generation_pb2_grpc
+
+from ..runtime import rpc, telemetry
+from ..runtime.errors import SpecmeshError
+from ..runtime.service_config import add_dataclass_arguments, from_namespace, setup_logging
+from ..runtime.service_main import start_metrics, wait_for_stop_signal, write_ready_file
+from .config import RouterConfig
+from .model_meta import load_model_meta
+from .output import ChunkEvent, FinalEvent
+from .pipeline import Event, Router
+from .request import from_proto
+
+log = logging.getLogger("specmesh.router")
+
+SERVICE_NAME = "specmesh.v1.Generation"
+FINISH_CODES = {"stop": generation_pb2.FINISH_REASON_STOP, "length": generation_pb2.FINISH_REASON_LENGTH,
+                "eos": generation_pb2.FINISH_REASON_EOS, "abort": generation_pb2.FINISH_REASON_ABORT}
+
+
+def event_to_proto(event: Event) -> generation_pb2.GenerateResponse:
+    """A pipeline event as the public GenerateResponse."""
+    if isinstance(event, ChunkEvent):
+        return generation_pb2.GenerateResponse(chunk=generation_pb2.Chunk(
+            token_ids=event.token_ids, text=event.text, accepted=event.accepted, tree_size=event.tree_size,
+            round=event.round))
+    assert isinstance(event, FinalEvent)
+    u = event.usage
+    return generation_pb2.GenerateResponse(final=generation_pb2.Final(
+        finish_reason=FINISH_CODES[event.finish_reason], request_id=event.request_id,
+        usage=generation_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                                   rounds=u.rounds, mean_accepted_tokens=u.mean_accepted_tokens)))
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    """gRPC face of the Router; all logic lives in pipeline.Router."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def Generate(self, request: generation_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        # An async generator, not context.write(): the OpenTelemetry server interceptor only wraps
+        # streaming handlers written this way.
+        try:
+            prepared = await self.router.prepare_async(from_proto(request))
+            async with contextlib.aclosing(self.router.generate(prepared)) as events:
+                async for event in events:
+                    yield event_to_proto(event)
+        except SpecmeshError as exc:
+            await context.abort(rpc.status_code(exc), str(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # a bug: say so in one line, keep the traceback in our log
+            log.exception("Generate failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in the router: {type(exc).__name__}: {exc}")
+
+    async def Abort(self, request: generation_pb2.AbortRequest,
+                    context: grpc.aio.ServicerContext) -> generation_pb2.AbortResponse:
+        return generation_pb2.AbortResponse(found=self.router.abort(request.request_id))
+
+    async def ModelInfo(self, request: generation_pb2.ModelInfoRequest,
+                        context: grpc.aio.ServicerContext) -> generation_pb2.ModelInfoResponse:
+        return self.router.model_info()
+
+
+async def serve(config: RouterConfig) -> None:
+    """Run the router until SIGTERM/SIGINT (or until this task is cancelled)."""
+    from .http_api import start_http
+
+    config.validate()
+    telemetry.setup_tracing("specmesh-router")  # before any gRPC server or channel exists
+    meta = await asyncio.to_thread(load_model_meta, config.model, config.max_context, config.draft_model)
+    log.info("target model %s: vocab %d, context %d, eos %s", meta.model_dir, meta.vocab_size, meta.context_length,
+             meta.eos_ids)
+    router = Router(config, meta)
+    await router.start()
+    server = http = None
+    try:
+        metrics_port = start_metrics(config.host, config.metrics_port)
+        server, port = await rpc.start_server(config.host, config.port,
+                                              [(generation_pb2_grpc.add_GenerationServicer_to_server,
+                                                GenerationServicer(router))], [SERVICE_NAME])
+        http_port = None
+        if config.http_port >= 0:
+            http, http_port = await start_http(router, config.host, config.http_port, config.shutdown_grace_s)
+        log.info("router serving gRPC on %s:%d%s (treekv %s, target %s, draft %s)", config.host, port,
+                 f", HTTP on http://{config.host}:{http_port}/v1" if http_port is not None else "",
+                 config.treekv_addr, config.target_addr, config.draft_addr or "none")
+        write_ready_file(config.ready_file, {"port": port, "http_port": http_port, "metrics_port": metrics_port})
+        await wait_for_stop_signal()
+        log.info("stopping (grace %.1fs)", config.shutdown_grace_s)
+    finally:
+        # Front doors first (running requests get the grace period), then the mesh sessions.
+        if http is not None:
+            await http.cleanup()
+        if server is not None:
+            await server.stop(config.shutdown_grace_s)
+        await router.close()
+        _remove(config.ready_file)
+        telemetry.shutdown_tracing()
+
+
+def _remove(path: str) -> None:
+    """Take the ready file away on stop, so it never claims a dead router is ready."""
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (`specmesh serve router` passes its arguments here)."""
+    parser = argparse.ArgumentParser(prog="specmesh serve router", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_arguments(parser, RouterConfig)
+    config = from_namespace(RouterConfig, parser.parse_args(argv))
+    try:
+        config.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+    setup_logging(config.log_level, "router")
+    try:
+        asyncio.run(serve(config))
+    except (OSError, SpecmeshError) as exc:  # a taken port, a missing model: one line, no traceback
+        log.error("%s", exc)
+        return 2 if isinstance(exc, SpecmeshError) else 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
