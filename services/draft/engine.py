@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from concurrent.futures import Future
 import random
 import threading
 import time
@@ -48,6 +49,7 @@ class DraftState:
     round_idle_s: float = 0.0
     reroot_hit: bool | None = None
     trace_ctx: Any = None  # the OpenSession span's context: round spans are its children
+    cache: Any = None  # the KVCache view of the lease, claimed by open()
 
 
 class DraftEngine:
@@ -63,10 +65,15 @@ class DraftEngine:
 
     # -- called from the gRPC side -----------------------------------------------------------
     def open(self, state: DraftState) -> None:
+        """Claim the session's lease now (so a bad lease fails the caller's RPC), prefill on the worker."""
+        state.cache = self.pool.open(*state.lease)
         self.work.put(("open", state))
 
-    def close(self, session_id: str) -> None:
-        self.work.put(("close", session_id))
+    def close(self, session_id: str) -> Future:
+        """Resolves once the session's blocks are back in the pool (safe for treekv to re-lease them)."""
+        done: Future = Future()
+        self.work.put(("close", (session_id, done)))
+        return done
 
     def attach_channel(self, channel: TensorChannel, vocab_width: int) -> None:
         self.work.put(("channel", (channel, vocab_width)))
@@ -115,7 +122,11 @@ class DraftEngine:
         if self.expand_delay_ms:
             time.sleep(random.uniform(0, self.expand_delay_ms) / 1000)
         t0 = time.perf_counter()
-        state.session.expand()
+        try:
+            state.session.expand()
+        except Exception as exc:
+            self._abandon(state, exc)
+            return
         metrics.EXPAND.observe(time.perf_counter() - t0)
         metrics.EXPANSIONS.inc()
         state.grown += 1
@@ -177,22 +188,28 @@ class DraftEngine:
             self._free(slot)
 
     def _on_open(self, state: DraftState) -> None:
-        try:
-            cache = self.pool.open(*state.lease)
-        except SpecmeshError as exc:
-            log.warning("session %s not opened: %s", state.session_id, exc)
-            return
+        cache = state.cache
         self.sessions[state.slot] = state
         metrics.SESSIONS.set(len(self.sessions))
         state.round_started = time.perf_counter()
         state.session = DraftSession(self.model, cache, state.tree, state.sampling, vocab_width=self.vocab_width)
         try:
             state.session.start(state.prompt)
-        except SpecmeshError as exc:
-            log.warning("session %s failed to start: %s", state.session_id, exc)
-            self._free(state.slot)
+        except Exception as exc:
+            self._abandon(state, exc)
             return
         self._maybe_send(state)
+
+    def _abandon(self, state: DraftState, exc: BaseException) -> None:
+        """Give up on one session without stalling it: an empty subtree tells the target to go on alone."""
+        log.warning("session %s: draft gives up (%s); the target continues without it", state.session_id,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        self._free(state.slot)
+        if self.channel is not None:
+            try:
+                self.channel.send_subtree(state.slot, state.round, [], [])
+            except Exception as send_exc:
+                self._on_channel_down((self.channel, str(send_exc).splitlines()[0]))
 
     def _on_verified(self, verified: Verified) -> None:
         state = self.sessions.get(verified.slot)
@@ -205,17 +222,23 @@ class DraftEngine:
         state.round_idle_s = now - state.idle_since if state.idle_since is not None else 0.0
         metrics.IDLE.inc(state.round_idle_s)
         state.idle_since = None
-        result = state.session.reroot(verified.tokens)
+        try:
+            result = state.session.reroot(verified.tokens)
+        except Exception as exc:
+            self._abandon(state, exc)
+            return
         metrics.REROOT.observe(time.perf_counter() - now)
         metrics.REROOTS.labels("hit" if result.hit else "new_tree").inc()
         state.round, state.owed, state.reroot_hit = verified.round, True, result.hit
         state.round_started, state.round_expansions, state.grown = now, 0, 0
         self._maybe_send(state)
 
-    def _on_close(self, session_id: str) -> None:
+    def _on_close(self, arg: tuple[str, Future]) -> None:
+        session_id, done = arg
         for slot, state in list(self.sessions.items()):
             if state.session_id == session_id:
                 self._free(slot)
+        done.set_result(None)
 
     def _free(self, slot: int) -> None:
         state = self.sessions.pop(slot, None)

@@ -64,7 +64,8 @@ class DraftServicer(mesh_pb2_grpc.DraftServicer):
         return mesh_pb2.Empty()
 
     async def CloseSession(self, request: mesh_pb2.SessionRef, context: grpc.aio.ServicerContext) -> mesh_pb2.Empty:
-        self.engine.close(request.session_id)
+        # Answer only once the blocks are free: the router then lets treekv re-lease them.
+        await asyncio.wrap_future(self.engine.close(request.session_id))
         return mesh_pb2.Empty()
 
     async def Info(self, request: mesh_pb2.Empty, context: grpc.aio.ServicerContext) -> mesh_pb2.ServiceTiming:

@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import os
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -60,16 +61,19 @@ class LeasedPool:
     def __init__(self, model: Transformer, cfg: ModelServiceConfig) -> None:
         self.pool = KVPool(model.config, cfg.pool_blocks, cfg.block_size, model.dtype, model.device,
                            num_kv_heads=model.local_kv_heads)
+        self._lock = threading.Lock()  # claims come from gRPC handlers, releases from the worker thread
 
     def open(self, first_block: int, num_blocks: int) -> KVCache:
         if num_blocks <= 0 or first_block < 0 or first_block + num_blocks > self.pool.num_blocks:
             raise InvalidRequest(f"lease [{first_block}, {first_block + num_blocks}) is outside this pool of "
                                  f"{self.pool.num_blocks} blocks (treekv and this service disagree on pool size)")
-        self.pool.claim(first_block, num_blocks)
+        with self._lock:
+            self.pool.claim(first_block, num_blocks)
         return self.pool.view(first_block, num_blocks)
 
     def close(self, first_block: int, num_blocks: int) -> None:
-        self.pool.release(first_block, num_blocks)
+        with self._lock:
+            self.pool.release(first_block, num_blocks)
 
     @property
     def used_blocks(self) -> int:

@@ -161,6 +161,10 @@ class TargetEngine:
             return
         if state.done or not state.speculative:
             return
+        if not subtree.tokens:  # the draft gave up on this session: continue target-only
+            state.speculative = False
+            self.work.put(("ar", state.slot))
+            return
         self._round(state, subtree.tokens, subtree.parents, subtree.q, subtree.trace)
 
     def _on_ar(self, slot: int) -> None:
