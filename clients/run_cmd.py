@@ -62,7 +62,7 @@ def _stream(tokenizer, chunks) -> str:
     detok = IncrementalDetokenizer(tokenizer)
     out = []
     for chunk in chunks:
-        text = detok.push(chunk)
+        text = detok.add_many(chunk)
         out.append(text)
         sys.stdout.write(text)
         sys.stdout.flush()

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from specmesh.services.router.detokenizer import IncrementalDetokenizer
+from specmesh.services.runtime.detokenize import IncrementalDetokenizer
 from specmesh.services.runtime.tiny import make_tokenizer
 
 TEXTS = ["héllo wörld", "中文字符 and 日本語", "emoji 🎉🚀 mixed é中🎉", "naïve — “quotes” ✓", "plain ascii"]

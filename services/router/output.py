@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .detokenizer import IncrementalDetokenizer
+from specmesh.services.runtime.detokenize import IncrementalDetokenizer
 from .stop import StopMatcher
 
 # Finish reasons, as the lower-case names used across the code base (runtime/protocol.py).
