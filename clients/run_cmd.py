@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 
 from .common import add_model_arguments, add_sampling_arguments, fail, prompt_ids, resolve_pair, sampling_from_args
 

@@ -19,7 +19,6 @@ from typing import Any
 
 from specmesh.services.runtime.channel import TensorChannel, Verified
 from specmesh.services.runtime.draft_session import DraftSession, TreeParams
-from specmesh.services.runtime.errors import SpecmeshError
 from specmesh.services.runtime.model import Transformer
 from specmesh.services.runtime.model_worker import LeasedPool
 from specmesh.services.runtime import telemetry

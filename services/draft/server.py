@@ -1,10 +1,8 @@
 """draft-service: the draft model, the token trees and their evolving KV caches."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
 
 import grpc
 
@@ -14,8 +12,7 @@ from specmesh.services.runtime.errors import InvalidRequest, ServiceUnavailable
 from specmesh.services.runtime.model_worker import (LeasedPool, instance_id, load_service_model,
                                                      time_tree_forward)
 from specmesh.services.runtime.protocol import sampling_from_proto, tree_from_proto
-from specmesh.services.runtime.service_config import add_dataclass_arguments, from_namespace, setup_logging
-from specmesh.services.runtime.service_main import run, start_metrics, wait_for_stop_signal, write_ready_file
+from specmesh.services.runtime.service_main import service_main, start_metrics, wait_for_stop_signal, write_ready_file
 from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from .config import DraftConfig
@@ -105,15 +102,8 @@ async def serve(config: DraftConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="specmesh serve draft", description=__doc__)
-    add_dataclass_arguments(parser, DraftConfig)
-    config = from_namespace(DraftConfig, parser.parse_args(argv))
-    setup_logging(config.log_level, "draft")
-    code = run(lambda: serve(config))
-    # Receiver threads may still sit in a native gloo recv; interpreter teardown under them aborts
-    # the process ("terminate called ..."), so leave without it once everything is flushed.
-    logging.shutdown()
-    os._exit(code)
+    """`specmesh serve draft`."""
+    return service_main("draft", DraftConfig, serve, __doc__, argv, hard_exit=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ file gets {"port": ..., "http_port": ..., "metrics_port": ...} once both front d
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -23,8 +22,7 @@ from specmesh.v1 import generation_pb2, generation_pb2_grpc
 
 from ..runtime import rpc, telemetry
 from ..runtime.errors import SpecmeshError
-from ..runtime.service_config import add_dataclass_arguments, from_namespace, setup_logging
-from ..runtime.service_main import start_metrics, wait_for_stop_signal, write_ready_file
+from ..runtime.service_main import service_main, start_metrics, wait_for_stop_signal, write_ready_file
 from .config import RouterConfig
 from .model_meta import load_model_meta
 from .output import ChunkEvent, FinalEvent
@@ -129,24 +127,8 @@ def _remove(path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point (`specmesh serve router` passes its arguments here)."""
-    parser = argparse.ArgumentParser(prog="specmesh serve router", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_arguments(parser, RouterConfig)
-    config = from_namespace(RouterConfig, parser.parse_args(argv))
-    try:
-        config.validate()
-    except ValueError as exc:
-        parser.error(str(exc))
-    setup_logging(config.log_level, "router")
-    try:
-        asyncio.run(serve(config))
-    except (OSError, SpecmeshError) as exc:  # a taken port, a missing model: one line, no traceback
-        log.error("%s", exc)
-        return 2 if isinstance(exc, SpecmeshError) else 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    """`specmesh serve router`."""
+    return service_main("router", RouterConfig, serve, __doc__, argv, hard_exit=False)
 
 
 if __name__ == "__main__":

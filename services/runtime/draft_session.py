@@ -11,6 +11,21 @@ Node scores are cumulative log-probabilities, never increasing from parent to ch
 sibling list, and ties break by node index (parents and earlier siblings have smaller indices), so
 the best `bs` nodes always form a subtree whose children at each node are a prefix of the
 proposal order: exactly what greedy and without-replacement speculative sampling verification need.
+
+Sampling (temperature > 0) needs two more rules, or the output is no longer distributed as the
+target's (verify.speculative_sampling_accept assumes the children sent at a node are the first k
+draws from q, with k not depending on what was drawn):
+  - the j-th draw at a node scores as the j-th largest draft probability there (a function of the
+    parent only), not as its own probability. Otherwise a second child is sent only when it is a
+    likely token and the verifier sees a biased draw (tests/test_runtime_sampling.py has a pair
+    where the first token is off by 0.35 in L1);
+  - draws that may have shaped the round just verified are not reused as fresh draws. With rank
+    scores the subtree of an unsent node (the bonus always is one) changes which nodes were sent
+    only through the tree's size limits (max_tree, max_nodes, nodes with fewer than `width`
+    possible children); to stay exact anyway, a new root that already had forwarded children when
+    the subtree was chosen keeps its KV and q, but its descendants are dropped and its children
+    re-drawn (no forward). Whatever grew after the choice carries over. Serially this costs about
+    nothing: at temperature > 0 the bonus is rarely a forwarded node.
 """
 from __future__ import annotations
 
@@ -108,6 +123,7 @@ class DraftSession:
         # Draft distributions of forwarded nodes, only needed (and only allocated) when sampling.
         self._q = None if sampling.greedy else torch.zeros(params.max_tree, self.vocab_width)
         self.expansions = 0
+        self._chosen_at: int | None = None  # forwarded slots when the last subtree was chosen
 
     @property
     def prefix_len(self) -> int:
@@ -153,21 +169,29 @@ class DraftSession:
         return n
 
     def _propose_children(self, nodes: list[int], logits: torch.Tensor) -> None:
-        t, w = self.tree, self.params.width
         logits = self._fit_vocab(logits)
-        room = self.params.max_nodes - len(t)
         if self.sampling.greedy:
             logp = torch.log_softmax(logits, dim=-1)
-            top = torch.topk(logp, w, dim=-1)
-            values, ids = top.values.tolist(), top.indices.tolist()
+            top = torch.topk(logp, min(self.params.width, logp.shape[-1]), dim=-1)
+            self._add_children(nodes, top.values.tolist(), top.indices.tolist())
         else:
             probs = probs_from_logits(logits, self.sampling)
-            self._q[[t.slot[i] for i in nodes]] = probs
-            logp = probs.log()
-            # Gumbel-top-k = w draws without replacement from q, in draw order.
-            gumbel = -torch.log(-torch.log(torch.rand(logp.shape, generator=self.generator).clamp_(1e-20, 1.0)))
-            ids_t = torch.topk(logp + gumbel, w, dim=-1).indices
-            values, ids = logp.gather(-1, ids_t).tolist(), ids_t.tolist()
+            self._q[[self.tree.slot[i] for i in nodes]] = probs
+            self._draw_children(nodes, probs)
+
+    def _draw_children(self, nodes: list[int], probs: torch.Tensor) -> None:
+        """Sampling: `width` draws without replacement from q (Gumbel-top-k), in draw order."""
+        logp = probs.log()
+        w = min(self.params.width, logp.shape[-1])
+        gumbel = -torch.log(-torch.log(torch.rand(logp.shape, generator=self.generator).clamp_(1e-20, 1.0)))
+        ids = torch.topk(logp + gumbel, w, dim=-1).indices.tolist()
+        # Scores by draw rank, not by the drawn token (see the module docstring): the j-th draw scores
+        # as the j-th largest probability. A -inf score (fewer than j tokens possible) ends the list.
+        self._add_children(nodes, torch.topk(logp, w, dim=-1).values.tolist(), ids)
+
+    def _add_children(self, nodes: list[int], values: list[list[float]], ids: list[list[int]]) -> None:
+        t = self.tree
+        room = self.params.max_nodes - len(t)
         for node, vals, toks in zip(nodes, values, ids):
             score = t.score[node]
             for v, tok in zip(vals, toks):
@@ -190,6 +214,7 @@ class DraftSession:
     def select_subtree(self, size: int) -> tuple[list[int], list[int], torch.Tensor | None]:
         """The `size` most probable nodes (a subtree rooted at the root), as (tokens, parents, q)."""
         t = self.tree
+        self._chosen_at = self.forwarded
         chosen = sorted(t.best(size))
         local = {node: i for i, node in enumerate(chosen)}
         tokens = [t.tokens[i] for i in chosen]
@@ -218,12 +243,18 @@ class DraftSession:
         all_ran = len(ran) == len(path)
         if all_ran and new_root is not None and t.slot[new_root] >= 0:
             keep = t.subtree(new_root)
+            seen = self.forwarded if self._chosen_at is None else self._chosen_at
+            redraw = not self.sampling.greedy and any(0 <= t.slot[c] < seen for c in t.children[new_root])
+            if redraw:  # its draws may have shaped the verified round: keep the node, draw afresh
+                keep = [new_root]
             keep_ran = sorted((n for n in keep if t.slot[n] >= 0), key=lambda n: t.slot[n])
             base = self.cache.length
             src = torch.tensor([t.slot[n] for n in ran + keep_ran], device=self.model.device) + base
             self.cache.move_slots(src, base)
             self.cache.length = base + len(ran)
             self._rebuild(keep, keep_ran)
+            if redraw:
+                self._draw_children([0], self._q[:1])
             return RerootResult(True, len(keep), 0)
         base = self.cache.length
         if ran:
@@ -250,6 +281,7 @@ class DraftSession:
         if self._q is not None:
             self._q[:m] = self._q[old_slots]
         self.tree, self.forwarded = tree, m
+        self._chosen_at = None
 
     def _new_tree(self, tokens: list[int], already: int = 0) -> None:
         """Forward tokens the draft never ran; all but the last join the prefix, the last is the root."""
@@ -265,6 +297,7 @@ class DraftSession:
         self.tree = TokenTree()
         self.tree.add(tokens[-1], -1, 0.0, slot=0)
         self.forwarded = 1
+        self._chosen_at = None
         self._anc[0].zero_()
         self._anc[0, 0] = True
         self._propose_children([0], logits)

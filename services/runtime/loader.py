@@ -89,11 +89,20 @@ def load_transformer(model_dir: str | os.PathLike, dtype: torch.dtype = torch.bf
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"model directory {model_dir} does not exist (or is not a directory)")
     files = sorted(glob.glob(str(model_dir / "*.safetensors")))
     if not files:
         raise ModelError(f"no *.safetensors weights in {model_dir}")
-    config = ModelConfig.from_hf(AutoConfig.from_pretrained(model_dir, local_files_only=True))
-    handles = [safe_open(f, framework="pt") for f in files]
+    try:
+        hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:  # missing / malformed config.json: OSError, ValueError, KeyError, ...
+        raise ModelError(f"cannot read the model config in {model_dir}: {_first_line(exc)}") from None
+    config = ModelConfig.from_hf(hf_config)
+    try:
+        handles = [safe_open(f, framework="pt") for f in files]
+    except Exception as exc:  # truncated or not a safetensors file
+        raise ModelError(f"cannot read weights in {model_dir}: {_first_line(exc)}") from None
     where = {name: h for h in handles for name in h.keys()}
 
     def get(name: str) -> torch.Tensor:
@@ -110,9 +119,15 @@ def transformer_from_state_dict(hf_config: Any, state_dict: Mapping[str, torch.T
     return build_transformer(ModelConfig.from_hf(hf_config), state_dict.__getitem__, dtype, **kwargs)
 
 
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def load_tokenizer(model_dir: str | os.PathLike) -> Any:
     from transformers import AutoTokenizer
 
+    if not Path(model_dir).is_dir():
+        raise ModelError(f"tokenizer directory {model_dir} does not exist (or is not a directory)")
     try:
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # transformers raises many types; the user needs one line

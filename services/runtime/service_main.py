@@ -1,6 +1,7 @@
 """The life cycle every service process shares: logging, metrics port, ready file, clean stop."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
@@ -39,15 +40,38 @@ async def wait_for_stop_signal() -> None:
     await stop.wait()
 
 
-def run(main: Callable[[], Awaitable[None]]) -> int:
-    """asyncio.run with a one-line error instead of a traceback for user-fixable problems."""
-    from .errors import SpecmeshError
+def service_main(service: str, config_cls: type, serve: Callable[[Any], Awaitable[None]], description: str,
+                 argv: list[str] | None = None, hard_exit: bool = False) -> int:
+    """The `specmesh serve <service>` entry point every service shares.
 
+    Flags come from the service's config dataclass (plus SPECMESH_* env); a config with a
+    `validate()` gets it run (bad values exit 2 with the usage line). User-fixable failures (a
+    taken port, a missing model) end with one log line, never a traceback. hard_exit skips
+    interpreter teardown: model services have receiver threads parked in native gloo receives,
+    and tearing the interpreter down under them aborts the process ("terminate called ...").
+    """
+    from .errors import SpecmeshError
+    from .service_config import add_dataclass_arguments, from_namespace, setup_logging
+
+    parser = argparse.ArgumentParser(prog=f"specmesh serve {service}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_arguments(parser, config_cls)
+    config = from_namespace(config_cls, parser.parse_args(argv))
+    if hasattr(config, "validate"):
+        try:
+            config.validate()
+        except ValueError as exc:
+            parser.error(str(exc))
+    setup_logging(config.log_level, service)
+    code = 0
     try:
-        asyncio.run(main())
-    except SpecmeshError as exc:
+        asyncio.run(serve(config))
+    except (OSError, SpecmeshError) as exc:
         log.error("%s", exc)
-        return 2
+        code = 2 if isinstance(exc, SpecmeshError) else 1
     except KeyboardInterrupt:
-        pass
-    return 0
+        code = 130
+    if hard_exit:
+        logging.shutdown()
+        os._exit(code)
+    return code

@@ -47,7 +47,9 @@ def speculative_sampling_accept(p: torch.Tensor, q: torch.Tensor, tokens: list[i
     the classic rejection-sampling identity. So each emitted token is distributed exactly as the
     target's p at the accepted node, and by the chain rule the whole sequence is distributed as
     target-only sampling. The draft may choose its tree any way it likes, as long as the children
-    present at a node are the first k draws of its without-replacement sequence.
+    present at a node are the first k draws of its without-replacement sequence and k does not
+    depend on what those draws were (sending a second child only when it is a likely token, say,
+    biases the output; see draft_session).
     """
     children = children_of(parents)
     path, node = [0], 0

@@ -13,7 +13,7 @@ import queue
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from specmesh.services.runtime.channel import Subtree, TensorChannel

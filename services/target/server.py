@@ -1,10 +1,8 @@
 """target-service: the target model, tree verification, the session stream to the router."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
 import threading
 import uuid
 
@@ -17,8 +15,7 @@ from specmesh.services.runtime.errors import InvalidRequest, SpecmeshError
 from specmesh.services.runtime.model_worker import (LeasedPool, instance_id, load_service_model,
                                                      time_tree_forward)
 from specmesh.services.runtime.protocol import FINISH_REASONS, sampling_from_proto
-from specmesh.services.runtime.service_config import add_dataclass_arguments, from_namespace, setup_logging
-from specmesh.services.runtime.service_main import run, start_metrics, wait_for_stop_signal, write_ready_file
+from specmesh.services.runtime.service_main import service_main, start_metrics, wait_for_stop_signal, write_ready_file
 from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from .config import TargetConfig
@@ -135,15 +132,8 @@ async def serve(config: TargetConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="specmesh serve target", description=__doc__)
-    add_dataclass_arguments(parser, TargetConfig)
-    config = from_namespace(TargetConfig, parser.parse_args(argv))
-    setup_logging(config.log_level, "target")
-    code = run(lambda: serve(config))
-    # Receiver threads may still sit in a native gloo recv; interpreter teardown under them aborts
-    # the process ("terminate called ..."), so leave without it once everything is flushed.
-    logging.shutdown()
-    os._exit(code)
+    """`specmesh serve target`."""
+    return service_main("target", TargetConfig, serve, __doc__, argv, hard_exit=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ and the committed-token stream is appended asynchronously. The state lives in a 
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -25,10 +24,9 @@ from prometheus_client.registry import Collector
 from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from ..runtime import telemetry
-from ..runtime.errors import ResourceExhausted, SpecmeshError
+from ..runtime.errors import ResourceExhausted
 from ..runtime.rpc import rpc_errors, start_server
-from ..runtime.service_main import write_ready_file
-from ..runtime.service_config import add_dataclass_arguments, from_namespace, setup_logging
+from ..runtime.service_main import service_main, write_ready_file
 from .config import TreekvConfig
 from .ledger import POOLS, KVLedger, Lease
 
@@ -169,24 +167,8 @@ async def serve(config: TreekvConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit status."""
-    parser = argparse.ArgumentParser(prog="specmesh-treekv",
-                                     description="specmesh treekv-service: KV block leases and committed-token log")
-    add_dataclass_arguments(parser, TreekvConfig)
-    config = from_namespace(TreekvConfig, parser.parse_args(argv))
-    try:
-        config.validate()
-    except ValueError as exc:
-        parser.error(str(exc))  # exits with status 2 and the usage line
-    setup_logging(config.log_level, "treekv")
-    try:
-        asyncio.run(serve(config))
-    except (OSError, SpecmeshError) as exc:  # e.g. the port is taken: one line, no traceback
-        log.error("%s", exc)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
-        return 130
-    return 0
+    """`specmesh serve treekv`."""
+    return service_main("treekv", TreekvConfig, serve, __doc__, argv, hard_exit=False)
 
 
 if __name__ == "__main__":
