@@ -68,6 +68,9 @@ class Mesh:
         return self.ready[service]
 
     def stop(self) -> None:
+        # A second Ctrl-C must not cut this short and orphan the services.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for proc in self.procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
