@@ -53,7 +53,7 @@ class Mesh:
     def start(self, service: str, args: list[str]) -> None:
         ready = self.workdir / f"{service}.ready"
         cmd = [sys.executable, "-m", f"specmesh.services.{service}.server", "--ready-file", str(ready), *args]
-        self.procs[service] = subprocess.Popen(cmd, start_new_session=True)
+        self.procs[service] = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
 
     def wait(self, service: str, timeout: float) -> dict:
         ready = self.workdir / f"{service}.ready"
@@ -84,6 +84,16 @@ class Mesh:
 
     def any_dead(self) -> str | None:
         return next((name for name, p in self.procs.items() if p.poll() is not None), None)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the service if `specmesh up` itself is killed (no orphans holding ports)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def thread_split(target_threads: int, draft_threads: int) -> tuple[int, int]:
