@@ -69,7 +69,9 @@ def build_transformer(config: ModelConfig, get: Callable[[str], torch.Tensor], d
         gate_up = torch.cat([rows(get(p + "mlp.gate_proj.weight"), ff), rows(get(p + "mlp.up_proj.weight"), ff)])
         down = get(p + "mlp.down_proj.weight")[:, tp_rank * ff:(tp_rank + 1) * ff]
         # Llama's attention_bias also gives o_proj a bias (Qwen2's o_proj has none).
-        o_bias = cast(get(p + "self_attn.o_proj.bias")) if config.attention_bias and config.model_type == "llama" else None
+        o_bias = None
+        if config.attention_bias and config.model_type == "llama":
+            o_bias = cast(get(p + "self_attn.o_proj.bias"))
         layers.append(LayerWeights(
             input_norm=cast(get(p + "input_layernorm.weight")), qkv=weight(qkv), qkv_bias=bias, o=weight(o),
             post_norm=cast(get(p + "post_attention_layernorm.weight")), gate_up=weight(gate_up), down=weight(down),
