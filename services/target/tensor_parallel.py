@@ -103,7 +103,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = TargetConfig(**json.loads(os.environ["SPECMESH_TP_CONFIG"]))
     config.device = args.device
-    logging.basicConfig(level=config.log_level, format=f"%(asctime)s target-tp{args.rank} %(levelname)s %(message)s")
+    logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s target-tp{args.rank} %(levelname)s %(message)s")
     host, port = args.store.rsplit(":", 1)
     init_group(join_store(host, int(port)), args.rank, config.tp, config.device)
     model, _ = load_service_model(config, "target", tp_rank=args.rank, tp_size=config.tp)

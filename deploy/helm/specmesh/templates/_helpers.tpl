@@ -75,6 +75,24 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s/%s" (.ctx.Values.models.mountPath | trimSuffix "/") (.path | trimPrefix "/") -}}
 {{- end -}}
 
+{{/*
+Cross-field checks the schema cannot express (arithmetic between keys). Included once, by router.yaml.
+A request of maxContext tokens must fit each KV pool: the router asks treekv for
+prompt + max_tokens + maxTree + subtreeSize draft slots and prompt + max_tokens + subtreeSize target slots.
+*/}}
+{{- define "specmesh.validate" -}}
+{{- $v := .Values -}}
+{{- $bs := int $v.kv.blockSize -}}
+{{- $draftNeed := add (int $v.maxContext) (int $v.tree.maxTree) (int $v.tree.subtreeSize) -}}
+{{- $targetNeed := add (int $v.maxContext) (int $v.tree.subtreeSize) -}}
+{{- if lt (mul (int $v.kv.draftBlocks) $bs) $draftNeed -}}
+{{- fail (printf "kv.draftBlocks x kv.blockSize = %d slots cannot hold one request of maxContext + tree.maxTree + tree.subtreeSize = %d" (mul (int $v.kv.draftBlocks) $bs) $draftNeed) -}}
+{{- end -}}
+{{- if lt (mul (int $v.kv.targetBlocks) $bs) $targetNeed -}}
+{{- fail (printf "kv.targetBlocks x kv.blockSize = %d slots cannot hold one request of maxContext + tree.subtreeSize = %d" (mul (int $v.kv.targetBlocks) $bs) $targetNeed) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The OTLP endpoint in force: otel.endpoint, else the bundled Jaeger, else empty (tracing off). */}}
 {{- define "specmesh.otelEndpoint" -}}
 {{- if .Values.otel.endpoint -}}
@@ -131,6 +149,16 @@ The pod template of a component. Arguments (dict):
 {{- $_ := set $affinity "podAffinity" $pa -}}
 {{- end -}}
 {{- $grpcPort := int $c.port -}}
+{{- /* extraArgs may add flags, never repeat one the chart sets (argparse keeps the last: a repeated
+--pool-blocks would split the KV pools from treekv's, a repeated --port from the probes). */ -}}
+{{- $chartFlags := list "--host" "--port" "--metrics-port" "--log-level" -}}
+{{- range .args }}{{ if hasPrefix "--" (toString .) }}{{ $chartFlags = append $chartFlags (toString .) }}{{ end }}{{ end -}}
+{{- range $c.extraArgs }}
+{{- $flag := regexReplaceAll "=.*$" (toString .) "" -}}
+{{- if has $flag $chartFlags }}
+{{- fail (printf "%s.extraArgs: %s is set by the chart; use its values key instead (see values.yaml)" $name $flag) }}
+{{- end }}
+{{- end -}}
 metadata:
   labels:
     {{- include "specmesh.labels" $sel | nindent 4 }}
@@ -194,7 +222,7 @@ spec:
         - --metrics-port
         - {{ int $v.metrics.port | quote }}
         - --log-level
-        - {{ default $v.logLevel $c.logLevel | quote }}
+        - {{ default $v.logLevel $c.logLevel | upper | quote }}
         {{- range .args }}
         - {{ . | quote }}
         {{- end }}
@@ -252,6 +280,10 @@ spec:
           value: {{ $v.otel.sampler | quote }}
         - name: OTEL_TRACES_SAMPLER_ARG
           value: {{ $v.otel.samplerArg | toString | quote }}
+        {{- if not (kindIs "invalid" $v.otel.roundSampleRatio) }}
+        - name: SPECMESH_TRACE_ROUNDS
+          value: {{ $v.otel.roundSampleRatio | toString | quote }}
+        {{- end }}
         {{- end }}
         - name: OTEL_RESOURCE_ATTRIBUTES
           value: {{ printf "service.namespace=%s,service.version=%s,k8s.namespace.name=$(POD_NAMESPACE),k8s.pod.name=$(POD_NAME),k8s.node.name=$(NODE_NAME)%s" $ctx.Release.Name $ctx.Chart.AppVersion (ternary (printf ",%s" $v.otel.resourceAttributes) "" (ne $v.otel.resourceAttributes "")) | quote }}
