@@ -49,6 +49,7 @@ def collector() -> Iterator[tuple[Receiver, int]]:
 @pytest.fixture(scope="module")
 def traced_mesh(tmp_path_factory: pytest.TempPathFactory, collector: tuple[Receiver, int]) -> Iterator[FullMesh]:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector[1]}", "OTEL_BSP_SCHEDULE_DELAY": "100",
+           "SPECMESH_METRICS_PORT": "0",
            "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
     m = FullMesh(tmp_path_factory.mktemp("traced"), env=env)
     try:
@@ -100,3 +101,28 @@ def test_one_request_is_one_connected_trace(traced_mesh: FullMesh, collector: tu
                 "specmesh.verify_ms"} <= attrs
     draft_rounds = {s.span_id for _, s in trace if s.name == "draft.round"}
     assert any(link.span_id in draft_rounds for s in trace_rounds for link in s.links)
+
+
+def test_every_service_exports_prometheus_metrics(traced_mesh: FullMesh) -> None:
+    import urllib.request
+
+    with grpc.insecure_channel(traced_mesh.router.addr) as ch:
+        list(pb_grpc.GenerationStub(ch).Generate(pb.GenerateRequest(prompt="count me", max_tokens=24,
+                                                                    ignore_eos=True), timeout=60))
+    expected = {
+        "router": ["specmesh_router_time_to_first_token_seconds_count", "specmesh_router_inter_token_latency_seconds",
+                   "specmesh_router_completion_tokens_total"],
+        "target": ["specmesh_spec_decode_num_drafts_total", "specmesh_spec_decode_num_draft_tokens_total",
+                   "specmesh_spec_decode_num_accepted_tokens_total",
+                   'specmesh_spec_decode_num_accepted_tokens_per_pos_total{position="0"}',
+                   "specmesh_target_verify_seconds_bucket", "specmesh_target_wait_for_draft_seconds",
+                   "specmesh_tree_size_bucket"],
+        "draft": ["specmesh_draft_expansions_total", "specmesh_draft_reroots_total", "specmesh_draft_idle_seconds_total",
+                  "specmesh_draft_subtree_size_bucket"],
+        "treekv": ['specmesh_kv_blocks_used{pool="draft"}', "specmesh_sessions_active"],
+    }
+    for service, names in expected.items():
+        port = getattr(traced_mesh, service).ready["metrics_port"]
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        for name in names:
+            assert name in body, f"{service} lacks {name}"

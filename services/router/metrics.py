@@ -11,3 +11,6 @@ REJECTED = Counter("specmesh_router_admission_rejections", "requests refused at 
 TOKENS = Counter("specmesh_router_completion_tokens", "completion tokens delivered")
 TTFT = Histogram("specmesh_router_time_to_first_token_seconds", "from admission to the first delivered token",
                  buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+ITL = Histogram("specmesh_router_inter_token_latency_seconds", "between delivered tokens (a multi-token chunk "
+                "spreads its gap evenly over its tokens)",
+                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2))

@@ -130,13 +130,20 @@ class Router:
         self.live[p.request_id] = live
         session = Session(p, slot=next(self._slots) % SLOT_LIMIT or 1)
         out = OutputProcessor(self.meta.tokenizer, p.prompt_ids, p.max_tokens, p.stop, p.user_stop_ids, p.eos_ids)
-        t0 = time.perf_counter()
+        t0 = last = time.perf_counter()
         metrics.LIVE.inc()
         try:
             async with contextlib.aclosing(self._run(session, live, out)) as events:
                 async for event in events:
-                    if isinstance(event, ChunkEvent) and out.usage.rounds == 1 and event.token_ids:
-                        metrics.TTFT.observe(time.perf_counter() - t0)
+                    if isinstance(event, ChunkEvent) and event.token_ids:
+                        now = time.perf_counter()
+                        if last == t0:
+                            metrics.TTFT.observe(now - t0)
+                        else:  # a chunk carries several tokens: each is charged an equal share
+                            gap = (now - last) / len(event.token_ids)
+                            for _ in event.token_ids:
+                                metrics.ITL.observe(gap)
+                        last = now
                     yield event
         except SpecmeshError as exc:
             metrics.ERRORS.labels(exc.grpc_code_name).inc()
