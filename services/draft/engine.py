@@ -49,6 +49,7 @@ class DraftState:
     reroot_hit: bool | None = None
     trace_ctx: Any = None  # the OpenSession span's context: round spans are its children
     cache: Any = None  # the KVCache view of the lease, claimed by open()
+    sent_at: float | None = None  # when the last subtree went to the target
 
 
 class DraftEngine:
@@ -59,6 +60,11 @@ class DraftEngine:
         self.channel: TensorChannel | None = None
         self.vocab_width = model.vocab_size
         self.expand_delay_ms = expand_delay_ms
+        # Running estimates (EMA) of one expansion and of a round trip (subtree sent -> verified
+        # tokens back). They let the draft stop growing just before the verified tokens arrive, so
+        # it re-roots at once instead of finishing an expansion the target would wait for.
+        self.expand_s = 0.0
+        self.round_trip_s = 0.0
         self._worker = threading.Thread(target=self._run, name="draft-worker", daemon=True)
         self._worker.start()
 
@@ -112,11 +118,19 @@ class DraftEngine:
     def _wants_growth(self, s: DraftState) -> bool:
         if s.session is None or not s.session.can_expand():
             return False
-        return s.owed or s.grown < s.tree.depth
+        if s.owed:
+            return True
+        if s.grown >= s.tree.depth:
+            return False
+        if s.sent_at is not None and self.round_trip_s:
+            return time.perf_counter() + self.expand_s < s.sent_at + self.round_trip_s
+        return True
 
     def _grow_one(self) -> None:
         # Owed sessions first: the target is idle until they reach subtree_size nodes.
         candidates = [s for s in self.sessions.values() if self._wants_growth(s)]
+        if not candidates:  # time ran out since the loop looked: verified tokens are due
+            return
         state = min(candidates, key=lambda s: (not s.owed, s.grown))
         if self.expand_delay_ms:
             time.sleep(random.uniform(0, self.expand_delay_ms) / 1000)
@@ -126,7 +140,9 @@ class DraftEngine:
         except Exception as exc:
             self._abandon(state, exc)
             return
-        metrics.EXPAND.observe(time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        self.expand_s = took if not self.expand_s else 0.7 * self.expand_s + 0.3 * took
+        metrics.EXPAND.observe(took)
         metrics.EXPANSIONS.inc()
         state.grown += 1
         state.round_expansions += 1
@@ -149,7 +165,7 @@ class DraftEngine:
         except Exception as exc:
             self._on_channel_down((self.channel, str(exc).splitlines()[0]))
             return
-        state.owed, state.grown = False, 0
+        state.owed, state.grown, state.sent_at = False, 0, time.perf_counter()
         if not self._wants_growth(state):
             state.idle_since = time.perf_counter()
 
@@ -218,6 +234,9 @@ class DraftEngine:
             self._free(verified.slot)
             return
         now = time.perf_counter()
+        if state.sent_at is not None:
+            trip = now - state.sent_at
+            self.round_trip_s = trip if not self.round_trip_s else 0.7 * self.round_trip_s + 0.3 * trip
         state.round_idle_s = now - state.idle_since if state.idle_since is not None else 0.0
         metrics.IDLE.inc(state.round_idle_s)
         state.idle_since = None
