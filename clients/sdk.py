@@ -104,6 +104,7 @@ class Chunk:
     accepted: int = 0  # draft tokens the target accepted in this round
     tree_size: int = 0  # nodes the target verified in this round
     round: int = 0
+    target_ms: float = 0.0  # the target's verification forward for this round
     finish_reason: str | None = None
     usage: Usage | None = None
     request_id: str = ""
@@ -172,7 +173,7 @@ def _chunk(resp: generation_pb2.GenerateResponse) -> Chunk:
     if resp.HasField("chunk"):
         c = resp.chunk
         return Chunk(text=c.text, token_ids=tuple(c.token_ids), accepted=c.accepted, tree_size=c.tree_size,
-                     round=c.round)
+                     round=c.round, target_ms=c.target_ms)
     f = resp.final
     u = f.usage
     return Chunk(finish_reason=_FINISH.get(f.finish_reason, "unspecified"), request_id=f.request_id,

@@ -42,6 +42,7 @@ class ChunkEvent:
     accepted: int = 0
     tree_size: int = 0
     round: int = 0
+    target_ms: float = 0.0
 
 
 @dataclass

@@ -181,7 +181,8 @@ class Router:
             step = out.process(update.token_ids, FINISH_NAMES.get(update.finish_reason))
             if step.token_ids:
                 s.log.append(step.token_ids)
-                yield ChunkEvent(step.token_ids, step.text, update.accepted, update.tree_size, update.round)
+                yield ChunkEvent(step.token_ids, step.text, update.accepted, update.tree_size, update.round,
+                                 update.verify_ms)
             elif step.text:
                 yield ChunkEvent([], step.text, 0, 0, update.round)
             if step.finish_reason is not None:

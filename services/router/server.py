@@ -41,7 +41,7 @@ def event_to_proto(event: Event) -> generation_pb2.GenerateResponse:
     if isinstance(event, ChunkEvent):
         return generation_pb2.GenerateResponse(chunk=generation_pb2.Chunk(
             token_ids=event.token_ids, text=event.text, accepted=event.accepted, tree_size=event.tree_size,
-            round=event.round))
+            round=event.round, target_ms=event.target_ms))
     assert isinstance(event, FinalEvent)
     u = event.usage
     return generation_pb2.GenerateResponse(final=generation_pb2.Final(

@@ -36,8 +36,13 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
     return Int8Weight(q, scale.to(dtype))
 
 
+INT8_MAX_ROWS = 8  # above this the int8 kernel loses to dequantize-then-bf16 (prefill, catch-up)
+
+
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     if isinstance(w, Int8Weight):
+        if x.shape[0] > INT8_MAX_ROWS:
+            return F.linear(x, w.q.to(x.dtype) * w.scale[:, None], bias)
         y = torch._weight_int8pack_mm(x.contiguous(), w.q, w.scale)
         return y if bias is None else y + bias
     return F.linear(x, w, bias)

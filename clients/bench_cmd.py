@@ -1,0 +1,294 @@
+"""`specmesh bench`: transformers vs specmesh, side by side, on one model pair, prompt set and machine.
+
+Systems (run one after the other, each in its own process, prompts in the same order):
+  hf_greedy        transformers generate(), target alone, greedy
+  hf_assisted      transformers assisted generation (assistant_model = the draft), a sweep over
+                   num_assistant_tokens (and transformers' defaults); its best setting is the reference
+  specmesh_ar      specmesh's runner, target alone, one token per forward
+  specmesh_serial  specmesh serial tree speculative decoding, in-process
+  specmesh_mesh    the asynchronous mesh (router + draft + target + treekv, as `specmesh up` starts
+                   them), driven through the Python SDK
+
+Each system warms up on the first prompt (excluded), then runs every prompt greedily with the same
+dtype, thread budget and max new tokens. Prints a table, writes every raw figure to --json and a
+tokens/s chart to --plot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+from .common import fail
+
+NAME = "bench"
+QUICK_PROMPTS = 3
+QUICK_TOKENS = 16
+
+
+def add_parser(sub: argparse._SubParsersAction) -> str:
+    from .bench.systems import SYSTEMS
+
+    p = sub.add_parser(NAME, help="benchmark transformers (greedy, assisted) against specmesh (AR, serial, mesh)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("workload")
+    g.add_argument("--prompts", default=None,
+                   help="Spec-Bench JSONL file ({question_id, category, turns}); default: the set shipped with specmesh")
+    g.add_argument("--limit", type=int, default=0,
+                   help="use at most N prompts, spread over categories (0 = all; --quick: 3)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per prompt (default 128; --quick: 16)")
+    g.add_argument("--warmup-tokens", type=int, default=16, help="new tokens of the warm-up request (not measured)")
+    g.add_argument("--quick", action="store_true", help="smoke run: 3 prompts, 16 new tokens")
+    g.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of: {','.join(SYSTEMS)}")
+    m = p.add_argument_group("models and machine")
+    m.add_argument("--target", default=None, help="target model: directory or .gguf (default: the default pair)")
+    m.add_argument("--draft", default=None, help="draft model: directory or .gguf (default: the default pair)")
+    m.add_argument("--tiny", action="store_true", help="tiny random model pair (smoke tests, CI)")
+    m.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="one dtype for every system")
+    m.add_argument("--threads", type=int, default=0,
+                   help="torch threads of the in-process systems (0 = every core of this machine)")
+    m.add_argument("--context", type=int, default=4096, help="context length (prompt + new tokens)")
+    t = p.add_argument_group("speculation")
+    t.add_argument("--assist-tokens", default="2,3,4,6,default",
+                   help="hf_assisted settings to sweep: k = exactly k draft tokens per round (constant schedule, "
+                        "no confidence early-stop); 'default' = transformers' own assistant settings")
+    t.add_argument("--width", type=int, default=4, help="w: leaves per draft expansion (serial and mesh)")
+    t.add_argument("--subtree-size", type=int, default=16, help="bs: nodes the target verifies per round")
+    t.add_argument("--depth", type=int, default=0,
+                   help="d: expansions per round (0 = each system's default: serial 3, mesh timed at start-up)")
+    t.add_argument("--mesh-target-threads", type=int, default=0, help="target-service threads (0 = `specmesh up`'s split)")
+    t.add_argument("--mesh-draft-threads", type=int, default=0, help="draft-service threads (0 = `specmesh up`'s split)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", default="specmesh-bench.json", help="raw figures (JSON); '' = do not write")
+    o.add_argument("--plot", default="specmesh-bench.png", help="tokens/s chart (PNG); '' = do not write")
+    o.add_argument("--log-dir", default="", help="keep each system's log here (default: a temporary folder, "
+                                                 "kept only when a system fails)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return NAME
+
+
+def _assist_settings(text: str) -> list[int | str]:
+    values: list[int | str] = []
+    for item in (x.strip() for x in text.split(",")):
+        if item == "default":
+            values.append(item)
+        elif item.isdigit() and int(item) >= 1:
+            values.append(int(item))
+        elif item:
+            raise ValueError(f"--assist-tokens takes integers >= 1 and 'default', got '{item}'")
+    if not values:
+        raise ValueError("--assist-tokens is empty")
+    return list(dict.fromkeys(values))
+
+
+def run(args: argparse.Namespace) -> int:
+    from .bench.prompts import PromptError, load_prompts, select
+    from .bench.systems import SYSTEMS
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        return fail(f"unknown system(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SYSTEMS)}")
+    systems = [s for s in SYSTEMS if s in systems]  # canonical order, no duplicates
+    max_new = args.max_new_tokens or (QUICK_TOKENS if args.quick else 128)
+    limit = args.limit or (QUICK_PROMPTS if args.quick else 0)
+    try:
+        assist = _assist_settings(args.assist_tokens)
+        if max_new < 1 or args.warmup_tokens < 1:
+            raise ValueError("--max-new-tokens and --warmup-tokens must be >= 1")
+        if args.depth < 0:
+            raise ValueError("--depth must be >= 0")
+        prompts = select(load_prompts(args.prompts), limit)
+    except (ValueError, PromptError) as exc:
+        return fail(str(exc))
+
+    from specmesh.services.runtime.draft_session import TreeParams
+    from specmesh.services.runtime.errors import SpecmeshError
+
+    try:  # the tree flags, checked once here rather than in every worker
+        TreeParams(width=args.width, subtree_size=args.subtree_size, depth=args.depth or 3)
+    except SpecmeshError as exc:
+        return fail(str(exc))
+
+    from .common import eos_ids, model_dirs, prompt_ids
+
+    try:
+        target_dir, draft_dir = model_dirs(args)
+        from specmesh.services.runtime.loader import load_tokenizer
+
+        tokenizer = load_tokenizer(target_dir)
+        eos = list(eos_ids(tokenizer, target_dir))
+        encoded = [{"question_id": p.question_id, "category": p.category, "ids": prompt_ids(tokenizer, p.text)}
+                   for p in prompts]
+    except SpecmeshError as exc:
+        return fail(str(exc))
+    longest = max(len(p["ids"]) for p in encoded)
+    if longest + max(max_new, args.warmup_tokens) > args.context:
+        return fail(f"the longest prompt ({longest} tokens) + {max_new} new tokens exceeds --context {args.context}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+
+    threads = args.threads or os.cpu_count() or 1
+    base = {
+        "target_dir": str(target_dir), "draft_dir": str(draft_dir), "dtype": args.dtype, "threads": threads,
+        "context": args.context, "max_new_tokens": max_new, "warmup_tokens": min(args.warmup_tokens, max_new),
+        "eos_ids": eos, "pad_id": pad, "prompts": encoded, "assist_tokens": assist,
+        "tree": {"width": args.width, "subtree_size": args.subtree_size, "depth": args.depth},
+        "mesh": {"target_threads": args.mesh_target_threads, "draft_threads": args.mesh_draft_threads},
+    }
+    log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="specmesh-bench-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    units = {s: (len(encoded) + 1) * (len(assist) if s == "hf_assisted" else 1) for s in systems}
+    bar = _progress(sum(units.values()), args.no_progress)
+    results: dict[str, dict] = {}
+    started = time.time()
+    try:
+        for name in systems:
+            results[name] = _run_worker(name, {**base, "system": name}, log_dir, bar, units[name])
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted; logs in {log_dir}", file=sys.stderr)
+        return 130
+    bar.close()
+
+    from .bench.report import build_systems, category_table, table
+
+    entries = build_systems(results, eos, max_new)
+    failed = [e["name"] for e in entries if e.get("error")]
+    doc = {
+        "schema": "specmesh-bench/1",
+        "created_unix": started,
+        "duration_s": time.time() - started,
+        "config": {
+            "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+            "systems": systems, "target": str(target_dir), "draft": str(draft_dir), "tiny": args.tiny,
+            "dtype": args.dtype, "threads": threads, "max_new_tokens": max_new,
+            "warmup_tokens": base["warmup_tokens"], "context": args.context, "greedy": True,
+            "prompts_file": str(args.prompts or "(default set)"), "quick": args.quick,
+            "assist_tokens": assist, "tree": base["tree"], "mesh_threads": base["mesh"], "eos_ids": eos,
+        },
+        "machine": _machine(),
+        "prompts": [{"question_id": p["question_id"], "category": p["category"], "prompt_tokens": len(p["ids"])}
+                    for p in encoded],
+        "definitions": _definitions(),
+        "systems": entries,
+    }
+    pair = "tiny pair" if args.tiny else f"target {Path(target_dir).name}, draft {Path(draft_dir).name}"
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+    if args.plot:
+        from .bench.plot import plot
+
+        plot(entries, args.plot, title=f"specmesh bench: {pair}, {args.dtype}, {len(encoded)} prompts, "
+                                       f"{max_new} new tokens")
+    print(f"\n{len(encoded)} prompts, {max_new} new tokens, {args.dtype}, {threads} threads, {pair}")
+    print(table(entries))
+    print()
+    print(category_table(entries))
+    wrote = [p for p in (args.json, args.plot) if p]
+    if wrote:
+        print(f"\nwrote {' and '.join(wrote)}")
+    if failed:
+        print(f"error: {', '.join(failed)} failed; logs in {log_dir}", file=sys.stderr)
+        return 1
+    if not args.log_dir:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return 0
+
+
+def _run_worker(name: str, spec: dict, log_dir: Path, bar, units: int) -> dict:
+    spec_path, out_path, log_path = (log_dir / f"{name}.{ext}" for ext in ("spec.json", "out.json", "log"))
+    spec_path.write_text(json.dumps(spec))
+    out_path.unlink(missing_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONUNBUFFERED": "1"}
+    done = 0
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "specmesh.clients.bench.worker", str(spec_path), str(out_path)],
+                                stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                kind, _, text = line.rstrip("\n").partition("\t")
+                if kind == "tick":
+                    done += 1
+                    bar.update(1)
+                elif kind == "phase":
+                    bar.set_description(text)
+            proc.wait()
+        except KeyboardInterrupt:
+            try:  # the worker got the SIGINT too; let it stop the mesh it may have started
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait()
+            raise
+    bar.update(max(0, units - done))
+    result = json.loads(out_path.read_text()) if out_path.exists() else {}
+    if proc.returncode != 0 or not result or result.get("error"):
+        tail = list(deque(log_path.read_text(errors="replace").splitlines(), maxlen=25))
+        result.setdefault("error", f"worker exited with status {proc.returncode}")
+        result["log_tail"] = tail
+        bar.write(f"{name} failed: {result['error']} (log: {log_path})")
+    return result
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_description(self, text: str) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, disabled: bool):
+    if disabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def _machine() -> dict:
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    try:
+        import torch
+        import transformers
+
+        info.update(torch=torch.__version__, transformers=transformers.__version__)
+    except ImportError:
+        pass
+    return info
+
+
+def _definitions() -> dict:
+    return {
+        "tokens_per_s": "all new tokens / all request wall time (prompt processing included), warm-up excluded",
+        "tokens_per_s_median": "median over prompts of new tokens / request wall time",
+        "ttft_s_median": "median time from sending the request to the first generated token",
+        "mean_accepted": "new tokens per target forward (accepted draft tokens + the bonus token)",
+        "acceptance_per_depth": "[d] = fraction of rounds that accepted at least d+1 draft tokens",
+        "target_forward_share": "time inside target forwards / request wall time (null where not measurable)",
+        "identical_to_hf_greedy": "fraction of prompts whose tokens equal hf_greedy's (cut at the first EOS)",
+        "speedup_vs_hf_greedy": "tokens_per_s / hf_greedy's tokens_per_s",
+        "speedup_vs_hf_assisted": "tokens_per_s / the best hf_assisted setting's tokens_per_s",
+        "peak_rss_mb": "peak resident memory of the system's process (mesh: sum over its four services)",
+    }
