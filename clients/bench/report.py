@@ -108,8 +108,8 @@ def build_systems(results: dict[str, dict], eos: list[int], max_new: int) -> lis
             entry["peak_rss_mb"] = sum(services.values()) / 1024 if services else None
             entry["peak_rss_mb_per_service"] = {k: v / 1024 for k, v in services.items()}
             entry["client_peak_rss_mb"] = res["process_peak_rss_kb"] / 1024
-            entry["notes"].append("target_forward_share is null: the Generation stream does not carry the "
-                                  "target's verify time; peak_rss_mb is the sum of the four services' peaks")
+            entry["notes"].append("target_forward_share sums the target_ms the stream reports per round; "
+                                  "peak_rss_mb is the sum of the four services' peaks")
         else:
             entry["peak_rss_mb"] = res["process_peak_rss_kb"] / 1024
         entry["load_s"] = res.get("load_s")

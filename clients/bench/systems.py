@@ -294,6 +294,7 @@ def run_mesh(spec: dict, progress: Progress) -> dict:
             out: list[int] = []
             arrivals = []
             tree_sizes = []
+            target_ms = 0.0
             finish = None
             rounds_reported = None
             t0 = time.perf_counter()
@@ -302,12 +303,13 @@ def run_mesh(spec: dict, progress: Progress) -> dict:
                 if chunk.token_ids:
                     arrivals.append((now, len(chunk.token_ids), chunk.accepted))
                     tree_sizes.append(chunk.tree_size)
+                    target_ms += chunk.target_ms
                     out.extend(chunk.token_ids)
                 if chunk.is_final:
                     finish = chunk.finish_reason
                     rounds_reported = chunk.usage.rounds if chunk.usage else None
             wall = time.perf_counter() - t0
-            rec = _record(prompt, out, wall, arrivals, None, finish)
+            rec = _record(prompt, out, wall, arrivals, target_ms / 1000, finish)
             rec["round_tree_size"] = tree_sizes
             rec["usage_rounds"] = rounds_reported
             return rec
