@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -180,14 +181,14 @@ def run(args: argparse.Namespace) -> int:
         "definitions": _definitions(),
         "systems": entries,
     }
-    pair = "tiny pair" if args.tiny else f"target {Path(target_dir).name}, draft {Path(draft_dir).name}"
+    pair = "tiny pair" if args.tiny else f"target {_model_label(target_dir)}, draft {_model_label(draft_dir)}"
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1))
     if args.plot:
         from .bench.plot import plot
 
-        plot(entries, args.plot, title=f"specmesh bench: {pair}, {args.dtype}, {len(encoded)} prompts, "
-                                       f"{max_new} new tokens")
+        plot(entries, args.plot, title=f"specmesh bench: {pair}\n{args.dtype}, {len(encoded)} prompts, "
+                                       f"{max_new} new tokens, {threads} threads")
     print(f"\n{len(encoded)} prompts, {max_new} new tokens, {args.dtype}, {threads} threads, {pair}")
     print(table(entries))
     print()
@@ -238,6 +239,14 @@ def _run_worker(name: str, spec: dict, log_dir: Path, bar, units: int) -> dict:
         result["log_tail"] = tail
         bar.write(f"{name} failed: {result['error']} (log: {log_path})")
     return result
+
+
+def _model_label(model_dir: Path) -> str:
+    """A cached default model's folder name without its cache decorations."""
+    name = Path(model_dir).name
+    if name.startswith("default-"):
+        name = re.sub(r"-[0-9a-f]{12}-.*$", "", name[len("default-"):])
+    return name
 
 
 class _NoBar:

@@ -87,11 +87,11 @@ def test_sessions_refuse_bad_input(tiny_target: Any, tiny_draft: Any) -> None:
         target.prefill([])
     with pytest.raises(InvalidRequest, match="exceeds the context"):
         target.prefill(list(range(9)))
-    target.prefill([1, 2, 3])
+    first = target.prefill([1, 2, 3])  # commits the first generated token, which becomes the root
     with pytest.raises(InvalidRequest, match="not the last committed token"):
-        target.verify([7, 8], [-1, 0])  # the root must be the last committed token (3)
+        target.verify([first + 1, 8], [-1, 0])  # the root must be the last committed token
     with pytest.raises(InvalidRequest, match="context full"):
-        target.verify([3] + [5] * 7, [-1] + list(range(7)))
+        target.verify([first] + [5] * 7, [-1] + list(range(7)))
     draft = DraftSession(tiny_draft, tiny_draft.new_cache(8), TREE, SamplingParams())
     with pytest.raises(InvalidRequest, match="empty"):
         draft.start([])

@@ -179,7 +179,8 @@ def test_probs_from_logits_top_k_top_p() -> None:
 
 ENGINE_CASES = {
     # name: (vocab, k, sampling, tree, samples)
-    "v8-k2-t1": (8, 2, SamplingParams(temperature=1.0), TreeParams(width=2, subtree_size=4, depth=2), 2500),
+    # The first token comes from the prefill (target-only); trees deep enough to speculate tokens 2 and 3.
+    "v8-k2-t1": (8, 2, SamplingParams(temperature=1.0), TreeParams(width=3, subtree_size=6, depth=2), 2500),
     "v5-k3-topk-topp": (5, 3, SamplingParams(temperature=0.8, top_k=4, top_p=0.9),
                         TreeParams(width=3, subtree_size=5, depth=2), 2500),
 }
@@ -247,7 +248,7 @@ def test_naive_verifier_is_rejected(engine_models: Any, monkeypatch: pytest.Monk
     vocab, k, params, tree, _ = ENGINE_CASES["v8-k2-t1"]
     hf, target, draft = engine_models(vocab)
     exact = exact_joint(hf, [1, 3, 2], k, params)
-    counts = sample_serial(target, draft, [1, 3, 2], k, params, tree, 1500)
+    counts = sample_serial(target, draft, [1, 3, 2], k, params, tree, 6000)
     pv = chi2_pvalue(counts, exact)
     STATS["serial with the NAIVE verifier (must reject)"] = pv
     assert pv < ALPHA
@@ -296,12 +297,15 @@ def test_subtree_choice_does_not_bias_sampling() -> None:
     vocab = len(p0)
     p_all, q_all = np.full((vocab, vocab), 1.0 / vocab), np.full((vocab, vocab), 1.0 / vocab)
     p_all[0], q_all[0] = p0 / p0.sum(), q0 / q0.sum()
+    # The first token comes from the target's prefill, unspeculated: prompt [1] makes it 0 for sure,
+    # so the second token is the one speculated at root token 0.
+    p_all[1], q_all[1] = np.eye(vocab)[0], np.eye(vocab)[0]
     target, draft = bigram_model(p_all), bigram_model(q_all)
     got = torch.softmax(target.forward(torch.tensor([0]), torch.tensor([0]), target.new_cache(1), 0, None), -1)
     torch.testing.assert_close(got[0].double(), torch.tensor(p_all[0]), atol=1e-5, rtol=0)  # the construction
     params = SamplingParams(temperature=1.0)
-    counts = sample_serial(target, draft, [0], 1, params, TreeParams(width=2, subtree_size=3, depth=1), 1500)
-    pv = chi2_pvalue(counts, {(x,): float(p_all[0, x]) for x in range(vocab)})
+    counts = sample_serial(target, draft, [1], 2, params, TreeParams(width=2, subtree_size=3, depth=1), 1500)
+    pv = chi2_pvalue(counts, {(0, x): float(p_all[0, x]) for x in range(vocab)})
     STATS["serial, crafted bigram pair (subtree choice)"] = pv
     assert pv > ALPHA
 

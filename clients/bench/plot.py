@@ -20,7 +20,7 @@ def plot(entries: list[dict], path: str | Path, title: str = "") -> None:
     groups = ["all", *cats]
     n = max(1, len(ok))
     width = 0.8 / n
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) + 2), 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) + 1.5), 4.2), dpi=110)
     for i, e in enumerate(ok):
         values = [e["tokens_per_s"]] + [e["per_category"].get(c, {}).get("tokens_per_s", 0.0) for c in cats]
         label = e["name"] + (f" ({e['setting'].split(' (')[0]})" if "setting" in e else "")
@@ -29,11 +29,11 @@ def plot(entries: list[dict], path: str | Path, title: str = "") -> None:
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=30 if len(groups) > 5 else 0, ha="right" if len(groups) > 5 else "center")
     ax.set_ylabel("tokens / s")
-    ax.set_title(title or "specmesh bench: tokens/s per system and category")
+    ax.set_title(title or "specmesh bench: tokens/s per system and category", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     if ok:
-        ax.legend(fontsize=8, ncol=min(3, n), loc="upper left", bbox_to_anchor=(0, -0.18 if len(groups) > 5 else -0.1))
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, format="png", bbox_inches="tight")
     plt.close(fig)

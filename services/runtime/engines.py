@@ -74,9 +74,10 @@ def generate_ar(target: Transformer, request: Request, context: int,
     stats = stats if stats is not None else DecodeStats()
     t0 = time.perf_counter()
     session = TargetSession(target, target.new_cache(context), request.sampling)
-    session.prefill(request.prompt)
+    first = session.prefill(request.prompt)
     while True:
-        chunk, reason = clip_chunk([session.step()], stats.tokens, request)
+        chunk, reason = clip_chunk([first] if first is not None else [session.step()], stats.tokens, request)
+        first = None
         stats.rounds += 1
         _account(stats, chunk, t0)
         yield chunk
@@ -93,8 +94,16 @@ def generate_serial(target: Transformer, draft: Transformer, request: Request, c
     tsess = TargetSession(target, target.new_cache(context + tree.subtree_size), request.sampling)
     dsess = DraftSession(draft, draft.new_cache(context + tree.max_tree), tree, request.sampling,
                          vocab_width=target.vocab_size)
-    tsess.prefill(request.prompt)
-    dsess.start(request.prompt)
+    first = tsess.prefill(request.prompt)
+    stats.rounds += 1
+    chunk, reason = clip_chunk([first], 0, request)
+    _account(stats, chunk, t0)
+    yield chunk
+    if reason:
+        return
+    # Serial: the draft starts after the target's first token, so its first tree is rooted there
+    # (the mesh's draft starts concurrently and gets re-rooted by adopt_draft_tree instead).
+    dsess.start(request.prompt + [first])
     while True:
         d0 = time.perf_counter()
         for _ in range(tree.depth):

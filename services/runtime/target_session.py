@@ -39,24 +39,58 @@ class TargetSession:
         # and the others adopt its (path, bonus), so all shards compact identically.
         self.path_sync: Callable[[tuple[list[int], int] | None], tuple[list[int], int]] | None = None
         self.leader = True
+        self._draft_behind: int | None = None  # set by prefill: the root of the draft's first tree
 
     @property
     def prefix_len(self) -> int:
         return self.cache.length
 
-    def prefill(self, prompt: list[int]) -> None:
-        """Compute the KV of all prompt tokens but the last, which becomes the first tree root."""
+    def prefill(self, prompt: list[int]) -> int:
+        """Run the whole prompt and commit the first token at once (time to first token = prefill).
+
+        The draft's first tree is still rooted at the last prompt token, one token behind: the
+        first `adopt_draft_tree` re-roots it at the token committed here.
+        """
         if not prompt:
             raise InvalidRequest("prompt is empty")
         if len(prompt) > self.cache.capacity:
             raise InvalidRequest(f"prompt of {len(prompt)} tokens exceeds the context ({self.cache.capacity})")
-        head = prompt[:-1]
-        if head:
-            ids = torch.tensor(head, dtype=torch.long, device=self.model.device)
-            self.model.forward(ids, torch.arange(len(head), device=self.model.device), self.cache, 0,
-                               causal_mask(0, len(head), self.model.device), logits_rows=slice(0, 0))
-        self.cache.length = len(head)
-        self.root = prompt[-1]
+        n = len(prompt)
+        device = self.model.device
+        logits = self.model.forward(torch.tensor(prompt, dtype=torch.long, device=device),
+                                    torch.arange(n, device=device), self.cache, 0, causal_mask(0, n, device),
+                                    logits_rows=slice(n - 1, n))
+        _path, first = self._decide(logits, [prompt[-1]], [-1], None)
+        self.cache.length = n
+        self.root = first
+        self._draft_behind = prompt[-1]
+        return first
+
+    def adopt_draft_tree(self, tokens: list[int], parents: list[int], draft_probs: torch.Tensor | None
+                         ) -> tuple[list[int], list[int], torch.Tensor | None, list[int]]:
+        """Fit a draft subtree to the committed state; returns (tokens, parents, probs, skipped).
+
+        Only the first tree after prefill needs fitting: it is rooted at the last prompt token, and
+        the target already committed the next token. Its subtree under that token (or just the
+        token, if the draft did not propose it) is what gets verified; `skipped` = [that token],
+        which the draft must see in front of the verified tokens to re-root its own tree.
+        """
+        behind, self._draft_behind = self._draft_behind, None
+        if behind is None or tokens[0] != behind:
+            return tokens, parents, draft_probs, []
+        first = self.root
+        child = next((i for i in range(1, len(tokens)) if parents[i] == 0 and tokens[i] == first), None)
+        if child is None:
+            return [first], [-1], None, [first]
+        inside = [False] * len(tokens)
+        inside[child] = True
+        for i in range(child + 1, len(tokens)):
+            inside[i] = inside[parents[i]]
+        keep = [i for i in range(len(tokens)) if inside[i]]
+        local = {node: j for j, node in enumerate(keep)}
+        new_parents = [-1] + [local[parents[i]] for i in keep[1:]]
+        probs = draft_probs[keep] if draft_probs is not None else None
+        return [tokens[i] for i in keep], new_parents, probs, [first]
 
     def step(self) -> int:
         """Plain autoregressive decoding: verify the one-node tree [root]."""
@@ -64,6 +98,7 @@ class TargetSession:
 
     def verify(self, tokens: list[int], parents: list[int], draft_probs: torch.Tensor | None = None) -> RoundResult:
         """One forward over the tree, accept the longest lossless path, keep only its KV."""
+        self._draft_behind = None
         n = len(tokens)
         start = self.cache.length
         if tokens[0] != self.root:
@@ -81,16 +116,21 @@ class TargetSession:
             positions = torch.tensor(depth, device=device) + start
             mask = tree_mask(start, ancestor_matrix(parents, device))
         logits = self.model.forward(torch.tensor(tokens, device=device), positions, self.cache, start, mask)
-        if not self.leader:
-            path, bonus = self.path_sync(None)
-        else:
-            path, bonus = self._accept(logits, tokens, parents, draft_probs)
-            if self.path_sync is not None:
-                self.path_sync((path, bonus))
+        path, bonus = self._decide(logits, tokens, parents, draft_probs)
         self.cache.move_slots(torch.tensor(path, device=device) + start, start)
         self.cache.length = start + len(path)
         self.root = bonus
         return RoundResult([tokens[i] for i in path[1:]] + [bonus], len(path) - 1, n)
+
+    def _decide(self, logits: torch.Tensor, tokens: list[int], parents: list[int],
+                draft_probs: torch.Tensor | None) -> tuple[list[int], int]:
+        """The leader accepts; tensor-parallel followers adopt the leader's decision."""
+        if not self.leader:
+            return self.path_sync(None)
+        decision = self._accept(logits, tokens, parents, draft_probs)
+        if self.path_sync is not None:
+            self.path_sync(decision)
+        return decision
 
     def _accept(self, logits: torch.Tensor, tokens: list[int], parents: list[int],
                 draft_probs: torch.Tensor | None) -> tuple[list[int], int]:

@@ -142,13 +142,22 @@ class TargetEngine:
             self.tp.replay("open", state.slot, state.lease, dataclasses.asdict(state.request.sampling))
             self.tp.replay("prefill", state.slot, state.request.prompt)
             self.tp.attach(state.session)
+        t0 = time.perf_counter()
         try:
-            state.session.prefill(state.request.prompt)
+            first = state.session.prefill(state.request.prompt)
         except SpecmeshError as exc:
             self._finish(state, RoundOut([], 0, 0, 0, "abort", 0.0, False, error=str(exc)))
             return
         if state.speculative and self.channel is None:
             state.speculative = False
+        # The first token comes from the prefill itself: time to first token does not wait for the draft.
+        chunk, reason = clip_chunk([first], 0, state.request)
+        state.produced, state.rounds = len(chunk), 1
+        out = RoundOut(chunk, 0, 1, 1, reason, (time.perf_counter() - t0) * 1000, False)
+        if reason is not None:
+            self._finish(state, out)
+            return
+        state.emit(out)
         if not state.speculative:
             self.work.put(("ar", state.slot))
         for subtree in self.orphans.pop(state.slot, []):
@@ -165,7 +174,8 @@ class TargetEngine:
             state.speculative = False
             self.work.put(("ar", state.slot))
             return
-        self._round(state, subtree.tokens, subtree.parents, subtree.q, subtree.trace)
+        tokens, parents, q, skipped = state.session.adopt_draft_tree(subtree.tokens, subtree.parents, subtree.q)
+        self._round(state, tokens, parents, q, subtree.trace, skipped)
 
     def _on_ar(self, slot: int) -> None:
         state = self.sessions.get(slot)
@@ -182,7 +192,8 @@ class TargetEngine:
         self.orphans.pop(slot, None)
 
     def _round(self, state: SessionState, tokens: list[int], parents: list[int], q: Any,
-               draft_span: tuple[int, int, int] = (0, 0, 0)) -> None:
+               draft_span: tuple[int, int, int] = (0, 0, 0), skipped: tuple[int, ...] | list[int] = ()) -> None:
+        """Verify one tree; `skipped` = tokens committed before it that the draft has not seen yet."""
         received = time.perf_counter()
         wait_s = received - state.sent_at if state.sent_at is not None else None
         if self.verify_delay_ms:
@@ -203,7 +214,8 @@ class TargetEngine:
         state.rounds += 1
         if state.speculative and self.channel is not None:
             try:  # the draft first: it is what the next round waits on
-                self.channel.send_verified(state.slot, state.rounds, result.tokens, end=reason is not None)
+                self.channel.send_verified(state.slot, state.rounds, [*skipped, *result.tokens],
+                                           end=reason is not None)
                 state.sent_at = time.perf_counter()
             except Exception as exc:
                 self._on_channel_down((self.channel, str(exc).splitlines()[0]))
