@@ -263,3 +263,25 @@ def test_pair_vocab_differs_by_padding_only(tiny_pair: Any, tiny_tokenizer: Any,
             stats = DecodeStats()
             assert sum(generate_serial(target, draft, request, 64, tree, stats), []) == ref
             assert stats.accepted_draft > 0  # the noisy draft still agrees through the padding
+
+
+def test_first_draft_tree_is_re_rooted_at_the_prefill_token(tiny_target: Any) -> None:
+    """The mesh's draft roots its first tree at the last prompt token; the target is one token ahead."""
+    target = TargetSession(tiny_target, tiny_target.new_cache(64), SamplingParams())
+    first = target.prefill([1, 2, 3])
+    other = (first + 1) % 200
+    # root 3 -> children [other, first]; first -> [10, 11]; 10 -> [12]; other -> [13]
+    tokens, parents = [3, other, first, 10, 11, 12, 13], [-1, 0, 0, 2, 2, 3, 1]
+    probs = torch.arange(7.0)[:, None].expand(7, 4)
+    got_tokens, got_parents, got_probs, skipped = target.adopt_draft_tree(tokens, parents, probs)
+    assert (got_tokens, got_parents, skipped) == ([first, 10, 11, 12], [-1, 0, 0, 1], [first])
+    assert got_probs[:, 0].tolist() == [2.0, 3.0, 4.0, 5.0]
+    # Only the first tree is adopted; later trees must be rooted at the last committed token already.
+    assert target.adopt_draft_tree([first], [-1], None) == ([first], [-1], None, [])
+
+
+def test_first_draft_tree_without_the_prefill_token_verifies_it_alone(tiny_target: Any) -> None:
+    target = TargetSession(tiny_target, tiny_target.new_cache(64), SamplingParams())
+    first = target.prefill([1, 2, 3])
+    other = (first + 1) % 200
+    assert target.adopt_draft_tree([3, other], [-1, 0], None) == ([first], [-1], None, [first])
