@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 
@@ -120,3 +121,13 @@ class FullMesh:
             proc = self.procs.pop(name, None)
             if proc is not None:
                 proc.stop()  # type: ignore[attr-defined]
+
+
+def serve_mesh(base: Path, **kwargs: object) -> "Iterator[FullMesh]":
+    """Body of a module-scoped mesh fixture: start, wait until the draft is paired, always stop."""
+    mesh = FullMesh(base, **kwargs)  # type: ignore[arg-type]
+    try:
+        mesh.wait_paired()
+        yield mesh
+    finally:
+        mesh.stop()

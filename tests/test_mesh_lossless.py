@@ -24,7 +24,7 @@ from specmesh.v1 import generation_pb2 as pb
 from specmesh.v1 import generation_pb2_grpc as pb_grpc
 from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-from router_testing import FullMesh, wait_kv_idle
+from router_testing import FullMesh, serve_mesh, wait_kv_idle
 
 PROMPTS = [[5, 6, 7, 8, 9], [100, 3, 45, 200, 7, 7, 7], [42], [250, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
            list(range(60, 90)), [17, 17]]
@@ -49,13 +49,8 @@ def tokens_of(responses: list[pb.GenerateResponse]) -> list[int]:
 @pytest.fixture(scope="module")
 def delayed_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullMesh]:
     """Noisy-copy draft (often right), random delays on both sides of the channel."""
-    m = FullMesh(tmp_path_factory.mktemp("delayed"), target_args=[*FP32, "--verify-delay-ms", "25"],
+    yield from serve_mesh(tmp_path_factory.mktemp("delayed"), target_args=[*FP32, "--verify-delay-ms", "25"],
                  draft_args=[*FP32, "--expand-delay-ms", "15"])
-    try:
-        m.wait_paired()
-        yield m
-    finally:
-        m.stop()
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +58,7 @@ def rejecting_tp_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Full
     """An independent Llama-family draft (its trees are mostly rejected) and a target with --tp 2."""
     base = tmp_path_factory.mktemp("rejecting")
     pair = make_tiny_pair(base / "pair", seed=7, draft_arch="llama")
-    m = FullMesh(base, pair=pair, target_args=[*FP32, "--tp", "2"], draft_args=FP32)
-    try:
-        m.wait_paired()
-        yield m
-    finally:
-        m.stop()
+    yield from serve_mesh(base, pair=pair, target_args=[*FP32, "--tp", "2"], draft_args=FP32)
 
 
 def test_greedy_mesh_equals_target_only_under_random_delays(delayed_mesh: FullMesh) -> None:

@@ -21,7 +21,7 @@ from specmesh.v1 import generation_pb2 as pb
 from specmesh.v1 import generation_pb2_grpc as pb_grpc
 from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-from router_testing import DRAFT, FullMesh, wait_kv_idle
+from router_testing import DRAFT, FullMesh, serve_mesh, wait_kv_idle
 from service_helpers import start_service
 
 MAX_CONCURRENT = 4
@@ -30,14 +30,9 @@ LONG = 1800  # tokens: several seconds on the tiny pair, for requests that must 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullMesh]:
-    m = FullMesh(tmp_path_factory.getbasetemp(), pool_blocks=1024,
-                 router_args=["--max-concurrent", str(MAX_CONCURRENT)],
-                 target_args=["--verify-delay-ms", "5"])  # rounds of a few ms, like a real target
-    try:
-        m.wait_paired()
-        yield m
-    finally:
-        m.stop()
+    yield from serve_mesh(tmp_path_factory.getbasetemp(), pool_blocks=1024,
+                          router_args=["--max-concurrent", str(MAX_CONCURRENT)],
+                          target_args=["--verify-delay-ms", "5"])  # rounds of a few ms, like a real target
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from specmesh.v1 import generation_pb2 as pb
 from specmesh.v1 import generation_pb2_grpc as pb_grpc
 
-from router_testing import FullMesh
+from router_testing import FullMesh, serve_mesh
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -51,12 +51,7 @@ def traced_mesh(tmp_path_factory: pytest.TempPathFactory, collector: tuple[Recei
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector[1]}", "OTEL_BSP_SCHEDULE_DELAY": "100",
            "SPECMESH_METRICS_PORT": "0",
            "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
-    m = FullMesh(tmp_path_factory.mktemp("traced"), env=env)
-    try:
-        m.wait_paired()
-        yield m
-    finally:
-        m.stop()
+    yield from serve_mesh(tmp_path_factory.mktemp("traced"), env=env)
 
 
 def test_one_request_is_one_connected_trace(traced_mesh: FullMesh, collector: tuple[Receiver, int]) -> None:

@@ -287,7 +287,6 @@ def run_mesh(spec: dict, progress: Progress) -> dict:
             time.sleep(0.2)
         info = json.loads(ready.read_text())
         load_s = time.perf_counter() - t_load
-        eos = tuple(spec["eos_ids"])
         client = Client(info["addr"])
 
         def one(prompt: dict, max_new: int) -> dict:
