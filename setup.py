@@ -13,7 +13,8 @@ import sys
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FOLDERS = {"services": "specmesh.services", "kernels": "specmesh.kernels", "clients": "specmesh.clients"}
+FOLDERS = {"services": "specmesh.services", "kernels": "specmesh.kernels", "clients": "specmesh.clients",
+           "models": "specmesh.models"}
 GEN_ROOT = os.path.join("build", "protos")
 
 
@@ -40,4 +41,4 @@ for folder, name in FOLDERS.items():
     packages += [name] + [f"{name}.{sub}" for sub in find_packages(folder)]
 
 setup(packages=packages, package_dir=package_dir,
-      package_data={"specmesh.services": ["runtime/data/*"], "specmesh.clients": ["data/*"]})
+      package_data={"specmesh.models": ["data/*"], "specmesh.clients": ["data/*"]})

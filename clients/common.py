@@ -40,14 +40,14 @@ def sampling_from_args(args: argparse.Namespace) -> Any:
 
 
 def tiny_pair_dirs() -> tuple[Path, Path]:
-    from specmesh.services.runtime.model_store import default_cache_dir
-    from specmesh.services.runtime.tiny import make_tiny_pair
+    from specmesh.models.store import default_cache_dir
+    from specmesh.models.tiny import make_tiny_pair
 
     return make_tiny_pair(default_cache_dir() / "tiny")
 
 
 def model_dirs(args: argparse.Namespace, need_draft: bool = True) -> tuple[Path, Path | None]:
-    from specmesh.services.runtime.model_store import resolve_model_dir
+    from specmesh.models.store import resolve_model_dir
 
     if args.tiny:
         return tiny_pair_dirs()

@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from specmesh.services.runtime.errors import SpecmeshError
-    from specmesh.services.runtime.model_store import default_model_status, resolve_model_dir
+    from specmesh.models.store import default_model_status, resolve_model_dir
 
     try:
         if args.prepare:

@@ -1,7 +1,7 @@
 """Shared fixtures: tiny random model pairs made on the fly (once per test session) and helpers.
 
 - `tiny_pair` / `tiny_llama_pair`: (target_dir, draft_dir) saved checkpoints + byte tokenizer
-  (`specmesh.services.runtime.tiny.make_tiny_pair`): a 2-layer Qwen2 target with a noisy-copy Qwen2
+  (`specmesh.models.tiny.make_tiny_pair`): a 2-layer Qwen2 target with a noisy-copy Qwen2
   draft, or with a 1-layer Llama draft of another size. Both share the target (same seed).
 - `tiny_target`, `tiny_draft`, `tiny_llama_draft`: those checkpoints loaded as fp32 runtime
   Transformers; `tiny_hf_target`: the target as a transformers model (fp32, eval), the reference.
@@ -23,7 +23,7 @@ import torch
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(target_dir, draft_dir): Qwen2 target, draft = target weights + noise (same vocab, 260)."""
-    from specmesh.services.runtime.tiny import make_tiny_pair
+    from specmesh.models.tiny import make_tiny_pair
 
     return make_tiny_pair(tmp_path_factory.mktemp("tiny_pair"))
 
@@ -31,7 +31,7 @@ def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_llama_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(target_dir, draft_dir): the same Qwen2 target, draft = a smaller random 1-layer Llama."""
-    from specmesh.services.runtime.tiny import make_tiny_pair
+    from specmesh.models.tiny import make_tiny_pair
 
     return make_tiny_pair(tmp_path_factory.mktemp("tiny_llama_pair"), draft_arch="llama")
 

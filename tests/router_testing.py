@@ -11,7 +11,7 @@ from typing import Iterator
 
 import grpc
 
-from specmesh.services.runtime.tiny import make_tiny_pair
+from specmesh.models.tiny import make_tiny_pair
 from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 ROUTER = "specmesh.services.router.server"

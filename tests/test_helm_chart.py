@@ -331,12 +331,12 @@ def test_args(helm):
     assert router["--max-concurrent"] == "64"
     draft = flag_values(m.container("draft")["args"])
     assert draft["--model"] == f"/models/{v['models']['draft']}"
-    assert (draft["--dtype"], draft["--device"], draft["--quantize"]) == ("bf16", "cuda", "auto")
+    assert (draft["--dtype"], draft["--device"], draft["--weights"]) == ("bf16", "cuda", "auto")
     assert "--threads" not in draft  # null: the service default
     target = flag_values(m.container("target")["args"])
     assert target["--model"] == f"/models/{v['models']['target']}"
     assert target["--tensor-port"] == "29500"
-    assert (target["--dtype"], target["--device"], target["--quantize"]) == ("bf16", "cuda", "auto")
+    assert (target["--dtype"], target["--device"], target["--weights"]) == ("bf16", "cuda", "auto")
     # one context limit for the mesh
     assert router["--max-context"] == draft["--max-context"] == target["--max-context"] == str(v["maxContext"])
 
@@ -401,10 +401,10 @@ def test_inconsistent_values_fail(helm, sets, message):
 
 def test_optional_flags_render_when_set(helm):
     m = render(helm, "--set", "draft.threads=2", "--set", "target.threads=4", "--set", "models.tokenizer=tok",
-               "--set", "router.logLevel=debug", "--set", "router.maxConcurrent=8", "--set", "draft.quantize=none",
+               "--set", "router.logLevel=debug", "--set", "router.maxConcurrent=8", "--set", "draft.weights=bf16",
                "--set", "maxContext=2048")
     d = flag_values(m.container("draft")["args"])
-    assert d["--threads"] == "2" and d["--quantize"] == "none" and d["--max-context"] == "2048"
+    assert d["--threads"] == "2" and d["--weights"] == "bf16" and d["--max-context"] == "2048"
     assert flag_values(m.container("target")["args"])["--threads"] == "4"
     r = flag_values(m.container("router")["args"])
     assert r["--model"] == "/models/tok" and r["--log-level"] == "DEBUG" and r["--max-concurrent"] == "8"
@@ -598,9 +598,9 @@ BAD_SETS = [
     ("draft.gpus=0",),
     ("draft.gpus=two",),
     ("draft.gpus=2",),  # the draft runs on one device
-    ("draft.quantize=fp8",),
-    ("draft.quantize=int8",),  # int8 is a CPU path; the draft is on cuda by default
-    ("target.quantize=int8",),
+    ("draft.weights=fp8",),
+    ("draft.weights=int8",),  # int8 is a CPU path; the draft is on cuda by default
+    ("target.weights=int4",),
     ("draft.device=cpu",),  # the target (cuda) picks NCCL for the channel: the draft must be on cuda too
     ("target.device=cpu",),
     ("kv.draftBlocks=0",),
@@ -643,7 +643,7 @@ def test_bad_values_fail(helm, sets):
     {"target": {"tp": 1.5}},
     {"target": {"tp": "2"}},
     {"kv": {"draftBlocks": "1024"}},
-    {"target": {"device": "cpu", "quantize": "int8"}},  # draft stays on cuda
+    {"target": {"device": "cpu", "weights": "gguf"}},  # draft stays on cuda
     {"router": {"resources": {"limits": {"memory": "lots"}}}},
     {"image": {"pullPolicy": "Sometimes"}},
 ], ids=lambda b: json.dumps(b, separators=(",", ":")))
@@ -788,7 +788,7 @@ def test_readme_agrees_with_chart_and_dockerfile():
     assert "helm install" in readme and "deploy/helm/specmesh" in readme
     assert "deploy/tools/fetch-helm.sh" in readme
     for key in ("target.tp", "draft.gpus", "models.source", "jaeger.enabled", "otel.endpoint", "kv.draftBlocks",
-                "kv.blockSize", "maxContext", "tree.width", "draft.quantize"):
+                "kv.blockSize", "maxContext", "tree.width", "draft.weights"):
         assert key in readme, key
 
 

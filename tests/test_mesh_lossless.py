@@ -19,7 +19,7 @@ import torch
 
 from specmesh.services.runtime.engines import Request, generate_ar
 from specmesh.services.runtime.loader import load_transformer
-from specmesh.services.runtime.tiny import make_tiny_pair
+from specmesh.models.tiny import make_tiny_pair
 from specmesh.v1 import generation_pb2 as pb
 from specmesh.v1 import generation_pb2_grpc as pb_grpc
 from specmesh.v1 import mesh_pb2, mesh_pb2_grpc

@@ -1,4 +1,4 @@
-"""model_store: default-pair assembly from part wheels, local dirs, GGUF files, caching and locking.
+"""models.store: default-pair assembly from part wheels, local dirs, GGUF files, caching and locking.
 
 Everything except the `realmodels` test uses fake part packages and a fake converter, so it runs in
 about a second with no model installed.
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from specmesh.services.runtime import model_store as ms
+from specmesh.models import store as ms
 from specmesh.services.runtime.errors import ModelError
 
 N_PARTS = 12  # > 9, so lexical order (1, 10, 11, 12, 2, ...) differs from numeric order

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from specmesh.services.runtime.detokenize import IncrementalDetokenizer
-from specmesh.services.runtime.tiny import make_tokenizer
+from specmesh.models.tiny import make_tokenizer
 
 TEXTS = ["héllo wörld", "中文字符 and 日本語", "emoji 🎉🚀 mixed é中🎉", "naïve — “quotes” ✓", "plain ascii"]
 EOS = 258  # <|im_end|> in the tiny tokenizer

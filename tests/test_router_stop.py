@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from specmesh.services.router.output import EOS, LENGTH, STOP, OutputProcessor
 from specmesh.services.router.stop import StopMatcher
-from specmesh.services.runtime.tiny import make_tokenizer
+from specmesh.models.tiny import make_tokenizer
 
 EOS_ID = 258
 

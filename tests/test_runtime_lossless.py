@@ -63,7 +63,7 @@ def drafts(tiny_pair: Any, tiny_draft: Any, tiny_llama_draft: Any, make_hf_model
 
     independent = make_hf_model("qwen2", seed=99, vocab=260, hidden=32, layers=1)[1]
     # weight-only int8 (the CPU default for drafts): a different draft, never a different output
-    int8 = load_transformer(tiny_pair[1], torch.float32, quantize="int8")
+    int8 = load_transformer(tiny_pair[1], torch.float32, weights="int8")
     return {"noisy": tiny_draft, "noisy-int8": int8, "llama": tiny_llama_draft, "independent": independent}
 
 

@@ -42,7 +42,7 @@ def load_model_meta(spec: str, max_context: int, draft_model: str = "") -> Model
     The context length is `max_context` clamped to the model's max_position_embeddings.
     EOS ids are the union of config.json's, generation_config.json's and the tokenizer's.
     """
-    from ..runtime.model_store import DEFAULT_MODELS, resolve_model_dir
+    from specmesh.models.store import DEFAULT_MODELS, resolve_model_dir
 
     model_dir = resolve_model_dir(spec or None, "target")
     try:

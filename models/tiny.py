@@ -73,3 +73,71 @@ def make_tiny_pair(root: Path, seed: int = 0, draft_arch: str | None = None, noi
         make_tiny_model(draft, draft_arch, seed + 1, hidden=32, layers=1, heads=2, kv_heads=1)
     stamp.write_text(json.dumps(settings))
     return target, draft
+
+
+#: GGUF types of a tiny quantized model: a mix like llama.cpp's Q4_K_M (4-bit projections, a few
+#: 8-bit ones, so fused q/k/v mixes formats), using the types the gguf package can quantize.
+TINY_GGUF_TYPES = {"attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q8_0", "attn_output": "Q4_0",
+                   "ffn_gate": "Q4_0", "ffn_up": "Q5_0", "ffn_down": "Q4_1", "output": "Q8_0", "token_embd": "Q8_0"}
+
+
+def write_tiny_gguf(model_dir: Path, path: Path, types: dict[str, str] | None = None) -> Path:
+    """Write a tiny checkpoint as a GGUF file that transformers and llama.cpp can read back.
+
+    Tensors are quantized by the gguf package (per `types`, keyed by the GGUF tensor kind; norms and
+    biases stay F32), llama q/k rows are permuted as llama.cpp's converter does, and the byte-level
+    tokenizer and chat template go into the metadata.
+    """
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .gguf_weights import _llama_rope_order, gguf_name
+
+    types = TINY_GGUF_TYPES if types is None else types
+    cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    arch = cfg.model_type
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    vocab = tok.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg.vocab_size)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    special = set(SPECIALS) | {t for t in tokens if t.startswith("[PAD")}
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges([])
+    w.add_token_scores([0.0] * len(tokens))  # no merges: transformers rebuilds them from scores (none apply)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(tok.chat_template)
+    state = load_file(str(next(Path(model_dir).glob("*.safetensors"))))
+    for name, t in state.items():
+        gname = gguf_name(name)
+        kind = gname.split(".")[-2] if gname.startswith("blk.") else gname.split(".")[0]
+        heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(kind)
+        if arch == "llama" and heads is not None:  # llama.cpp's permute: the inverse of our un-permute
+            t = t[torch.argsort(_llama_rope_order(t.shape[0], heads))]
+        data = t.float().numpy()
+        qtype = types.get(kind) if gname.endswith(".weight") and data.ndim == 2 else None
+        if qtype is None:
+            w.add_tensor(gname, np.ascontiguousarray(data))
+        else:
+            q = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(gname, gguf.quants.quantize(data, q), raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
