@@ -19,8 +19,17 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=None, help="draft model: directory or .gguf (default: the default pair)")
     p.add_argument("--tiny", action="store_true", help="use a tiny random model pair (smoke tests)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    add_weights_argument(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--context", type=int, default=4096, help="context length (prompt + generated tokens)")
+
+
+def add_weights_argument(p: argparse.ArgumentParser) -> None:
+    from specmesh.services.runtime.quant import WEIGHT_FORMATS
+
+    p.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS,
+                   help="projection weights: gguf (the GGUF's own quantization), bf16, int8, int4; "
+                        "auto = gguf for GGUF models on CPU, else bf16")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,17 +77,18 @@ def resolve_pair(args: argparse.Namespace, need_draft: bool = True) -> LoadedPai
     """Resolve, load and cross-check the target (and draft) for in-process use."""
     import torch
 
-    from specmesh.services.runtime.loader import check_pair, load_tokenizer, load_transformer, parse_dtype
+    from specmesh.models.weight_cache import load_runner
+    from specmesh.services.runtime.loader import check_pair, load_tokenizer, parse_dtype
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     target_dir, draft_dir = model_dirs(args, need_draft)
     dtype = parse_dtype(args.dtype)
     tokenizer = load_tokenizer(target_dir)
-    target = load_transformer(target_dir, dtype, max_positions=args.context + 256)
+    target = load_runner(target_dir, args.weights, dtype, max_positions=args.context + 256)
     draft = None
     if draft_dir is not None:
-        draft = load_transformer(draft_dir, dtype, max_positions=args.context + 256)
+        draft = load_runner(draft_dir, args.weights, dtype, max_positions=args.context + 256)
         check_pair(tokenizer, load_tokenizer(draft_dir), target.vocab_size, draft.vocab_size)
     return LoadedPair(target, draft, tokenizer, eos_ids(tokenizer, target_dir))
 

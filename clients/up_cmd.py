@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import fail, model_dirs
+from .common import add_weights_argument, fail, model_dirs
 
 NAME = "up"
 
@@ -26,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
     p.add_argument("--port", type=int, default=50051, help="router gRPC port (0 = free)")
     p.add_argument("--http-port", type=int, default=8000, help="router OpenAI-style HTTP port (0 = free, -1 = off)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    add_weights_argument(p)
     p.add_argument("--target-threads", type=int, default=0, help="0 = all cores but the draft's")
     p.add_argument("--draft-threads", type=int, default=0, help="0 = one core per four, at least one")
     p.add_argument("--pool-blocks", type=int, default=1024, help="KV blocks per model pool")
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     common = ["--host", args.host, "--log-level", args.log_level]
     metrics = ["--metrics-port", "0"] if args.metrics else []
     pools = ["--pool-blocks", str(args.pool_blocks), "--block-size", str(args.block_size),
-             "--max-context", str(args.max_context), "--dtype", args.dtype]
+             "--max-context", str(args.max_context), "--dtype", args.dtype, "--weights", args.weights]
     try:
         mesh.start("treekv", [*common, *metrics, "--port", "0", "--draft-blocks", str(args.pool_blocks),
                               "--target-blocks", str(args.pool_blocks), "--block-size", str(args.block_size)])

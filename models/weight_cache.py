@@ -33,22 +33,21 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 
 
-def resolve_weights(weights: str, spec: str | os.PathLike[str] | None, device: str) -> str:
-    """`--weights auto`: the GGUF's own quantization on CPU when the model is a GGUF, else bf16."""
+def resolve_weights(weights: str, model_dir: str | os.PathLike[str], device: str) -> str:
+    """`--weights auto`: the GGUF's own quantization on CPU when the model came from a GGUF, else bf16."""
     if weights != "auto":
         return weights
     if not str(device).startswith("cpu"):
         return "bf16"
-    is_gguf = spec is None or str(spec) == "default" or Path(spec).suffix.lower() == ".gguf"
-    return "gguf" if is_gguf else "bf16"
+    return "gguf" if store.gguf_origin(model_dir) is not None else "bf16"
 
 
-def load_runner(model_dir: Path, spec: str | os.PathLike[str] | None, role: store.Role, weights: str,
-                dtype: torch.dtype, device: str = "cpu", tp_rank: int = 0, tp_size: int = 1,
-                tp_group: Any = None, max_positions: int | None = None, keep_dense: bool = True,
+def load_runner(model_dir: Path, weights: str, dtype: torch.dtype, device: str = "cpu", tp_rank: int = 0,
+                tp_size: int = 1, tp_group: Any = None, max_positions: int | None = None, keep_dense: bool = True,
                 cache_dir: Path | None = None, progress: bool = True) -> Transformer:
-    """Load `model_dir` (a dense checkpoint of `spec`) with its projections in format `weights`."""
-    weights = resolve_weights(weights, spec, device)
+    """Load `model_dir` (see store.resolve_model_dir) with its projections in format `weights`."""
+    model_dir = Path(model_dir)
+    weights = resolve_weights(weights, model_dir, device)
     kwargs: dict[str, Any] = dict(tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group, max_positions=max_positions)
     if weights == "bf16":  # the dense checkpoint is the format: nothing to repack
         return load_transformer(model_dir, dtype, device, weights="bf16", **kwargs)
@@ -59,7 +58,7 @@ def load_runner(model_dir: Path, spec: str | os.PathLike[str] | None, role: stor
     if not _complete(path):
         with store._locked(cache, key, f"{model_dir.name} weights", progress):
             if not _complete(path):
-                _build(path, model_dir, spec, role, weights, dtype, tp_rank, tp_size, keep_dense, cache, progress)
+                _build(path, model_dir, weights, dtype, tp_rank, tp_size, keep_dense, cache, progress)
     from safetensors.torch import load_file
 
     t0 = time.perf_counter()
@@ -70,7 +69,7 @@ def load_runner(model_dir: Path, spec: str | os.PathLike[str] | None, role: stor
     return model
 
 
-def _build(path: Path, model_dir: Path, spec: Any, role: store.Role, weights: str, dtype: torch.dtype,
+def _build(path: Path, model_dir: Path, weights: str, dtype: torch.dtype,
            tp_rank: int, tp_size: int, keep_dense: bool, cache: Path, progress: bool) -> None:
     from safetensors.torch import save_file
 
@@ -78,11 +77,11 @@ def _build(path: Path, model_dir: Path, spec: Any, role: store.Role, weights: st
 
     t0 = time.perf_counter()
     store._say(progress, f"repacking {model_dir.name} as {weights} weights (one time)...")
-    with store.source_gguf(spec, role, cache, progress) as gguf_path:
+    with store.source_gguf(model_dir, cache, progress) as gguf_path:
         source = None
         if weights == "gguf":
             if gguf_path is None:
-                raise ModelError(f"--weights gguf needs a GGUF model, and {spec} is a dense checkpoint; "
+                raise ModelError(f"--weights gguf needs a GGUF model, and {model_dir} is a dense checkpoint; "
                                  f"use --weights bf16, int8 or int4")
             source = GGUFWeights(gguf_path, read_model_config(model_dir))
         model = load_transformer(model_dir, dtype, "cpu", tp_rank, tp_size, None, weights=weights,

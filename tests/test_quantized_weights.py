@@ -119,8 +119,8 @@ def gguf_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def load(pair: dict[str, Any], name: str, weights: str = "gguf", **kwargs: Any) -> Any:
-    return weight_cache.load_runner(pair["dirs"][name], pair["files"][name], "target", weights, torch.float32,
-                                    cache_dir=pair["cache"], progress=False, **kwargs)
+    return weight_cache.load_runner(pair["dirs"][name], weights, torch.float32, cache_dir=pair["cache"],
+                                    progress=False, **kwargs)
 
 
 def test_gguf_loaded_weights_equal_gguf_dequantization(gguf_pair: dict[str, Any]) -> None:
@@ -175,13 +175,12 @@ def test_second_load_reads_the_cache(gguf_pair: dict[str, Any]) -> None:
 def test_weight_format_errors_are_one_line(gguf_pair: dict[str, Any]) -> None:
     dense_dir = gguf_pair["base"] / "dense" / "target"
     with pytest.raises(ModelError, match="--weights gguf needs a GGUF model"):
-        weight_cache.load_runner(dense_dir, dense_dir, "target", "gguf", torch.float32,
-                                 cache_dir=gguf_pair["cache"], progress=False)
+        weight_cache.load_runner(dense_dir, "gguf", torch.float32, cache_dir=gguf_pair["cache"], progress=False)
     with pytest.raises(ModelError, match="unknown weight format 'int3'"):
         load_transformer(dense_dir, torch.float32, weights="int3")
-    assert weight_cache.resolve_weights("auto", gguf_pair["files"]["target"], "cpu") == "gguf"
+    assert weight_cache.resolve_weights("auto", gguf_pair["dirs"]["target"], "cpu") == "gguf"
     assert weight_cache.resolve_weights("auto", dense_dir, "cpu") == "bf16"
-    assert weight_cache.resolve_weights("auto", None, "cuda") == "bf16"
+    assert weight_cache.resolve_weights("auto", gguf_pair["dirs"]["target"], "cuda") == "bf16"
 
 
 # -- lossless with quantized weights -------------------------------------------------------------

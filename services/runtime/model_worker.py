@@ -48,13 +48,11 @@ def load_service_model(cfg: ModelServiceConfig, role: str, tp_rank: int = 0, tp_
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    spec = cfg.model or None
-    model_dir = resolve_model_dir(spec, role)  # type: ignore[arg-type]
+    model_dir = resolve_model_dir(cfg.model or None, role)  # type: ignore[arg-type]
     t0 = time.perf_counter()
-    weights = resolve_weights(cfg.weights, spec, cfg.device)
-    model = load_runner(model_dir, spec, role, weights, parse_dtype(cfg.dtype), cfg.device,  # type: ignore[arg-type]
-                        tp_rank, tp_size, tp_group, max_positions=cfg.max_context + 256,
-                        keep_dense=cfg.prefill_dense)
+    weights = resolve_weights(cfg.weights, model_dir, cfg.device)
+    model = load_runner(model_dir, weights, parse_dtype(cfg.dtype), cfg.device, tp_rank, tp_size, tp_group,
+                        max_positions=cfg.max_context + 256, keep_dense=cfg.prefill_dense)
     log.info("%s model %s loaded in %.1fs (%s, weights %s, %d threads)", role, model_dir, time.perf_counter() - t0,
              cfg.dtype, weights, torch.get_num_threads())
     return model, model_dir
