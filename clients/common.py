@@ -78,6 +78,7 @@ def resolve_pair(args: argparse.Namespace, need_draft: bool = True) -> LoadedPai
     import torch
 
     from specmesh.models.weight_cache import load_runner
+    from specmesh.services.runtime.model_worker import calibrate_weights
     from specmesh.services.runtime.loader import check_pair, load_tokenizer, parse_dtype
 
     if args.threads > 0:
@@ -90,6 +91,9 @@ def resolve_pair(args: argparse.Namespace, need_draft: bool = True) -> LoadedPai
     if draft_dir is not None:
         draft = load_runner(draft_dir, args.weights, dtype, max_positions=args.context + 256)
         check_pair(tokenizer, load_tokenizer(draft_dir), target.vocab_size, draft.vocab_size)
+    for model in (target, draft):
+        if model is not None:
+            calibrate_weights(model)
     return LoadedPair(target, draft, tokenizer, eos_ids(tokenizer, target_dir))
 
 

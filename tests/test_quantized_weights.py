@@ -25,7 +25,7 @@ from specmesh.services.runtime.draft_session import TreeParams
 from specmesh.services.runtime.engines import DecodeStats, Request, generate_ar, generate_serial
 from specmesh.services.runtime.errors import ModelError
 from specmesh.services.runtime.loader import load_transformer, read_model_config
-from specmesh.services.runtime.quant import (KERNEL_MAX_ROWS, Int4Groups, Int4Weight, Int8Weight, dequantize,
+from specmesh.services.runtime.quant import (Int4Groups, Int4Weight, Int8Weight, calibrate_kernel_rows, dequantize,
                                              int4_groups_from_dense, linear, pack_int4, quantize_int8)
 
 gguf = pytest.importorskip("gguf")
@@ -87,11 +87,22 @@ def test_kernels_match_a_dense_matmul_of_the_same_values(dtype: torch.dtype) -> 
     for w in weights:
         values = dequantize(w).float()
         assert torch.equal(w.dense, dequantize(w))  # the dense copy holds the kernel's values
-        for rows in (1, 2, KERNEL_MAX_ROWS[type(w)], KERNEL_MAX_ROWS[type(w)] + 1, 40):
+        for rows in (1, 2, w.kernel_max_rows, w.kernel_max_rows + 1, 40):
             x = torch.randn(rows, 256).to(dtype)
             ref = x.float() @ values.t()
             tol = 1e-4 if dtype == torch.float32 else 0.05 * ref.abs().max()
             assert (linear(x, w).float() - ref).abs().max() <= tol, (type(w).__name__, rows)
+
+
+def test_calibration_sets_a_crossover_per_shape() -> None:
+    a, b = (pack_int4(int4_groups_from_dense(torch.randn(n, 256)), torch.float32, keep_dense=True) for n in (64, 128))
+    c = quantize_int8(torch.randn(64, 256), torch.float32)  # no dense copy: the kernel serves every row count
+    chosen = calibrate_kernel_rows([a, b, c], rows=(2, 4, 8, 16), repeats=1, floor=2)
+    assert set(chosen) == {"int4 64x256", "int4 128x256"}
+    assert a.kernel_max_rows == chosen["int4 64x256"] in (2, 4, 8, 16)
+    assert c.kernel_max_rows == 8
+    x = torch.randn(3, 256)
+    assert torch.allclose(linear(x, a), x @ dequantize(a).t(), atol=1e-4)
 
 
 def test_int4_groups_shard_on_group_boundaries() -> None:

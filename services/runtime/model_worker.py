@@ -15,6 +15,7 @@ from .errors import InvalidRequest
 from .kv_cache import KVCache, KVPool
 from .loader import parse_dtype
 from .model import Transformer, causal_mask
+from .quant import calibrate_kernel_rows
 from .tree_mask import tree_mask
 
 log = logging.getLogger("specmesh.worker")
@@ -55,6 +56,7 @@ def load_service_model(cfg: ModelServiceConfig, role: str, tp_rank: int = 0, tp_
                         max_positions=cfg.max_context + 256, keep_dense=cfg.prefill_dense)
     log.info("%s model %s loaded in %.1fs (%s, weights %s, %d threads)", role, model_dir, time.perf_counter() - t0,
              cfg.dtype, weights, torch.get_num_threads())
+    calibrate_weights(model)
     return model, model_dir
 
 
@@ -81,6 +83,15 @@ class LeasedPool:
     @property
     def used_blocks(self) -> int:
         return self.pool.num_blocks - self.pool.free_blocks
+
+
+def calibrate_weights(model: Transformer) -> dict[str, int]:
+    """Measure, per quantized shape, up to how many rows its kernel beats its dense copy (quant.py)."""
+    weights = [w for layer in model.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    chosen = calibrate_kernel_rows([*weights, model.lm_head])
+    if chosen:
+        log.info("weight-only kernels serve up to %s rows (dense copies above)", chosen)
+    return chosen
 
 
 def time_tree_forward(model: Transformer, n: int, context: int = 128, repeats: int = 3) -> float:

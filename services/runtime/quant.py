@@ -13,7 +13,7 @@ keeps weights in the layout of the fastest kernel this torch has:
 The weight-only kernels win at few rows and lose at many (they dequantize per row block and become
 compute-bound): on the 2-core EPYC of PERF.md int4 is 4x faster than bf16 at 1 row, even at 8 and
 slower at 16. A quantized weight may therefore carry a `dense` copy of the *same* values (the
-dequantized weights) for forwards of more than `KERNEL_MAX_ROWS` rows (prefill, wide trees).
+dequantized weights) for forwards of more than `kernel_max_rows` rows (prefill, wide trees).
 Which path a forward takes depends only on its row count, so speculative and plain decoding of
 the same prompt read the same weights through the same kernels row for row.
 """
@@ -38,6 +38,9 @@ class Int8Weight:
     q: torch.Tensor  # [N, K] int8
     scale: torch.Tensor  # [N], activation dtype
     dense: torch.Tensor | None = None  # the same values, dense, for many-row forwards
+    # Forwards of more rows use `dense`. The default is the crossover on the 2-core EPYC of
+    # shared/PERF.md (whole 1.5B forward); calibrate_kernel_rows measures it on the machine at hand.
+    kernel_max_rows: int = 8
 
     @property
     def shape(self) -> torch.Size:
@@ -53,6 +56,7 @@ class Int4Weight:
     group_size: int
     in_features: int
     dense: torch.Tensor | None = None
+    kernel_max_rows: int = 12  # as for Int8Weight: int4 wins to about 12 rows there
 
     @property
     def shape(self) -> torch.Size:
@@ -61,9 +65,6 @@ class Int4Weight:
 
 Weight = torch.Tensor | Int8Weight | Int4Weight
 
-#: Above this many rows the dense copy (if kept) is faster than the weight-only kernel. Measured on
-#: the 2-core EPYC (shared/PERF.md, whole 1.5B forward): int8 wins to 8 rows, int4 to about 12.
-KERNEL_MAX_ROWS = {Int8Weight: 8, Int4Weight: 12}
 
 
 @dataclass
@@ -178,10 +179,10 @@ def weight_bytes(w: Weight) -> int:
 
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ w.T + bias through the weight's kernel (dense copy above KERNEL_MAX_ROWS rows)."""
+    """y = x @ w.T + bias through the weight's kernel (its dense copy above `kernel_max_rows` rows)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    if x.shape[0] > KERNEL_MAX_ROWS[type(w)]:
+    if x.shape[0] > w.kernel_max_rows:
         return F.linear(x, w.dense if w.dense is not None else dequantize(w), bias)
     if isinstance(w, Int8Weight):
         y = torch._weight_int8pack_mm(x.contiguous(), w.q, w.scale)
@@ -213,3 +214,46 @@ def weight_from_tensors(name: str, tensors: dict[str, torch.Tensor], meta: dict)
         return Int8Weight(tensors[f"{name}.q"], tensors[f"{name}.scale"], dense)
     return Int4Weight(tensors[f"{name}.packed"], tensors[f"{name}.scales_zeros"], meta["group_size"],
                       meta["in_features"], dense)
+
+
+def calibrate_kernel_rows(weights: list[Weight], rows: tuple[int, ...] = (8, 12, 16, 24, 32),
+                          repeats: int = 3, floor: int = 4) -> dict[str, int]:
+    """Time kernel against dense copy per (format, shape) and set each weight's `kernel_max_rows`.
+
+    The crossover is the largest row count at which the kernel is still faster, never below
+    `floor`: at a few rows a weight-only kernel reads 2-4x fewer bytes, so a measurement saying
+    otherwise is noise (a busy machine), not physics. Timings take the minimum of `repeats` for the
+    same reason. Costs about a second for a 1.5B model; weights without a dense copy keep the
+    kernel for all rows (dequantizing per forward is slower than either). Returns
+    {"int4 17920x1536": rows, ...}.
+    """
+    import time
+
+    groups: dict[tuple, list[Weight]] = {}
+    for w in weights:
+        if not isinstance(w, torch.Tensor) and w.dense is not None:
+            groups.setdefault((type(w), tuple(w.shape)), []).append(w)
+    chosen: dict[str, int] = {}
+    for (kind, shape), members in groups.items():
+        w = members[0]
+        best = floor
+        for m in (r for r in rows if r > floor):
+            x = torch.randn(m, shape[1], dtype=w.dense.dtype, device=w.dense.device)
+            times = {}
+            for path in ("kernel", "dense"):
+                w.kernel_max_rows = m if path == "kernel" else 0
+                linear(x, w)  # warm
+                samples = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    linear(x, w)
+                    samples.append(time.perf_counter() - t0)
+                times[path] = min(samples)
+            if times["kernel"] <= times["dense"]:
+                best = m
+            else:
+                break
+        for member in members:
+            member.kernel_max_rows = best
+        chosen[f"{'int4' if kind is Int4Weight else 'int8'} {shape[0]}x{shape[1]}"] = best
+    return chosen
