@@ -228,14 +228,20 @@ def gguf_mesh(gguf_pair: dict[str, Any]) -> Iterator[Any]:
     env = {"SPECMESH_CACHE": str(gguf_pair["cache"])}
     fp32 = ["--dtype", "fp32", "--weights", "gguf"]
     yield from serve_mesh(gguf_pair["base"] / "mesh", pair=(gguf_pair["files"]["target"], gguf_pair["files"]["llama"]),
-                          target_args=[*fp32, "--verify-delay-ms", "10"], draft_args=[*fp32, "--expand-delay-ms", "5"],
+                          target_args=[*fp32, "--tp", "2", "--verify-delay-ms", "10"],
+                          draft_args=[*fp32, "--expand-delay-ms", "5"],
                           env=env)
 
 
-def test_mesh_with_gguf_weights_equals_target_only(gguf_pair: dict[str, Any], gguf_mesh: Any) -> None:
+def test_mesh_with_gguf_weights_and_tp2_target_equals_target_only(gguf_pair: dict[str, Any], gguf_mesh: Any) -> None:
     from test_mesh_lossless import stream, tokens_of
 
     target = load(gguf_pair, "target")
+    speculative = rejected = 0
     for prompt in PROMPTS:
         responses = stream(gguf_mesh.router.addr, prompt, 40)
         assert tokens_of(responses) == sum(generate_ar(target, Request(prompt, 40), 2048), []), prompt
+        chunks = [r.chunk for r in responses if r.HasField("chunk")]
+        speculative += sum(c.tree_size > 1 for c in chunks)
+        rejected += sum(c.tree_size > 1 and c.accepted == 0 for c in chunks)
+    assert speculative > 0 and rejected > 0  # the draft took part, and its trees were rejected outright
