@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, PromptError) as exc:
         return fail(str(exc))
 
-    from specmesh.services.runtime.draft_session import TreeParams
+    from specmesh.services.runtime.tree_params import TreeParams
     from specmesh.services.runtime.errors import SpecmeshError
 
     try:  # the tree flags, checked once here rather than in every worker

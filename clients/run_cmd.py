@@ -22,8 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specmesh.services.runtime.draft_session import TreeParams
-    from specmesh.services.runtime.engines import DecodeStats, Request, generate_ar, generate_serial
+    from specmesh.services.runtime.tree_params import TreeParams
+    from specmesh.services.runtime.engines import DecodeStats, generate_ar, generate_serial
+    from specmesh.services.runtime.request import Request
     from specmesh.services.runtime.errors import SpecmeshError
 
     try:

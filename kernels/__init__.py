@@ -10,6 +10,7 @@ reaches the subpackage. Use ``importlib.import_module`` to get the module object
 from __future__ import annotations
 
 from .tree_attention import (
+    TreeLayout,
     select_backend as select_attention_backend,
     tree_attention,
     tree_attention_reference,
@@ -17,6 +18,7 @@ from .tree_attention import (
 )
 
 __all__ = [
+    "TreeLayout",
     "select_attention_backend",
     "tree_attention",
     "tree_attention_reference",

@@ -429,16 +429,17 @@ def test_addresses_point_at_the_right_services(helm):
     assert router["SPECMESH_DRAFT_ADDR"] == _service_addr(m, "draft")
     assert router["SPECMESH_TARGET_ADDR"] == _service_addr(m, "target")
     assert router["SPECMESH_TREEKV_ADDR"] == _service_addr(m, "treekv")
+    # only the router dials treekv; the draft dials no target itself: the router pairs them and
+    # hands it the target's endpoint
     for comp in ("draft", "target"):
-        assert env_of(m.container(comp))["SPECMESH_TREEKV_ADDR"] == _service_addr(m, "treekv")
-    # the draft dials no target itself: the router pairs them and hands it the target's endpoint
+        assert "SPECMESH_TREEKV_ADDR" not in env_of(m.container(comp))
     assert not {"SPECMESH_TARGET_ADDR", "SPECMESH_DRAFT_ADDR"} & set(env_of(m.container("draft")))
     # no draft replicas: an empty --draft-addr runs the router target-only
     m0 = render(helm, "--set", "draft.replicas=0")
     assert env_of(m0.container("router"))["SPECMESH_DRAFT_ADDR"] == ""
     # ports moved in values move the addresses too
     m2 = render(helm, "--set", "treekv.port=6000")
-    assert env_of(m2.container("draft"))["SPECMESH_TREEKV_ADDR"] == f"{RELEASE}-specmesh-treekv:6000"
+    assert env_of(m2.container("router"))["SPECMESH_TREEKV_ADDR"] == f"{RELEASE}-specmesh-treekv:6000"
     assert flag_values(m2.container("treekv")["args"])["--port"] == "6000"
 
 

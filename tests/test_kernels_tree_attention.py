@@ -1,4 +1,4 @@
-"""Tree attention: torch reference vs. a naive formula, Triton (interpreter) vs. reference, dispatch.
+"""Varlen tree attention: torch reference vs. a naive formula, Triton (interpreter) vs. reference, dispatch.
 
 Triton runs here under TRITON_INTERPRET=1 on CPU tensors (~1000x slower than torch), so shapes are
 tiny. No subprocess is needed for the env var: triton reads TRITON_INTERPRET when a function is
@@ -6,6 +6,10 @@ jitted, the kernel module jits on first use per interpreter mode, and the kernel
 triton.language.standard @jit helpers (which would stay compiled-only because triton is imported
 below, before the variable is set). So a per-test monkeypatched env var takes effect and does not
 leak into other test modules; these tests also cover that import order.
+
+A batch mixes the shapes the runner produces: a target subtree (n x n ancestry after the prefix),
+a draft expansion (new leaves x (cached tree slots + leaves)), a causal prefill chunk and a
+one-row decode without a mask.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 from specmesh.kernels import tree_attention as dispatch_tree_attention
 from specmesh.kernels.tree_attention import (
     ENV_BACKEND,
+    TreeLayout,
     select_backend,
     tree_attention_reference,
     tree_attention_triton,
@@ -29,6 +34,9 @@ from specmesh.kernels.tree_attention import (
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not installed")
 
+# (rows, prefix, cached tree slots before the rows, mask kind) per sequence of a batch
+MIXED = [(5, 9, 0, "tree"), (4, 6, 7, "tree"), (6, 3, 0, "causal"), (1, 12, 0, None)]
+
 
 @pytest.fixture
 def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,81 +44,113 @@ def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def random_tree_mask(n: int, s: int, gen: torch.Generator) -> torch.Tensor:
-    """[n, s] mask shaped like a real round: prefix all True, a random ancestor subset, self.
-
-    The last n slots are the new tokens themselves (when s >= n); each row sees the prefix, a random
-    subset of the tree slots before its own slot (its "ancestors"), and its own slot.
-    """
-    n_new = n if s >= n else 0  # s < n cannot hold the new tokens: plain prefix + random rows
-    prefix = max(1, (s - n_new) // 2) if s > n_new else 0
-    mask = torch.zeros(n, s, dtype=torch.bool)
-    mask[:, :prefix] = True
-    for i in range(n):
-        self_col = s - n_new + i if n_new else s
-        tree_cols = torch.arange(prefix, self_col)
-        picked = torch.rand(len(tree_cols), generator=gen) < 0.5
-        mask[i, tree_cols[picked]] = True
-        if n_new:
-            mask[i, self_col] = True
+def random_tree_rows(n: int, cached: int, gen: torch.Generator) -> torch.Tensor:
+    """[n, cached + n]: each new row sees a random subset of the cached tree slots and of the earlier
+    new rows (its "ancestors"), and itself."""
+    mask = torch.rand(n, cached + n, generator=gen) < 0.5
+    mask[:, cached:] &= torch.ones(n, n, dtype=torch.bool).tril()
+    mask[:, cached:] |= torch.eye(n, dtype=torch.bool)
     return mask
 
 
-def make_inputs(
-    h: int, hkv: int, n: int, s: int, d: int, seed: int, dtype: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q contiguous; k, v as non-contiguous views of bigger caches, the way the runner passes them.
+def make_batch(h: int, hkv: int, d: int, spec: list, seed: int, dtype: torch.dtype = torch.float32,
+               shared: bool = True) -> tuple[torch.Tensor, list, list, TreeLayout]:
+    """q packed [h, R, d]; per sequence k, v views of one pool (shared) or of separate tensors.
 
-    k is a slice along S of a head-major cache [Hkv, S_total, D]; v is a slice of a token-major
-    cache [S_total, Hkv, D] seen through a transpose, so both have non-trivial strides.
+    Pool views are slices along S of a head-major [hkv, S_total, d] k cache and of a token-major
+    [S_total, hkv, d] v cache seen through a transpose, so both have non-trivial strides.
     """
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(h, n, d, generator=gen).to(dtype)
-    k_cache = torch.randn(hkv, s + 9, d, generator=gen).to(dtype)
-    v_cache = torch.randn(s + 9, hkv, d, generator=gen).to(dtype)
-    k = k_cache[:, 3 : 3 + s]
-    v = v_cache[5 : 5 + s].transpose(0, 1)
-    mask = random_tree_mask(n, s, gen)
-    return q, k, v, mask
+    sizes = [p + c + n for n, p, c, _ in spec]
+    total = sum(sizes) + 3 * len(spec)
+    rows = sum(n for n, *_ in spec)
+    q = torch.randn(h, rows, d, generator=gen).to(dtype)
+    ks, vs, masks, q_start, at = [], [], [], [], 0
+    k_pool = torch.randn(hkv, total, d, generator=gen).to(dtype)
+    v_pool = torch.randn(total, hkv, d, generator=gen).to(dtype)
+    base = 0
+    for (n, p, c, kind), s in zip(spec, sizes):
+        if shared:
+            ks.append(k_pool[:, base + 2:base + 2 + s + 1])  # one spare slot: kv_len < view length
+            vs.append(v_pool[base + 1:base + 1 + s + 1].transpose(0, 1))
+            base += s + 3
+        else:
+            ks.append(torch.randn(hkv, s, d, generator=gen).to(dtype))
+            vs.append(torch.randn(hkv, s, d, generator=gen).to(dtype))
+        masks.append(None if kind is None else random_tree_rows(n, c, gen) if kind == "tree"
+                     else torch.ones(n, n, dtype=torch.bool).tril())
+        q_start.append(at)
+        at += n
+    layout = TreeLayout(q_start, [n for n, *_ in spec], sizes, [p for _, p, *_ in spec], masks)
+    return q, ks, vs, layout
 
 
-def naive_attention(q, k, v, mask, scale):  # type: ignore[no-untyped-def]
-    """softmax(q k^T * scale, masked) v with explicit GQA expansion; fully masked rows -> 0."""
-    group = q.shape[0] // k.shape[0]
-    kk = k.repeat_interleave(group, dim=0).double()
-    vv = v.repeat_interleave(group, dim=0).double()
-    logits = q.double() @ kk.transpose(1, 2) * scale
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all -inf row -> NaN -> 0
-    return (probs @ vv).to(q.dtype)
+def naive_attention(q, k, v, layout, scale):  # type: ignore[no-untyped-def]
+    """Per sequence softmax(q k^T * scale, masked) v with explicit GQA expansion; fully masked rows -> 0."""
+    out = torch.empty_like(q)
+    for b in range(layout.num_seqs):
+        a, n, s, p = layout.q_start[b], layout.q_len[b], layout.kv_len[b], layout.prefix[b]
+        group = q.shape[0] // k[b].shape[0]
+        kk = k[b][:, :s].repeat_interleave(group, dim=0).double()
+        vv = v[b][:, :s].repeat_interleave(group, dim=0).double()
+        logits = q[:, a:a + n].double() @ kk.transpose(1, 2) * scale
+        if layout.masks[b] is not None:
+            full = torch.ones(n, s, dtype=torch.bool)
+            full[:, p:] = layout.masks[b]
+            logits = logits.masked_fill(~full, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all -inf row -> NaN -> 0
+        out[:, a:a + n] = (probs @ vv).to(q.dtype)
+    return out
+
+
+# ---------------------------------------------------------------- the layout
+
+
+def test_layout_rejects_a_mask_of_the_wrong_shape() -> None:
+    with pytest.raises(ValueError, match=r"\[q_len, kv_len - prefix\]"):
+        TreeLayout([0], [3], [10], [7], [torch.ones(3, 10, dtype=torch.bool)])  # a dense mask
+    with pytest.raises(ValueError, match="prefix"):
+        TreeLayout([0], [3], [10], [11], [None])
+    with pytest.raises(ValueError, match="one entry per sequence"):
+        TreeLayout([0, 3], [3], [10], [7], [None])
 
 
 # ---------------------------------------------------------------- reference vs. naive formula
 
 
 @pytest.mark.parametrize("h,hkv", [(4, 2), (4, 1), (2, 2)])
-@pytest.mark.parametrize("n,s", [(1, 7), (5, 33), (16, 33), (16, 7)])
-def test_reference_matches_naive(h: int, hkv: int, n: int, s: int) -> None:
-    q, k, v, mask = make_inputs(h, hkv, n, s, 8, seed=n * 100 + s)
-    mask[0] = False  # one fully masked row: zeros, not NaN
+@pytest.mark.parametrize("spec", [MIXED, MIXED[:1], MIXED[3:], [(16, 20, 0, "tree"), (16, 0, 0, "causal")]])
+def test_reference_matches_naive(h: int, hkv: int, spec: list) -> None:
+    q, k, v, layout = make_batch(h, hkv, 8, spec, seed=len(spec) * 10 + h + hkv)
     scale = 8**-0.5
-    out = tree_attention_reference(q, k, v, mask, scale)
+    out = tree_attention_reference(q, k, v, layout, scale)
     assert out.shape == q.shape and out.dtype == q.dtype
-    torch.testing.assert_close(out, naive_attention(q, k, v, mask, scale), rtol=1e-5, atol=1e-5)
-    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
+    torch.testing.assert_close(out, naive_attention(q, k, v, layout, scale), rtol=1e-5, atol=1e-5)
 
 
-def test_reference_mask_none_and_bf16() -> None:
-    q, k, v, _ = make_inputs(4, 2, 5, 33, 16, seed=1)
-    torch.testing.assert_close(
-        tree_attention_reference(q, k, v, None, 0.25), naive_attention(q, k, v, None, 0.25),
-        rtol=1e-5, atol=1e-5,
-    )
-    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
-    out = tree_attention_reference(qb, kb, vb, None, 0.25)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), naive_attention(q, k, v, None, 0.25), rtol=0, atol=3e-2)
+def test_reference_fully_masked_row_and_bf16() -> None:
+    spec = [(5, 0, 2, "tree"), (3, 4, 0, "tree")]  # no prefix: a row can see nothing at all
+    q, k, v, layout = make_batch(4, 2, 16, spec, seed=1)
+    layout.masks[0][1] = False
+    out = tree_attention_reference(q, k, v, layout, 0.25)
+    assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
+    torch.testing.assert_close(out, naive_attention(q, k, v, layout, 0.25), rtol=1e-5, atol=1e-5)
+    qb, kb, vb = q.bfloat16(), [t.bfloat16() for t in k], [t.bfloat16() for t in v]
+    outb = tree_attention_reference(qb, kb, vb, layout, 0.25)
+    assert outb.dtype == torch.bfloat16
+    torch.testing.assert_close(outb.float(), out, rtol=0, atol=3e-2)
+
+
+def test_batched_rows_equal_each_sequence_alone() -> None:
+    # What the runner relies on for lossless batching: a sequence's rows do not depend on its batch.
+    q, k, v, layout = make_batch(4, 2, 16, MIXED, seed=4)
+    batched = tree_attention_reference(q, k, v, layout, 0.25)
+    for b in range(layout.num_seqs):
+        a, n = layout.q_start[b], layout.q_len[b]
+        alone = tree_attention_reference(q[:, a:a + n], [k[b]], [v[b]],
+                                         TreeLayout.single(n, layout.kv_len[b], layout.prefix[b], layout.masks[b]),
+                                         0.25)
+        assert torch.equal(batched[:, a:a + n], alone)
 
 
 # ---------------------------------------------------------------- Triton (interpreter) vs. reference
@@ -118,78 +158,58 @@ def test_reference_mask_none_and_bf16() -> None:
 
 @needs_triton
 @pytest.mark.parametrize("d", [16, 8])  # 8 exercises the D padding to 16
-@pytest.mark.parametrize("n", [1, 5, 16])
-@pytest.mark.parametrize("s", [7, 33])  # 33 with block_n=16: three key tiles, the last partial
-def test_triton_matches_reference_fp32(interpret: None, d: int, n: int, s: int) -> None:
-    q, k, v, mask = make_inputs(4, 2, n, s, d, seed=d * 1000 + n * 100 + s)
+@pytest.mark.parametrize("shared", [True, False])  # one launch over a pool / one launch per sequence
+def test_triton_matches_reference_fp32(interpret: None, d: int, shared: bool) -> None:
+    q, k, v, layout = make_batch(4, 2, d, MIXED, seed=d * 10 + shared, shared=shared)
     scale = d**-0.5
-    out = tree_attention_triton(q, k, v, mask, scale, block_n=16)
-    ref = tree_attention_reference(q, k, v, mask, scale)
+    out = tree_attention_triton(q, k, v, layout, scale, block_n=16)
+    ref = tree_attention_reference(q, k, v, layout, scale)
     assert out.shape == ref.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @needs_triton
-def test_triton_fully_masked_row_is_zero(interpret: None) -> None:
-    q, k, v, mask = make_inputs(4, 2, 5, 33, 16, seed=7)
-    mask[2] = False
-    out = tree_attention_triton(q, k, v, mask, 0.25, block_n=16)
+def test_triton_many_blocks_and_fully_masked_row(interpret: None) -> None:
+    # 33 rows with block_m=16: three row blocks for one sequence, one for the short ones; 40+ slots
+    # with block_n=16: several key tiles, the last partial, one of them straddling the prefix end.
+    spec = [(33, 9, 0, "tree"), (2, 20, 5, "tree"), (1, 0, 0, None)]
+    q, k, v, layout = make_batch(4, 2, 16, spec, seed=11)
+    layout.masks[1][0] = False
+    out = tree_attention_triton(q, k, v, layout, 0.25, block_m=16, block_n=16)
     assert not torch.isnan(out).any()
-    assert torch.equal(out[:, 2], torch.zeros_like(out[:, 2]))
-    torch.testing.assert_close(out, tree_attention_reference(q, k, v, mask, 0.25), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, tree_attention_reference(q, k, v, layout, 0.25), rtol=1e-5, atol=1e-5)
 
 
 @needs_triton
-def test_triton_mask_none_default_blocks(interpret: None) -> None:
-    q, k, v, _ = make_inputs(4, 2, 5, 33, 16, seed=3)
-    torch.testing.assert_close(
-        tree_attention_triton(q, k, v, None, 0.25), tree_attention_reference(q, k, v, None, 0.25),
-        rtol=1e-5, atol=1e-5,
-    )
-
-
-@needs_triton
-def test_triton_many_query_blocks_strided_uint8_mask(interpret: None) -> None:
-    # N=33 with block_m=16: three query blocks, the last one partial. The mask is a uint8,
-    # non-contiguous slice of a bigger mask, as a preallocated tree-mask buffer would give.
-    q, k, v, mask = make_inputs(4, 2, 33, 40, 16, seed=11)
-    big = torch.zeros(40, 64, dtype=torch.uint8)
-    big[2:35, 10:50] = mask.to(torch.uint8)
-    mask_view = big[2:35, 10:50]
-    assert not mask_view.is_contiguous()
-    out = tree_attention_triton(q, k, v, mask_view, 0.25, block_m=16, block_n=16)
-    torch.testing.assert_close(out, tree_attention_reference(q, k, v, mask, 0.25), rtol=1e-5, atol=1e-5)
-
-
-@needs_triton
-@pytest.mark.parametrize("d,n,s", [(16, 5, 33), (8, 16, 7)])
-def test_triton_bf16_loose(interpret: None, d: int, n: int, s: int) -> None:
-    q, k, v, mask = make_inputs(4, 2, n, s, d, seed=d + n + s, dtype=torch.bfloat16)
-    out = tree_attention_triton(q, k, v, mask, d**-0.5, block_n=16)
+def test_triton_default_blocks_and_bf16(interpret: None) -> None:
+    q, k, v, layout = make_batch(4, 2, 16, MIXED, seed=3, dtype=torch.bfloat16)
+    out = tree_attention_triton(q, k, v, layout, 0.25)
     assert out.dtype == torch.bfloat16
     # Both sides round to bf16 at the end; the kernel accumulates in fp32 throughout.
-    ref = naive_attention(q.float(), k.float(), v.float(), mask, d**-0.5)
+    ref = naive_attention(q.float(), [t.float() for t in k], [t.float() for t in v], layout, 0.25)
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-2)
 
 
 @needs_triton
 def test_triton_rejects_bad_inputs(interpret: None) -> None:
-    q, k, v, mask = make_inputs(3, 2, 5, 7, 8, seed=0)
+    q, k, v, layout = make_batch(3, 2, 8, MIXED[:2], seed=0)
     with pytest.raises(ValueError, match="multiple"):
-        tree_attention_triton(q, k, v, mask, 1.0)
-    q, k, v, mask = make_inputs(4, 2, 5, 7, 8, seed=0)
-    with pytest.raises(ValueError, match="mask"):
-        tree_attention_triton(q, k, v, mask[:, :6], 1.0)
+        tree_attention_triton(q, k, v, layout, 1.0)
+    q, k, v, layout = make_batch(4, 2, 8, MIXED[:2], seed=0)
+    with pytest.raises(ValueError, match="one k and one v"):
+        tree_attention_triton(q, k[:1], v[:1], layout, 1.0)
+    with pytest.raises(ValueError, match="rows"):
+        tree_attention_triton(q[:, :3], k, v, layout, 1.0)
     with pytest.raises(ValueError, match="power of two"):
-        tree_attention_triton(q, k, v, mask, 1.0, block_n=8)
+        tree_attention_triton(q, k, v, layout, 1.0, block_n=8)
 
 
 @needs_triton
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    q, k, v, mask = make_inputs(4, 2, 5, 7, 8, seed=0)
+    q, k, v, layout = make_batch(4, 2, 8, MIXED[:2], seed=0)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        tree_attention_triton(q, k, v, mask, 1.0)
+        tree_attention_triton(q, k, v, layout, 1.0)
 
 
 # ---------------------------------------------------------------- dispatch
@@ -197,10 +217,9 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch: pytest.Monkey
 
 def test_dispatch_picks_reference_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV_BACKEND, raising=False)
-    q, k, v, mask = make_inputs(4, 2, 5, 33, 16, seed=5)
+    q, k, v, layout = make_batch(4, 2, 16, MIXED, seed=5)
     assert select_backend(q) == "reference"
-    out = dispatch_tree_attention(q, k, v, mask, 0.25)
-    assert torch.equal(out, tree_attention_reference(q, k, v, mask, 0.25))
+    assert torch.equal(dispatch_tree_attention(q, k, v, layout, 0.25), tree_attention_reference(q, k, v, layout, 0.25))
 
 
 def test_dispatch_picks_triton_for_cuda_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,10 +255,10 @@ def test_dispatch_env_forces_triton_on_cpu(interpret: None, monkeypatch: pytest.
 
     monkeypatch.setattr(ta, "tree_attention_triton", spy)
     monkeypatch.setenv(ENV_BACKEND, "triton")
-    q, k, v, mask = make_inputs(4, 2, 5, 7, 16, seed=9)
-    out = dispatch_tree_attention(q, k, v, mask, 0.25)
+    q, k, v, layout = make_batch(4, 2, 16, MIXED[:2], seed=9)
+    out = dispatch_tree_attention(q, k, v, layout, 0.25)
     assert calls == [1]
-    torch.testing.assert_close(out, tree_attention_reference(q, k, v, mask, 0.25), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, tree_attention_reference(q, k, v, layout, 0.25), rtol=1e-5, atol=1e-5)
 
 
 def test_import_and_dispatch_without_triton() -> None:
@@ -249,11 +268,12 @@ def test_import_and_dispatch_without_triton() -> None:
         "import torch, specmesh.kernels as K\n"
         "from specmesh.kernels.tree_attention import triton_available, select_backend\n"
         "assert not triton_available()\n"
-        "q = torch.randn(4, 3, 8); k = torch.randn(2, 5, 8); v = torch.randn(2, 5, 8)\n"
+        "q = torch.randn(4, 3, 8); k = [torch.randn(2, 5, 8)]; v = [torch.randn(2, 5, 8)]\n"
+        "L = K.TreeLayout.single(3, 5, 2, None)\n"
         "assert select_backend(q) == 'reference'\n"
-        "assert K.tree_attention(q, k, v, None, 0.3).shape == (4, 3, 8)\n"
+        "assert K.tree_attention(q, k, v, L, 0.3).shape == (4, 3, 8)\n"
         "try:\n"
-        "    K.tree_attention_triton(q, k, v, None, 0.3)\n"
+        "    K.tree_attention_triton(q, k, v, L, 0.3)\n"
         "except RuntimeError as e:\n"
         "    assert 'not importable' in str(e)\n"
         "else:\n"

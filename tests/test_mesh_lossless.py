@@ -17,7 +17,8 @@ import grpc
 import pytest
 import torch
 
-from specmesh.services.runtime.engines import Request, generate_ar
+from specmesh.services.runtime.engines import generate_ar
+from specmesh.services.runtime.request import Request
 from specmesh.services.runtime.loader import load_transformer
 from specmesh.models.tiny import make_tiny_pair
 from specmesh.v1 import generation_pb2 as pb

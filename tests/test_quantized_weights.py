@@ -28,6 +28,8 @@ from specmesh.services.runtime.loader import load_transformer, read_model_config
 from specmesh.services.runtime.quant import (Int4Groups, Int4Weight, Int8Weight, calibrate_kernel_rows, dequantize,
                                              int4_groups_from_dense, linear, pack_int4, quantize_int8)
 
+from runner_testing import run_rows
+
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize  # noqa: E402
 
@@ -178,8 +180,7 @@ def test_second_load_reads_the_cache(gguf_pair: dict[str, Any]) -> None:
     second = load(gguf_pair, "draft")
     assert [f.stat().st_mtime_ns for f in files] == stamp  # not rebuilt
     assert json.loads(files[0].with_suffix(".json").read_text())["format"] == "gguf"
-    tokens = torch.tensor([5, 6, 7])
-    outs = [m.forward(tokens, torch.arange(3), m.new_cache(8), 0, None) for m in (first, second)]
+    outs = [run_rows(m, [5, 6, 7], m.new_cache(8)) for m in (first, second)]
     assert torch.equal(outs[0], outs[1])
 
 

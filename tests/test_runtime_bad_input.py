@@ -9,13 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-from specmesh.services.runtime.draft_session import DraftSession, TreeParams
-from specmesh.services.runtime.engines import (
-    DecodeStats,
-    Request,
-    generate_ar,
-    generate_serial,
-)
+from specmesh.services.runtime.draft_session import DraftSession
+from specmesh.services.runtime.engines import DecodeStats, generate_ar, generate_serial, run_prefill
+from specmesh.services.runtime.forward_batch import Runner
 from specmesh.services.runtime.errors import InvalidRequest, ModelError
 from specmesh.services.runtime.loader import (
     check_pair,
@@ -24,8 +20,12 @@ from specmesh.services.runtime.loader import (
     parse_dtype,
     transformer_from_state_dict,
 )
+from specmesh.services.runtime.request import Request
 from specmesh.services.runtime.sampling import SamplingParams
-from specmesh.services.runtime.target_session import TargetSession
+from specmesh.services.runtime.target_session import TargetSession, Tree
+from specmesh.services.runtime.tree_params import TreeParams
+
+from runner_testing import run_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -82,17 +82,19 @@ def test_bad_tree_params(kwargs: dict, word: str) -> None:
 
 
 def test_sessions_refuse_bad_input(tiny_target: Any, tiny_draft: Any) -> None:
-    target = TargetSession(tiny_target, tiny_target.new_cache(8), SamplingParams())
+    target = TargetSession(tiny_target.new_cache(8), SamplingParams())
     with pytest.raises(InvalidRequest, match="empty"):
-        target.prefill([])
+        target.begin([])
     with pytest.raises(InvalidRequest, match="exceeds the context"):
-        target.prefill(list(range(9)))
-    first = target.prefill([1, 2, 3])  # commits the first generated token, which becomes the root
+        target.begin(list(range(9)))
+    first = run_prefill(Runner(tiny_target), target, [1, 2, 3])  # commits the first token: the new root
     with pytest.raises(InvalidRequest, match="not the last committed token"):
-        target.verify([first + 1, 8], [-1, 0])  # the root must be the last committed token
+        target.verify_rows(Tree([first + 1, 8], [-1, 0]))  # the root must be the last committed token
     with pytest.raises(InvalidRequest, match="context full"):
-        target.verify([first] + [5] * 7, [-1] + list(range(7)))
-    draft = DraftSession(tiny_draft, tiny_draft.new_cache(8), TREE, SamplingParams())
+        target.verify_rows(Tree([first] + [5] * 7, [-1] + list(range(7))))
+    with pytest.raises(InvalidRequest, match="exceeds the runner"):
+        Runner(tiny_target, max_rows=2).forward_one(target.verify_rows(Tree([first, 5, 6], [-1, 0, 1])))
+    draft = DraftSession(tiny_draft.new_cache(8), TREE, SamplingParams(), tiny_draft.vocab_size)
     with pytest.raises(InvalidRequest, match="empty"):
         draft.start([])
     with pytest.raises(InvalidRequest, match="context full"):
@@ -250,7 +252,7 @@ def test_pair_vocab_differs_by_padding_only(tiny_pair: Any, tiny_tokenizer: Any,
     win its argmax (they must be cut, not proposed)."""
     if which == "draft-264":
         target, draft = tiny_target, padded(tiny_pair[1], 264, dominant=True)
-        sanity = draft.forward(torch.tensor([65]), torch.tensor([0]), draft.new_cache(1), 0, None)
+        sanity = run_rows(draft, [65], draft.new_cache(1), mask=None)
         assert int(sanity.argmax()) >= 260, "the padding rows should dominate the draft's logits"
     else:
         target, draft = padded(tiny_pair[0], 264, dominant=False), tiny_draft
@@ -267,21 +269,21 @@ def test_pair_vocab_differs_by_padding_only(tiny_pair: Any, tiny_tokenizer: Any,
 
 def test_first_draft_tree_is_re_rooted_at_the_prefill_token(tiny_target: Any) -> None:
     """The mesh's draft roots its first tree at the last prompt token; the target is one token ahead."""
-    target = TargetSession(tiny_target, tiny_target.new_cache(64), SamplingParams())
-    first = target.prefill([1, 2, 3])
+    target = TargetSession(tiny_target.new_cache(64), SamplingParams())
+    first = run_prefill(Runner(tiny_target), target, [1, 2, 3])
     other = (first + 1) % 200
     # root 3 -> children [other, first]; first -> [10, 11]; 10 -> [12]; other -> [13]
     tokens, parents = [3, other, first, 10, 11, 12, 13], [-1, 0, 0, 2, 2, 3, 1]
     probs = torch.arange(7.0)[:, None].expand(7, 4)
-    got_tokens, got_parents, got_probs, skipped = target.adopt_draft_tree(tokens, parents, probs)
-    assert (got_tokens, got_parents, skipped) == ([first, 10, 11, 12], [-1, 0, 0, 1], [first])
-    assert got_probs[:, 0].tolist() == [2.0, 3.0, 4.0, 5.0]
+    got, skipped = target.adopt_draft_tree(Tree(tokens, parents, probs))
+    assert (got.tokens, got.parents, skipped) == ([first, 10, 11, 12], [-1, 0, 0, 1], [first])
+    assert got.draft_probs[:, 0].tolist() == [2.0, 3.0, 4.0, 5.0]
     # Only the first tree is adopted; later trees must be rooted at the last committed token already.
-    assert target.adopt_draft_tree([first], [-1], None) == ([first], [-1], None, [])
+    assert target.adopt_draft_tree(Tree([first], [-1])) == (Tree([first], [-1]), [])
 
 
 def test_first_draft_tree_without_the_prefill_token_verifies_it_alone(tiny_target: Any) -> None:
-    target = TargetSession(tiny_target, tiny_target.new_cache(64), SamplingParams())
-    first = target.prefill([1, 2, 3])
+    target = TargetSession(tiny_target.new_cache(64), SamplingParams())
+    first = run_prefill(Runner(tiny_target), target, [1, 2, 3])
     other = (first + 1) % 200
-    assert target.adopt_draft_tree([3, other], [-1, 0], None) == ([first], [-1], None, [first])
+    assert target.adopt_draft_tree(Tree([3, other], [-1, 0])) == (Tree([first], [-1]), [first])

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from specmesh.services.runtime.draft_session import TreeParams
+from specmesh.services.runtime.tree_params import TreeParams
 from specmesh.services.runtime.engines import (
     DecodeStats,
     Request,

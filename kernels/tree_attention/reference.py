@@ -1,45 +1,37 @@
-"""Torch reference for tree attention; also the fast CPU path of the model runner.
+"""Torch reference for varlen tree attention; also the fast CPU path of the model runner.
 
-Layout (shared with the Triton kernel in :mod:`.triton_kernel`):
-
-- ``q``: ``[H, N, D]``, the N new tokens of this forward, H query heads.
-- ``k``, ``v``: ``[Hkv, S, D]``, the S cache slots those tokens may see: the committed prefix, the
-  tree nodes already in the cache, and the N new tokens themselves (their K/V are written into the
-  cache before attention runs). They are usually views (slices along S) of a bigger preallocated
-  cache, hence arbitrary strides.
-- ``mask``: ``[N, S]`` bool, True where query row i may attend slot j; ``None`` means all visible.
-  The mask is non-square on purpose: the draft expands w new leaves against prefix + all existing
-  tree nodes (N = w, S = prefix + tree + w), and the target verifies a whole subtree in one forward
-  (N = bs, S = prefix + bs). Row i is "prefix all True + its ancestors + itself".
-- GQA: ``H % Hkv == 0``; query head h reads kv head ``h // (H // Hkv)``.
+Contract in :mod:`.layout`: ``q [H, R, D]`` packs the new rows of several sequences, each with its
+own cache views ``k[b]``, ``v[b]`` (``[Hkv, >= kv_len, D]``, any strides), a prefix length and a
+tree mask over the slots after the prefix. GQA: ``H % Hkv == 0``; query head h reads kv head
+``h // (H // Hkv)``.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .layout import TreeLayout
 
-def tree_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
-    """Masked (tree) attention of N new queries against S visible cache slots.
 
-    Args:
-        q: ``[H, N, D]`` queries.
-        k: ``[Hkv, S, D]`` keys, any strides (views of the KV cache are fine).
-        v: ``[Hkv, S, D]`` values, any strides.
-        mask: ``[N, S]`` bool (True = may attend) or ``None`` (every slot visible).
-        scale: softmax scale applied to ``q @ k^T`` (usually ``D ** -0.5``).
+def tree_attention_reference(q: torch.Tensor, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
+                             layout: TreeLayout, scale: float) -> torch.Tensor:
+    """Per sequence, SDPA of its rows against its first kv_len slots under prefix + tree mask.
 
-    Returns:
-        ``[H, N, D]`` in ``q``'s dtype. A row whose mask is all False yields zeros (the semantics of
-        torch's SDPA since 2.5, and what the Triton kernel produces).
+    Returns ``[H, R, D]`` in q's dtype; a row that sees no slot gives zeros (SDPA's semantics since
+    torch 2.5, and what the Triton kernel produces).
     """
-    # SDPA broadcasts the [N, S] mask over heads and maps query heads onto kv heads itself
-    # (enable_gqa): no repeat_interleave and no copy of the (possibly huge, strided) cache views,
-    # which is why this is also the CPU hot path and must stay this lean.
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    if layout.num_seqs == 1 and layout.q_len[0] == q.shape[1]:
+        s = layout.kv_len[0]  # one sequence: no packing, no copy (the common serial case)
+        return F.scaled_dot_product_attention(q, k[0][:, :s], v[0][:, :s], attn_mask=layout.dense_mask(0),
+                                              scale=scale, enable_gqa=True)
+    out = torch.empty_like(q)
+    for b in range(layout.num_seqs):
+        a, n, s = layout.q_start[b], layout.q_len[b], layout.kv_len[b]
+        # SDPA broadcasts the mask over heads and maps query heads onto kv heads itself
+        # (enable_gqa): no repeat_interleave and no copy of the strided cache views.
+        out[:, a:a + n] = F.scaled_dot_product_attention(q[:, a:a + n], k[b][:, :s], v[b][:, :s],
+                                                         attn_mask=layout.dense_mask(b), scale=scale,
+                                                         enable_gqa=True)
+    return out

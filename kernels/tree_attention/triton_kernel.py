@@ -1,10 +1,10 @@
-"""Triton tree-attention kernel (same layout and semantics as :mod:`.reference`).
+"""Triton varlen tree-attention kernel (same contract and semantics as :mod:`.reference`).
 
-One program handles one query head and a block of ``BLOCK_M`` query rows; it walks the S visible
-slots in tiles of ``BLOCK_N``, loads the matching ``[BLOCK_M, BLOCK_N]`` tile of the (non-square,
-arbitrary) tree mask, and keeps a flash-attention style online softmax in fp32. The tree mask is
-not causal-structured, so no tile is skipped; tiles are cheap because N (tree nodes per round) is
-small and the prefix tiles are all True.
+One program handles one query head, one sequence and a block of ``BLOCK_M`` of its rows; it walks
+the sequence's visible slots in tiles of ``BLOCK_N`` and keeps a flash-attention style online
+softmax in fp32. Slots before the sequence's prefix length are visible to every row; after it,
+the sequence's packed tree mask (``[rows, kv_len - prefix]``, see :mod:`.layout`) is loaded per
+tile. So the mask never grows with the context, and prefix tiles never read it.
 
 Triton is imported lazily: ``import specmesh.kernels`` must work on machines without it, and
 the kernel is jitted on first use for the *current* ``TRITON_INTERPRET`` mode (``triton.jit``
@@ -14,9 +14,12 @@ the environment was then).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
+
+from .layout import TreeLayout
 
 try:  # guarded: triton is an optional extra ("specmesh[triton]")
     import triton
@@ -65,31 +68,42 @@ if triton is not None:
             return a + b
 
     def _tree_attn_fwd(
-        Q, K, V, Mask, Out, scale_log2e,
+        Q, K, V, Meta, Masks, Out, scale_log2e,
         stride_qh, stride_qn, stride_qd,
         stride_kh, stride_ks, stride_kd,
         stride_vh, stride_vs, stride_vd,
-        stride_mn, stride_ms,
         stride_oh, stride_on, stride_od,
-        N, S, D,
+        D,
         GROUP: tl.constexpr,
-        HAS_MASK: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         pid_h = tl.program_id(0)
-        pid_m = tl.program_id(1)
+        seq = tl.program_id(1)
+        pid_m = tl.program_id(2)
         kv_h = pid_h // GROUP  # GQA: GROUP consecutive query heads share one kv head
+
+        # This sequence's row of the layout (see layout.TreeLayout.packed).
+        meta = Meta + seq * 8
+        q_start = tl.load(meta)
+        q_len = tl.load(meta + 1)
+        k_off = tl.load(meta + 2)
+        v_off = tl.load(meta + 3)
+        S = tl.load(meta + 4)
+        tree_from = tl.load(meta + 5)  # the prefix length, or S when the sequence has no mask
+        mask_off = tl.load(meta + 6)
+        mask_cols = tl.load(meta + 7)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        m_valid = offs_m < N
+        m_valid = offs_m < q_len  # programs past a short sequence's rows store nothing
         d_valid = offs_d < D  # BLOCK_D is D padded to a power of two >= 16 (tl.dot minimum)
+        rows = q_start + offs_m
 
-        q_ptrs = Q + pid_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+        q_ptrs = Q + pid_h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
         # Upcast straight after the load: the interpreter computes bf16 arithmetic wrongly. q is not
         # pre-scaled: upcast bf16/fp16 values are exact in tf32, so the tensor-core q @ k^T stays
@@ -100,8 +114,8 @@ if triton is not None:
         l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
         acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
 
-        k_base = K + kv_h * stride_kh
-        v_base = V + kv_h * stride_vh
+        k_base = K + k_off + kv_h * stride_kh
+        v_base = V + v_off + kv_h * stride_vh
         for start_n in range(0, S, BLOCK_N):
             cols = start_n + offs_n
             n_valid = cols < S
@@ -114,12 +128,14 @@ if triton is not None:
             qk = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2e
 
             allowed = m_valid[:, None] & n_valid[None, :]
-            if HAS_MASK:
-                tile = tl.load(
-                    Mask + offs_m[:, None] * stride_mn + cols[None, :] * stride_ms,
-                    mask=allowed, other=0,
-                )
-                allowed = allowed & (tile != 0)
+            # Prefix slots are visible to every row; past the prefix the tree mask decides (no
+            # mask: everything is visible). Prefix tiles never touch the mask.
+            tree = allowed & (cols[None, :] >= tree_from)
+            tile = tl.load(
+                Masks + mask_off + offs_m[:, None] * mask_cols + (cols[None, :] - tree_from),
+                mask=tree, other=1,
+            )
+            allowed = allowed & (tile != 0)
             qk = tl.where(allowed, qk, float("-inf"))
 
             m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_combine))
@@ -140,7 +156,7 @@ if triton is not None:
         # A fully masked row has l_i == 0 and acc == 0: divide by 1 to return zeros, not NaN.
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
-        o_ptrs = Out + pid_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+        o_ptrs = Out + pid_h * stride_oh + rows[:, None] * stride_on + offs_d[None, :] * stride_od
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
 
 
@@ -177,29 +193,46 @@ def _default_blocks(n: int, block_d: int, fp32: bool) -> tuple[int, int]:
     return block_m, block_n
 
 
+def _offsets(views: Sequence[torch.Tensor]) -> list[int] | None:
+    """Element offsets of each view from the first, when all share one allocation and strides
+    (sessions carved out of one KV pool); None otherwise (the caller launches per sequence)."""
+    base = views[0]
+    storage = base.untyped_storage().data_ptr()
+    size = base.element_size()
+    out = []
+    for t in views:
+        if t.untyped_storage().data_ptr() != storage or t.stride() != base.stride() or t.dtype != base.dtype:
+            return None
+        out.append((t.data_ptr() - base.data_ptr()) // size)
+    return out
+
+
 def tree_attention_triton(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
+    k: Sequence[torch.Tensor],
+    v: Sequence[torch.Tensor],
+    layout: TreeLayout,
     scale: float,
     *,
     block_m: int | None = None,
     block_n: int | None = None,
 ) -> torch.Tensor:
-    """Triton tree attention; same contract as :func:`tree_attention_reference`.
+    """Triton varlen tree attention; same contract as :func:`tree_attention_reference`.
+
+    One launch covers every sequence when their caches are views of one pool (grid: heads x
+    sequences x row blocks); otherwise one launch per sequence.
 
     Args:
-        q: ``[H, N, D]`` queries.
-        k: ``[Hkv, S, D]`` keys, any strides (views of the KV cache are read in place).
-        v: ``[Hkv, S, D]`` values, any strides.
-        mask: ``[N, S]`` bool or uint8 (nonzero = may attend), any strides, or ``None``.
+        q: ``[H, R, D]`` queries, the rows of every sequence packed in layout order.
+        k: per sequence ``[Hkv, >= kv_len, D]`` keys, any strides (cache views are read in place).
+        v: per sequence values, same layout as ``k``.
+        layout: the per-sequence rows, slots, prefix lengths and tree masks (:class:`TreeLayout`).
         scale: softmax scale applied to ``q @ k^T``.
-        block_m: query rows per program (power of two >= 16); default from N. For tests/tuning.
-        block_n: key slots per tile (power of two >= 16); default by dtype and D. For tests/tuning.
+        block_m: query rows per program (power of two >= 16); default from the longest sequence.
+        block_n: key slots per tile (power of two >= 16); default by dtype and D.
 
     Returns:
-        ``[H, N, D]`` in ``q``'s dtype; rows with no visible slot are zeros.
+        ``[H, R, D]`` in ``q``'s dtype; rows with no visible slot are zeros.
 
     Raises:
         RuntimeError: triton is not importable, or the tensors are on CPU without TRITON_INTERPRET=1.
@@ -207,46 +240,51 @@ def tree_attention_triton(
     """
     if triton is None:
         raise RuntimeError(f"triton is not importable: {_TRITON_IMPORT_ERROR!r}")
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError("q must be [H, N, D] and k, v [Hkv, S, D]")
-    H, N, D = q.shape
-    Hkv, S, Dk = k.shape
-    if v.shape != k.shape or Dk != D:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.dim() != 3 or any(t.dim() != 3 for t in (*k, *v)):
+        raise ValueError("q must be [H, R, D] and every k, v [Hkv, S, D]")
+    if len(k) != layout.num_seqs or len(v) != layout.num_seqs:
+        raise ValueError(f"need one k and one v per sequence ({layout.num_seqs}), got {len(k)} and {len(v)}")
+    H, R, D = q.shape
+    if layout.rows != R:
+        raise ValueError(f"layout has {layout.rows} rows, q has {R}")
+    Hkv = k[0].shape[0]
+    for b, (kb, vb) in enumerate(zip(k, v)):
+        if kb.shape[0] != Hkv or vb.shape[0] != Hkv or kb.shape[2] != D or vb.shape[2] != D:
+            raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(kb.shape)}, v {tuple(vb.shape)}")
+        if kb.shape[1] < layout.kv_len[b] or vb.shape[1] < layout.kv_len[b]:
+            raise ValueError(f"sequence {b}: kv_len {layout.kv_len[b]} exceeds its cache ({kb.shape[1]} slots)")
     if Hkv == 0 or H % Hkv != 0:
         raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({Hkv})")
-    if mask is not None and tuple(mask.shape) != (N, S):
-        raise ValueError(f"mask must be [N, S] = [{N}, {S}], got {tuple(mask.shape)}")
     if q.device.type == "cpu" and not triton_interpreting():
         raise RuntimeError("triton on CPU tensors needs TRITON_INTERPRET=1 (use the reference instead)")
-
     for name, blk in (("block_m", block_m), ("block_n", block_n)):
         if blk is not None and (blk < 16 or blk & (blk - 1)):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot minimum), got {blk}")
 
-    out = torch.empty((H, N, D), dtype=q.dtype, device=q.device)
-    if H == 0 or N == 0 or D == 0:
+    out = torch.empty((H, R, D), dtype=q.dtype, device=q.device)
+    if H == 0 or R == 0 or D == 0:
         return out
-
-    if mask is None:
-        # HAS_MASK=False never dereferences the pointer; any tensor on the device will do.
-        mask_arg, sm_n, sm_s = out, 0, 0
-    else:
-        # bool -> uint8 is a zero-copy reinterpretation (same itemsize), and keeps the load plain.
-        mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-        sm_n, sm_s = mask_arg.stride()
+    k_off, v_off = _offsets(k), _offsets(v)
+    if k_off is None or v_off is None:  # caches from separate allocations: one launch each
+        for b in range(layout.num_seqs):
+            a, n = layout.q_start[b], layout.q_len[b]
+            one = TreeLayout.single(n, layout.kv_len[b], layout.prefix[b], layout.masks[b])
+            out[:, a:a + n] = tree_attention_triton(q[:, a:a + n], [k[b]], [v[b]], one, scale,
+                                                    block_m=block_m, block_n=block_n)
+        return out
+    meta, masks = layout.packed(k_off, v_off, q.device)
 
     BLOCK_D = _pow2_at_least_16(D)
-    default_m, default_n = _default_blocks(N, BLOCK_D, q.dtype == torch.float32)
+    default_m, default_n = _default_blocks(max(layout.q_len), BLOCK_D, q.dtype == torch.float32)
     BLOCK_M = block_m or default_m
     BLOCK_N = block_n or default_n
-    grid = (H, triton.cdiv(N, BLOCK_M))
+    grid = (H, layout.num_seqs, triton.cdiv(max(layout.q_len), BLOCK_M))
+    k0, v0 = k[0], v[0]
     _kernel()[grid](
-        q, k, v, mask_arg, out, float(scale) * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), sm_n, sm_s, *out.stride(),
-        N, S, D,
+        q, k0, v0, meta, masks, out, float(scale) * _LOG2E,
+        *q.stride(), *k0.stride(), *v0.stride(), *out.stride(),
+        D,
         GROUP=H // Hkv,
-        HAS_MASK=mask is not None,
         # fp32 models get exact ("ieee") dots, matching the reference; bf16/fp16 inputs keep the
         # backend's default tensor-core precision (tf32 on NVIDIA), exact for their upcast values.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,

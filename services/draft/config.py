@@ -11,6 +11,5 @@ from specmesh.services.runtime.service_config import CommonConfig
 class DraftConfig(CommonConfig, ModelServiceConfig):
     port: int = 50052
     tree_width: int = dataclasses.field(default=4, metadata={"help": "w: leaves per expansion (timed at start-up)"})
-    treekv_addr: str = dataclasses.field(default="", metadata={"help": "treekv address (informational)"})
     expand_delay_ms: float = dataclasses.field(default=0.0, metadata={"help": "testing: random extra delay per "
                                                                                "expansion, uniform in [0, x] ms"})

@@ -14,3 +14,5 @@ SUBTREE = Histogram("specmesh_draft_subtree_size", "nodes per subtree sent", buc
 TREE_NODES = Histogram("specmesh_draft_tree_nodes", "nodes in the tree when its subtree was sent",
                        buckets=(4, 8, 16, 32, 64, 128, 256, 512))
 SESSIONS = Gauge("specmesh_draft_sessions_active", "sessions on the draft")
+STEP_SESSIONS = Histogram("specmesh_draft_step_sessions", "sessions in one batched draft forward",
+                          buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))

@@ -9,6 +9,7 @@ import grpc
 from specmesh.services.runtime import rpc, telemetry
 from specmesh.services.runtime.channel import DRAFT_RANK, TensorChannel, join_store
 from specmesh.services.runtime.errors import InvalidRequest, ServiceUnavailable
+from specmesh.services.runtime.forward_batch import Runner
 from specmesh.services.runtime.model_worker import (LeasedPool, instance_id, load_service_model,
                                                      time_tree_forward)
 from specmesh.services.runtime.protocol import sampling_from_proto, tree_from_proto
@@ -54,9 +55,9 @@ class DraftServicer(mesh_pb2_grpc.DraftServicer):
         tree = tree_from_proto(request.tree)
         if tree.subtree_size > (self.engine.channel.capacity if self.engine.channel else tree.subtree_size):
             raise InvalidRequest(f"subtree_size {tree.subtree_size} exceeds the channel capacity")
-        self.engine.open(DraftState(slot=request.channel_slot, session_id=request.session_id,
+        self.engine.open(DraftState(channel_id=request.channel_slot, session_id=request.session_id,
                                     prompt=list(request.prompt_ids), sampling=sampling_from_proto(request.sampling),
-                                    tree=tree, lease=(request.lease.first_block, request.lease.num_blocks),
+                                    tree_params=tree, lease=(request.lease.first_block, request.lease.num_blocks),
                                     trace_ctx=telemetry.current_context()))
         return mesh_pb2.Empty()
 
@@ -87,7 +88,8 @@ async def serve(config: DraftConfig) -> None:
     model, _ = await asyncio.to_thread(load_service_model, config, "draft")
     forward_ms = await asyncio.to_thread(time_tree_forward, model, config.tree_width)
     log.info("one expansion of %d leaves takes %.1f ms", config.tree_width, forward_ms)
-    engine = DraftEngine(model, LeasedPool(model, config), config.expand_delay_ms)
+    engine = DraftEngine(Runner(model, config.step_rows), LeasedPool(model, config), config.expand_delay_ms,
+                         config.prefill_chunk)
     servicer = DraftServicer(config, engine, forward_ms)
     metrics_port = start_metrics(config.host, config.metrics_port)
     server, port = await rpc.start_server(config.host, config.port,

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from specmesh.v1 import generation_pb2
 
-from ..runtime.engines import Request
+from ..runtime.request import Request
 from ..runtime.errors import InvalidRequest
 from ..runtime.sampling import SamplingParams
 

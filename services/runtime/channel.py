@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-HEADER = 9  # kind, slot, round, n, flags, has_q, trace id hi, trace id lo, span id (0 = untraced)
+HEADER = 9  # kind, channel id, round, n, flags, has_q, trace id hi, trace id lo, span id (0 = untraced)
 KIND_SUBTREE, KIND_VERIFIED = 1, 2
 FLAG_END = 1  # verified: the session is over, free it
 TARGET_RANK, DRAFT_RANK = 0, 1
@@ -25,7 +25,7 @@ FOREVER = datetime.timedelta(days=365)  # an idle pairing is normal; peer death 
 
 @dataclass
 class Subtree:
-    slot: int
+    channel_id: int  # the session's tag on this channel (the router's channel_slot)
     round: int
     tokens: list[int]
     parents: list[int]
@@ -35,7 +35,7 @@ class Subtree:
 
 @dataclass
 class Verified:
-    slot: int
+    channel_id: int
     round: int
     tokens: list[int]
     end: bool
@@ -81,11 +81,11 @@ class TensorChannel:
         return self._q_buf
 
     # -- draft side ----------------------------------------------------------------------------
-    def send_subtree(self, slot: int, round_: int, tokens: list[int], parents: list[int],
+    def send_subtree(self, channel_id: int, round_: int, tokens: list[int], parents: list[int],
                      q: torch.Tensor | None = None, trace: tuple[int, int, int] = (0, 0, 0)) -> None:
         n = len(tokens)
         buf = self._tree_buf
-        buf[:HEADER + 2 * n] = torch.tensor([KIND_SUBTREE, slot, round_, n, 0, q is not None, *trace] + tokens + parents)
+        buf[:HEADER + 2 * n] = torch.tensor([KIND_SUBTREE, channel_id, round_, n, 0, q is not None, *trace] + tokens + parents)
         self.d2t.send([buf], self.peer, 0).wait()
         if q is not None:
             qb = self._q_buffer()[:n]
@@ -113,10 +113,10 @@ class TensorChannel:
             q = q.clone()  # the buffer is reused by the next receive while this round verifies
         return Subtree(head[1], head[2], body[:n], body[n:], q, (head[6], head[7], head[8]))
 
-    def send_verified(self, slot: int, round_: int, tokens: list[int], end: bool) -> None:
+    def send_verified(self, channel_id: int, round_: int, tokens: list[int], end: bool) -> None:
         n = len(tokens)
         buf = self._verified_buf
-        buf[:HEADER + n] = torch.tensor([KIND_VERIFIED, slot, round_, n, FLAG_END if end else 0, 0, 0, 0, 0] + tokens)
+        buf[:HEADER + n] = torch.tensor([KIND_VERIFIED, channel_id, round_, n, FLAG_END if end else 0, 0, 0, 0, 0] + tokens)
         self.t2d.send([buf], self.peer, 0).wait()
 
     def close(self) -> None:

@@ -7,6 +7,10 @@ prefix + tree) and proposes their children. `reroot` commits verified tokens: th
 KV joins the prefix, the surviving subtree's KV slides right after it, dead branches are dropped,
 nothing is recomputed; only tokens the tree never ran (a miss) are forwarded.
 
+The session never runs the model: `next_rows` says what its next forward is (a chunk of tokens
+to catch up on, or an expansion), the draft engine batches several sessions' rows into one
+forward (forward_batch.Runner), and `commit` takes this session's logits.
+
 Node scores are cumulative log-probabilities, never increasing from parent to child nor along a
 sibling list, and ties break by node index (parents and earlier siblings have smaller indices), so
 the best `bs` nodes always form a subtree whose children at each node are a prefix of the
@@ -34,29 +38,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import InvalidRequest
+from .forward_batch import Logits, SeqRows, causal
 from .kv_cache import KVCache
-from .model import Transformer, causal_mask
 from .sampling import SamplingParams, probs_from_logits
-from .tree_mask import tree_mask
-
-
-@dataclass(frozen=True)
-class TreeParams:
-    """width: leaves per expansion and children per node (w); subtree_size: nodes per round (bs);
-    depth: expansions per round (d); max_tree: forwarded tree slots; max_nodes: all nodes."""
-
-    width: int = 4
-    subtree_size: int = 16
-    depth: int = 4
-    max_tree: int = 64
-    max_nodes: int = 512
-
-    def __post_init__(self) -> None:
-        for name in ("width", "subtree_size", "depth", "max_tree", "max_nodes"):
-            if getattr(self, name) < 1:
-                raise InvalidRequest(f"tree parameter {name} must be >= 1, got {getattr(self, name)}")
-        if self.max_tree < self.width + 1:
-            raise InvalidRequest(f"max_tree ({self.max_tree}) must exceed width ({self.width})")
+from .tree_params import TreeParams
 
 
 @dataclass
@@ -67,18 +52,18 @@ class TokenTree:
     parents: list[int] = field(default_factory=list)
     depth: list[int] = field(default_factory=list)
     score: list[float] = field(default_factory=list)
-    slot: list[int] = field(default_factory=list)  # tree-local KV slot, -1 while pending
+    kv_slot: list[int] = field(default_factory=list)  # tree-local KV slot, -1 while pending
     children: list[list[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def add(self, token: int, parent: int, score: float, slot: int = -1) -> int:
+    def add(self, token: int, parent: int, score: float, kv_slot: int = -1) -> int:
         self.tokens.append(token)
         self.parents.append(parent)
         self.depth.append(0 if parent < 0 else self.depth[parent] + 1)
         self.score.append(score)
-        self.slot.append(slot)
+        self.kv_slot.append(kv_slot)
         self.children.append([])
         if parent >= 0:
             self.children[parent].append(len(self.tokens) - 1)
@@ -108,75 +93,118 @@ class RerootResult:
     forwarded_tokens: int  # tokens the draft had to run because the tree never ran them
 
 
+@dataclass
+class _CatchUp:
+    """A chunk of tokens the draft never ran; the last chunk's last token becomes the root."""
+
+    n: int
+    last: bool
+
+
+@dataclass
+class _Expansion:
+    leaves: list[int]
+
+
 class DraftSession:
-    def __init__(self, model: Transformer, cache: KVCache, params: TreeParams, sampling: SamplingParams,
-                 vocab_width: int | None = None) -> None:
-        self.model = model
+    def __init__(self, cache: KVCache, params: TreeParams, sampling: SamplingParams, vocab_width: int,
+                 device: torch.device | str = "cpu", key: int = 0) -> None:
         self.cache = cache
         self.params = params
         self.sampling = sampling
-        self.vocab_width = vocab_width or model.vocab_size
+        self.vocab_width = vocab_width
+        self.device = torch.device(device)
+        self.key = key
         self.generator = sampling.generator(salt=2) if not sampling.greedy else None
         self.tree = TokenTree()
         self.forwarded = 0  # tree slots in use
-        self._anc = torch.zeros(params.max_tree, params.max_tree, dtype=torch.bool, device=model.device)
+        self._anc = torch.zeros(params.max_tree, params.max_tree, dtype=torch.bool, device=self.device)
         # Draft distributions of forwarded nodes, only needed (and only allocated) when sampling.
         self._q = None if sampling.greedy else torch.zeros(params.max_tree, self.vocab_width)
-        self.expansions = 0
         self._chosen_at: int | None = None  # forwarded slots when the last subtree was chosen
-
-    @property
-    def prefix_len(self) -> int:
-        return self.cache.length
+        self._to_run: list[int] = []  # tokens to catch up on before the next tree exists
+        self._inflight: _CatchUp | _Expansion | None = None
 
     # -- growing -----------------------------------------------------------------------------
     def start(self, prompt: list[int]) -> None:
-        """Prefill the prompt; its last token becomes the root of the first tree."""
+        """Take the prompt; its last token becomes the root of the first tree once it has run."""
         if not prompt:
             raise InvalidRequest("prompt is empty")
         self.cache.length = 0
-        self._new_tree(prompt)
+        self._catch_up(prompt)
+
+    @property
+    def ready(self) -> bool:
+        """A tree exists (nothing left to catch up on): it can be expanded and sent."""
+        return not self._to_run
 
     def can_expand(self) -> bool:
-        return self.forwarded < self.params.max_tree and any(s < 0 for s in self.tree.slot)
+        return self.ready and self.forwarded < self.params.max_tree and any(s < 0 for s in self.tree.kv_slot)
 
-    def expand(self) -> int:
-        """Run the `width` best pending leaves in one forward; returns how many ran (0: tree full)."""
+    def next_rows(self, budget: int) -> SeqRows | None:
+        """This session's next forward, at most `budget` rows: catch-up first, else an expansion."""
+        if self._to_run:
+            return self._catch_up_rows(budget)
+        return self._expansion_rows(budget)
+
+    def commit(self, rows: SeqRows, logits: torch.Tensor | None) -> int:
+        """Take the logits of the rows `next_rows` prepared; returns how many leaves ran (0 for catch-up)."""
+        work, self._inflight = self._inflight, None
+        if isinstance(work, _CatchUp):
+            del self._to_run[:work.n]
+            self.cache.length = rows.end - 1 if work.last else rows.end
+            if work.last:
+                self.tree = TokenTree()
+                self.tree.add(rows.tokens[-1], -1, 0.0, kv_slot=0)
+                self.forwarded = 1
+                self._chosen_at = None
+                self._anc[0].zero_()
+                self._anc[0, 0] = True
+                self._propose_children([0], logits)
+            return 0
+        self._propose_children(work.leaves, logits)
+        return len(work.leaves)
+
+    def _catch_up_rows(self, budget: int) -> SeqRows:
+        n = min(budget, len(self._to_run))
+        last = n == len(self._to_run)
+        start = self.cache.length
+        self._inflight = _CatchUp(n, last)
+        return SeqRows(self.cache, self._to_run[:n], list(range(start, start + n)), start, start,
+                       causal(n, self.device), Logits.LAST if last else Logits.NONE, self.key)
+
+    def _expansion_rows(self, budget: int) -> SeqRows | None:
+        """The `width` best pending leaves, each seeing the prefix plus its ancestors (non-square)."""
         t, p = self.tree, self.params
-        room = min(p.width, p.max_tree - self.forwarded,
+        room = min(p.width, budget, p.max_tree - self.forwarded,
                    self.cache.capacity - self.cache.length - self.forwarded)
         limit = self.cache.capacity - self.cache.length - 1
-        pending = [i for i, s in enumerate(t.slot) if s < 0 and t.depth[i] < limit]
+        pending = [i for i, s in enumerate(t.kv_slot) if s < 0 and t.depth[i] < limit]
         leaves = sorted(t.best(room, pending)) if room > 0 else []
         if not leaves:
-            return 0
+            return None
         n, base = len(leaves), self.forwarded
-        device = self.model.device
-        new_slots = torch.arange(base, base + n, device=device)
-        parent_slots = torch.tensor([t.slot[t.parents[i]] for i in leaves], device=device)
+        new_slots = torch.arange(base, base + n, device=self.device)
+        parent_slots = torch.tensor([t.kv_slot[t.parents[i]] for i in leaves], device=self.device)
         self._anc[new_slots] = self._anc[parent_slots]
         self._anc[new_slots, new_slots] = True
         for j, i in enumerate(leaves):
-            t.slot[i] = base + j
+            t.kv_slot[i] = base + j
         self.forwarded += n
-        start = self.cache.length + base
-        positions = torch.tensor([t.depth[i] for i in leaves], device=device) + self.cache.length
-        mask = tree_mask(self.cache.length, self._anc[base:base + n, :base + n])
-        logits = self.model.forward(torch.tensor([t.tokens[i] for i in leaves], device=device), positions,
-                                    self.cache, start, mask)
-        self._propose_children(leaves, logits)
-        self.expansions += 1
-        return n
+        length = self.cache.length
+        self._inflight = _Expansion(leaves)
+        return SeqRows(self.cache, [t.tokens[i] for i in leaves], [length + t.depth[i] for i in leaves],
+                       length + base, length, self._anc[base:base + n, :base + n], Logits.ALL, self.key)
 
     def _propose_children(self, nodes: list[int], logits: torch.Tensor) -> None:
         logits = self._fit_vocab(logits)
         if self.sampling.greedy:
-            logp = torch.log_softmax(logits, dim=-1)
+            logp = torch.log_softmax(logits.float(), dim=-1)  # w rows: scores shape the tree
             top = torch.topk(logp, min(self.params.width, logp.shape[-1]), dim=-1)
             self._add_children(nodes, top.values.tolist(), top.indices.tolist())
         else:
             probs = probs_from_logits(logits, self.sampling)
-            self._q[[self.tree.slot[i] for i in nodes]] = probs
+            self._q[[self.tree.kv_slot[i] for i in nodes]] = probs
             self._draw_children(nodes, probs)
 
     def _draw_children(self, nodes: list[int], probs: torch.Tensor) -> None:
@@ -222,8 +250,8 @@ class DraftSession:
         q = None
         if self._q is not None:
             q = torch.zeros(len(chosen), self.vocab_width)
-            fwd = [i for i, node in enumerate(chosen) if t.slot[node] >= 0]
-            q[fwd] = self._q[[t.slot[chosen[i]] for i in fwd]]
+            fwd = [i for i, node in enumerate(chosen) if t.kv_slot[node] >= 0]
+            q[fwd] = self._q[[t.kv_slot[chosen[i]] for i in fwd]]
         return tokens, parents, q
 
     # -- committing ----------------------------------------------------------------------------
@@ -239,18 +267,17 @@ class DraftSession:
             node = nxt
         missing = verified[len(path) - 1:-1]  # committed tokens the tree does not hold
         new_root = t.child_with_token(node, verified[-1]) if not missing else None
-        ran = [n for n in path if t.slot[n] >= 0]  # a prefix of the path: ancestors run first
+        ran = [n for n in path if t.kv_slot[n] >= 0]  # a prefix of the path: ancestors run first
         all_ran = len(ran) == len(path)
-        if all_ran and new_root is not None and t.slot[new_root] >= 0:
+        if all_ran and new_root is not None and t.kv_slot[new_root] >= 0:
             keep = t.subtree(new_root)
             seen = self.forwarded if self._chosen_at is None else self._chosen_at
-            redraw = not self.sampling.greedy and any(0 <= t.slot[c] < seen for c in t.children[new_root])
+            redraw = not self.sampling.greedy and any(0 <= t.kv_slot[c] < seen for c in t.children[new_root])
             if redraw:  # its draws may have shaped the verified round: keep the node, draw afresh
                 keep = [new_root]
-            keep_ran = sorted((n for n in keep if t.slot[n] >= 0), key=lambda n: t.slot[n])
+            keep_ran = sorted((n for n in keep if t.kv_slot[n] >= 0), key=lambda n: t.kv_slot[n])
             base = self.cache.length
-            src = torch.tensor([t.slot[n] for n in ran + keep_ran], device=self.model.device) + base
-            self.cache.move_slots(src, base)
+            self.cache.move_slots([base + t.kv_slot[n] for n in ran + keep_ran], base)
             self.cache.length = base + len(ran)
             self._rebuild(keep, keep_ran)
             if redraw:
@@ -258,10 +285,10 @@ class DraftSession:
             return RerootResult(True, len(keep), 0)
         base = self.cache.length
         if ran:
-            self.cache.move_slots(torch.tensor([t.slot[n] for n in ran], device=self.model.device) + base, base)
+            self.cache.move_slots([base + t.kv_slot[n] for n in ran], base)
             self.cache.length = base + len(ran)
         catch_up = [t.tokens[n] for n in path[len(ran):]] + missing + [verified[-1]]
-        self._new_tree(catch_up, already=self.cache.length)
+        self._catch_up(catch_up)
         return RerootResult(False, 1, len(catch_up))
 
     def _rebuild(self, keep: list[int], keep_ran: list[int]) -> None:
@@ -274,7 +301,7 @@ class DraftSession:
         for n in keep:
             tree.add(old.tokens[n], new_index[old.parents[n]] if n != keep[0] else -1,
                      old.score[n] - root_score, new_slot.get(n, -1))
-        old_slots = torch.tensor([old.slot[n] for n in keep_ran], device=self.model.device)
+        old_slots = torch.tensor([old.kv_slot[n] for n in keep_ran], device=self.device)
         m = len(keep_ran)
         # Ancestry restricted to the subtree is unchanged, so it is one gather, not a rebuild.
         self._anc[:m, :m] = self._anc[old_slots][:, old_slots]
@@ -283,21 +310,11 @@ class DraftSession:
         self.tree, self.forwarded = tree, m
         self._chosen_at = None
 
-    def _new_tree(self, tokens: list[int], already: int = 0) -> None:
-        """Forward tokens the draft never ran; all but the last join the prefix, the last is the root."""
-        n = len(tokens)
-        start = already
-        if start + n > self.cache.capacity:
-            raise InvalidRequest(f"context full: {start + n} tokens > {self.cache.capacity}")
-        device = self.model.device
-        logits = self.model.forward(torch.tensor(tokens, device=device), torch.arange(start, start + n, device=device),
-                                    self.cache, start, causal_mask(start, n, device) if n > 1 else None,
-                                    logits_rows=slice(n - 1, n))
-        self.cache.length = start + n - 1
+    def _catch_up(self, tokens: list[int]) -> None:
+        """Tokens the draft never ran: all but the last join the prefix, the last becomes the root."""
+        if self.cache.length + len(tokens) > self.cache.capacity:
+            raise InvalidRequest(f"context full: {self.cache.length + len(tokens)} tokens > {self.cache.capacity}")
+        self._to_run = list(tokens)
         self.tree = TokenTree()
-        self.tree.add(tokens[-1], -1, 0.0, slot=0)
-        self.forwarded = 1
+        self.forwarded = 0
         self._chosen_at = None
-        self._anc[0].zero_()
-        self._anc[0, 0] = True
-        self._propose_children([0], logits)

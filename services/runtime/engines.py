@@ -10,11 +10,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .draft_session import DraftSession, TreeParams
-from .errors import InvalidRequest
+from .draft_session import DraftSession
+from .forward_batch import Runner
 from .model import Transformer
-from .sampling import SamplingParams
-from .target_session import TargetSession
+from .request import Request, clip_chunk
+from .speculation_planner import SpeculationPlanner
+from .target_session import RoundResult, TargetSession, Tree
+from .tree_params import TreeParams
 
 
 @dataclass
@@ -29,6 +31,7 @@ class DecodeStats:
     elapsed_s: float = 0.0
     first_token_s: float | None = None
     accepted_per_depth: list[int] = field(default_factory=list)  # rounds that accepted >= d+1 tokens
+    subtree_sizes: list[int] = field(default_factory=list)  # nodes verified per speculative round
 
     @property
     def tokens_per_s(self) -> float:
@@ -40,31 +43,25 @@ class DecodeStats:
         return self.tokens / self.rounds if self.rounds else 0.0
 
 
-@dataclass
-class Request:
-    prompt: list[int]
-    max_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop_token_ids: tuple[int, ...] = ()
-
-    def validate(self, context: int) -> None:
-        if not self.prompt:
-            raise InvalidRequest("prompt is empty")
-        if self.max_tokens <= 0:
-            raise InvalidRequest(f"max_tokens must be > 0, got {self.max_tokens}")
-        if len(self.prompt) + self.max_tokens > context:
-            raise InvalidRequest(f"prompt ({len(self.prompt)} tokens) + max_tokens ({self.max_tokens}) "
-                                 f"exceeds the context length ({context})")
+def run_prefill(runner: Runner, session: TargetSession, prompt: list[int]) -> int:
+    """Prefill a prompt in one forward and return the first token (single-stream engines)."""
+    session.begin(prompt)
+    rows = session.prefill_rows(len(prompt))
+    return session.commit_prefill(rows, runner.forward_one(rows))
 
 
-def clip_chunk(chunk: list[int], produced: int, request: Request) -> tuple[list[int], str | None]:
-    """Cut a round's tokens at max_tokens or a stop token; returns (kept tokens, finish reason)."""
-    for i, tok in enumerate(chunk):
-        if tok in request.stop_token_ids:
-            return chunk[:i + 1], "stop"
-        if produced + i + 1 >= request.max_tokens:
-            return chunk[:i + 1], "length"
-    return chunk, None
+def run_verify(runner: Runner, session: TargetSession, tree: Tree) -> RoundResult:
+    """One verification round of one session in its own forward."""
+    rows = session.verify_rows(tree)
+    return session.commit_verify(tree, runner.forward_one(rows))
+
+
+def run_draft(runner: Runner, session: DraftSession) -> int:
+    """The draft session's next forward on its own (catch-up or expansion); 0 when it has none."""
+    rows = session.next_rows(runner.max_rows)
+    if rows is None:
+        return 0
+    return session.commit(rows, runner.forward_one(rows)) or 1
 
 
 def generate_ar(target: Transformer, request: Request, context: int,
@@ -73,11 +70,13 @@ def generate_ar(target: Transformer, request: Request, context: int,
     request.validate(context)
     stats = stats if stats is not None else DecodeStats()
     t0 = time.perf_counter()
-    session = TargetSession(target, target.new_cache(context), request.sampling)
-    first = session.prefill(request.prompt)
+    runner = Runner(target, max_rows=context)
+    session = TargetSession(target.new_cache(context), request.sampling, target.device)
+    first: int | None = run_prefill(runner, session, request.prompt)
     while True:
-        chunk, reason = clip_chunk([first] if first is not None else [session.step()], stats.tokens, request)
+        token = first if first is not None else run_verify(runner, session, session.decode_tree()).tokens[0]
         first = None
+        chunk, reason = clip_chunk([token], stats.tokens, request)
         stats.rounds += 1
         _account(stats, chunk, t0)
         yield chunk
@@ -86,15 +85,23 @@ def generate_ar(target: Transformer, request: Request, context: int,
 
 
 def generate_serial(target: Transformer, draft: Transformer, request: Request, context: int,
-                    tree: TreeParams, stats: DecodeStats | None = None) -> Iterator[list[int]]:
-    """Serial tree speculative decoding: grow (depth expansions), verify, re-root, repeat."""
+                    tree: TreeParams, stats: DecodeStats | None = None,
+                    planner: SpeculationPlanner | None = None) -> Iterator[list[int]]:
+    """Serial tree speculative decoding: grow (depth expansions), verify, re-root, repeat.
+
+    With a planner (greedy requests), each round sends the subtree size that maximises expected
+    tokens per second (tree.subtree_size is then the most it may send); otherwise always
+    tree.subtree_size nodes.
+    """
     request.validate(context)
     stats = stats if stats is not None else DecodeStats()
     t0 = time.perf_counter()
-    tsess = TargetSession(target, target.new_cache(context + tree.subtree_size), request.sampling)
-    dsess = DraftSession(draft, draft.new_cache(context + tree.max_tree), tree, request.sampling,
-                         vocab_width=target.vocab_size)
-    first = tsess.prefill(request.prompt)
+    trunner = Runner(target, max_rows=context + tree.subtree_size)
+    drunner = Runner(draft, max_rows=context + tree.max_tree)
+    tsess = TargetSession(target.new_cache(context + tree.subtree_size), request.sampling, target.device)
+    dsess = DraftSession(draft.new_cache(context + tree.max_tree), tree, request.sampling, target.vocab_size,
+                         draft.device)
+    first = run_prefill(trunner, tsess, request.prompt)
     stats.rounds += 1
     chunk, reason = clip_chunk([first], 0, request)
     _account(stats, chunk, t0)
@@ -104,15 +111,23 @@ def generate_serial(target: Transformer, draft: Transformer, request: Request, c
     # Serial: the draft starts after the target's first token, so its first tree is rooted there
     # (the mesh's draft starts concurrently and gets re-rooted by adopt_draft_tree instead).
     dsess.start(request.prompt + [first])
+    run_draft(drunner, dsess)
     while True:
         d0 = time.perf_counter()
         for _ in range(tree.depth):
-            if not dsess.expand():
+            if not run_draft(drunner, dsess):
                 break
-        tokens, parents, q = dsess.select_subtree(tree.subtree_size)
+        size, reach = tree.subtree_size, None
+        if planner is not None and request.sampling.greedy:
+            t = dsess.tree
+            size, reach = planner.subtree_size(0, t.depth, t.score, t.best(tree.subtree_size))
+        tokens, parents, q = dsess.select_subtree(size)
         v0 = time.perf_counter()
-        result = tsess.verify(tokens, parents, q)
+        result = run_verify(trunner, tsess, Tree(tokens, parents, q))
         v1 = time.perf_counter()
+        stats.subtree_sizes.append(len(tokens))
+        if reach is not None:
+            planner.record(reach, result.accepted_draft)
         chunk, reason = clip_chunk(result.tokens, stats.tokens, request)
         stats.rounds += 1
         stats.accepted_draft += result.accepted_draft
@@ -124,6 +139,8 @@ def generate_serial(target: Transformer, draft: Transformer, request: Request, c
             stats.draft_s += v0 - d0
             return
         rr = dsess.reroot(result.tokens)
+        if not rr.hit:
+            run_draft(drunner, dsess)  # forward what the tree never ran: the new root
         stats.reroot_hits += rr.hit
         stats.new_trees += not rr.hit
         stats.draft_s += (v0 - d0) + (time.perf_counter() - v1)

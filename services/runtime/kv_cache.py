@@ -36,19 +36,19 @@ class KVCache:
         shape = (config.num_layers, num_kv_heads or config.num_kv_heads, capacity, config.head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
-    def move_slots(self, src: torch.Tensor, dst_start: int) -> None:
+    def move_slots(self, src: list[int], dst_start: int) -> None:
         """Copy the KV of slots `src` (ascending, each >= its destination) to dst_start, dst_start+1, ...
 
         This is the whole of the evolving tree cache's compaction: accepted / surviving nodes slide
-        left over dead ones; nothing is recomputed.
+        left over dead ones; nothing is recomputed. `src` is a host list (the caller decided it
+        there), so checking whether anything moves never waits on the device.
         """
-        n = src.numel()
-        if n == 0:
-            return
-        if int(src[0]) == dst_start and int(src[-1]) == dst_start + n - 1:
-            return  # already in place (src is ascending and distinct, so it is a contiguous run)
-        self.k[:, :, dst_start:dst_start + n] = self.k.index_select(2, src)
-        self.v[:, :, dst_start:dst_start + n] = self.v.index_select(2, src)
+        n = len(src)
+        if n == 0 or src == list(range(dst_start, dst_start + n)):
+            return  # already in place
+        index = torch.tensor(src, device=self.k.device)
+        self.k[:, :, dst_start:dst_start + n] = self.k.index_select(2, index)
+        self.v[:, :, dst_start:dst_start + n] = self.v.index_select(2, index)
 
 
 class KVPool:
@@ -66,16 +66,9 @@ class KVPool:
         self._k, self._v = whole.k, whole.v
         self.allocator = BlockAllocator(num_blocks)
 
-    def blocks_for(self, slots: int) -> int:
-        return -(-slots // self.block_size)
-
     @property
     def free_blocks(self) -> int:
         return self.allocator.free_blocks
-
-    def allocate(self, num_blocks: int) -> int:
-        """First-fit a contiguous run; returns its first block id (ResourceExhausted when none fits)."""
-        return self.allocator.allocate(num_blocks)
 
     def claim(self, first_block: int, num_blocks: int) -> None:
         """Mark a range granted elsewhere (by treekv) as used here."""

@@ -1,14 +1,13 @@
-"""The one model runner: a Llama / Qwen2 decoder forward over a KV cache we own.
+"""The model: a Llama / Qwen2 decoder forward over KV caches we own, for a batch of sequences.
 
-One `forward` serves every case the engines need, because they differ only in which cache slots
-the new tokens see:
-  - prefill / catch-up: N tokens, causal against the prefix (`causal_mask`);
-  - decode: 1 token, sees everything (mask None);
-  - tree verify (target) and tree expansion (draft, non-square): N nodes written after `start`,
-    each seeing the prefix plus its ancestors (mask [N, start + N] built by the caller).
-Positions are passed explicitly (committed length + depth for tree nodes), so RoPE is right for
-any tree shape. Tensor parallelism (Megatron-style column/row split with one all-reduce after the
-attention output and one after the MLP) is built in: with tp_size 1 it costs nothing.
+`Transformer.forward(batch)` is the only forward pass. A `ForwardBatch` (forward_batch.py) packs
+the new rows of several sequences (prefill chunks, verified subtrees, draft expansions, one-token
+decodes); the linear layers run on all rows at once, attention runs per sequence through the varlen
+tree-attention kernel (each sequence: its own cache, prefix length and tree mask), and only the
+rows that need logits reach the LM head. Positions are passed explicitly (committed length + depth
+for tree nodes), so RoPE is right for any tree shape. Tensor parallelism (Megatron-style
+column/row split with one all-reduce after the attention output and one after the MLP) is built
+in: with tp_size 1 it costs nothing.
 """
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from specmesh.kernels import tree_attention
 
+from .forward_batch import ForwardBatch
 from .kv_cache import KVCache
 from .quant import Weight, linear
 from .model_config import ModelConfig
@@ -41,13 +41,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
-
-
-def causal_mask(start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[n, start + n] bool: new token i sees the whole prefix and new tokens 0..i."""
-    mask = torch.ones(n, start + n, dtype=torch.bool, device=device)
-    mask[:, start:] = torch.ones(n, n, dtype=torch.bool, device=device).tril_()
-    return mask
 
 
 class Transformer:
@@ -95,41 +88,43 @@ class Transformer:
         return x
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
-                mask: torch.Tensor | None, logits_rows: torch.Tensor | slice | None = None) -> torch.Tensor:
-        """Run N new tokens, write their KV at cache slots [start, start + N), return fp32 logits.
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run every sequence's new rows, write their KV, return the logits of the rows that need them.
 
-        mask: [N, start + N] bool (True = may attend) or None when every new token sees every slot
-        (single-token decode). logits_rows picks the rows that need logits (prefill needs one).
+        Returns [len(batch.logit_rows), vocab] in the model's dtype (empty when no row needs logits).
         """
         cfg = self.config
-        n = tokens.shape[0]
-        end = start + n
+        n = batch.tokens.shape[0]
         hd, nh, nkv = cfg.head_dim, self.local_heads, self.local_kv_heads
         q_size, kv_size = nh * hd, nkv * hd
+        end = batch.max_end
         if end > self._cos.shape[0]:
-            # Every position is < end (a tree node's depth never exceeds its slot), so a Python-int
-            # check suffices. Speculative trees near the end of a context as long as the model's
-            # max_position_embeddings run a few positions past it (never committed).
+            # Every position is < its sequence's end (a tree node's depth never exceeds its slot),
+            # so a Python-int check suffices. Speculative trees near the end of a context as long as
+            # the model's max_position_embeddings run a few positions past it (never committed).
             self._rope_table(max(end, 2 * self._cos.shape[0]))
-        cos = self._cos[positions].to(self.dtype)[:, None, :]
-        sin = self._sin[positions].to(self.dtype)[:, None, :]
-        h = self.embed[tokens]
+        cos = self._cos[batch.positions].to(self.dtype)[:, None, :]
+        sin = self._sin[batch.positions].to(self.dtype)[:, None, :]
+        spans = [(a, a + m, s) for a, m, s in zip(batch.layout.q_start, batch.layout.q_len, batch.starts)]
+        h = self.embed[batch.tokens]
         for i, w in enumerate(self.layers):
             x = rms_norm(h, w.input_norm, cfg.rms_norm_eps)
             qkv = linear(x, w.qkv, w.qkv_bias)
             q = self._rope(qkv[:, :q_size].view(n, nh, hd), cos, sin)
-            k = self._rope(qkv[:, q_size:q_size + kv_size].view(n, nkv, hd), cos, sin)
-            v = qkv[:, q_size + kv_size:].view(n, nkv, hd)
-            cache.k[i, :, start:end] = k.transpose(0, 1)
-            cache.v[i, :, start:end] = v.transpose(0, 1)
-            attn = tree_attention(q.transpose(0, 1), cache.k[i, :, :end], cache.v[i, :, :end], mask, self.scale)
+            k = self._rope(qkv[:, q_size:q_size + kv_size].view(n, nkv, hd), cos, sin).transpose(0, 1)
+            v = qkv[:, q_size + kv_size:].view(n, nkv, hd).transpose(0, 1)
+            for cache, (a, b, start) in zip(batch.caches, spans):
+                cache.k[i, :, start:start + b - a] = k[:, a:b]
+                cache.v[i, :, start:start + b - a] = v[:, a:b]
+            attn = tree_attention(q.transpose(0, 1), [c.k[i] for c in batch.caches], [c.v[i] for c in batch.caches],
+                                  batch.layout, self.scale)
             h = h + self._all_reduce(linear(attn.transpose(0, 1).reshape(n, q_size), w.o))
             if w.o_bias is not None:
                 h = h + w.o_bias
             x = rms_norm(h, w.post_norm, cfg.rms_norm_eps)
             gate, up = linear(x, w.gate_up).chunk(2, dim=-1)
             h = h + self._all_reduce(linear(F.silu(gate) * up, w.down))
-        if logits_rows is not None:
-            h = h[logits_rows]
-        return linear(rms_norm(h, self.final_norm, cfg.rms_norm_eps), self.lm_head).float()
+        if batch.logit_rows is None:
+            return h[:0, :0]
+        h = h.index_select(0, batch.logit_rows)
+        return linear(rms_norm(h, self.final_norm, cfg.rms_norm_eps), self.lm_head)

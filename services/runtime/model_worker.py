@@ -13,10 +13,10 @@ import torch
 
 from .errors import InvalidRequest
 from .kv_cache import KVCache, KVPool
+from .forward_batch import Logits, Runner, SeqRows, causal
 from .loader import parse_dtype
-from .model import Transformer, causal_mask
+from .model import Transformer
 from .quant import calibrate_kernel_rows
-from .tree_mask import tree_mask
 
 log = logging.getLogger("specmesh.worker")
 
@@ -40,6 +40,11 @@ class ModelServiceConfig:
     prefill_dense: bool = dataclasses.field(default=True, metadata={
         "help": "keep a dense copy of quantized weights for many-row forwards (prefill): about 2x faster "
                 "prefill for about 2 bytes per parameter of memory"})
+    step_rows: int = dataclasses.field(default=512, metadata={"help": "most rows one batched forward runs "
+                                                                       "(all sessions' trees + prefill chunks)"})
+    prefill_chunk: int = dataclasses.field(default=256, metadata={"help": "prompt tokens per prefill chunk: a new "
+                                                                          "prompt delays running sessions by at "
+                                                                          "most one chunk"})
 
 
 def load_service_model(cfg: ModelServiceConfig, role: str, tp_rank: int = 0, tp_size: int = 1,
@@ -96,17 +101,18 @@ def calibrate_weights(model: Transformer) -> dict[str, int]:
 
 def time_tree_forward(model: Transformer, n: int, context: int = 128, repeats: int = 3) -> float:
     """Median ms of one forward of n tree tokens after `context` committed ones (start-up calibration)."""
+    runner = Runner(model, max_rows=max(context, n))
     cache = model.new_cache(context + n)
-    tokens = torch.randint(0, model.vocab_size, (context,), device=model.device)
-    model.forward(tokens, torch.arange(context, device=model.device), cache, 0, causal_mask(0, context, model.device),
-                  logits_rows=slice(0, 0))
-    parents = torch.arange(n, device=model.device) - 1  # a chain is as costly as any tree of n nodes
-    anc = torch.ones(n, n, dtype=torch.bool, device=model.device).tril_()
-    mask = tree_mask(context, anc)
+    tokens = torch.randint(0, model.vocab_size, (context,)).tolist()
+    runner.forward_one(SeqRows(cache, tokens, list(range(context)), 0, 0, causal(context, model.device),
+                               Logits.NONE))
+    # A chain is as costly as any tree of n nodes.
+    chain = SeqRows(cache, tokens[:n], list(range(context, context + n)), context, context,
+                    causal(n, model.device), Logits.ALL)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        model.forward(tokens[:n], parents + 1 + context, cache, context, mask)
+        runner.forward_one(chain)
         times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
 

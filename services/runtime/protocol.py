@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from specmesh.v1 import generation_pb2, mesh_pb2
 
-from .draft_session import TreeParams
+from .tree_params import TreeParams
 from .sampling import SamplingParams
 
 FINISH_REASONS = {
@@ -31,8 +31,3 @@ def sampling_to_proto(params: SamplingParams) -> generation_pb2.SamplingOptions:
 
 def tree_from_proto(opts: mesh_pb2.TreeOptions) -> TreeParams:
     return TreeParams(width=opts.width, subtree_size=opts.subtree_size, depth=opts.depth, max_tree=opts.max_tree)
-
-
-def tree_to_proto(params: TreeParams) -> mesh_pb2.TreeOptions:
-    return mesh_pb2.TreeOptions(width=params.width, subtree_size=params.subtree_size, depth=params.depth,
-                                max_tree=params.max_tree)

@@ -1,22 +1,28 @@
-"""The target side of one request: committed KV, one forward per round, lossless verification.
+"""The target side of one request: committed KV, lossless verification, prepare / commit per step.
 
 The KV layout is [committed prefix | scratch]. Each round the tree (root = last committed token,
 whose KV is not computed yet) is written into the scratch, verified, and only the accepted path's
 KV slides down to extend the prefix. Autoregressive decoding is the same round with a one-node tree.
+
+The session never runs the model: `prefill_rows` / `verify_rows` say what to run, the engine runs
+every ready session's rows in one batched forward (forward_batch.Runner), and `commit_prefill` /
+`commit_verify` take this session's logits. Long prompts go in chunks, so a new prompt never
+stalls running sessions for more than one chunk.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from .errors import InvalidRequest
+from .forward_batch import Logits, SeqRows, causal
 from .kv_cache import KVCache
-from .model import Transformer, causal_mask
 from .sampling import SamplingParams, probs_from_logits, sample
-from .tree_mask import ancestor_matrix, tree_mask
+from .tree_mask import ancestor_matrix
 from .verify import greedy_accept, speculative_sampling_accept
+
+Decision = tuple[list[int], int]  # (accepted node indices starting at the root, bonus token)
 
 
 @dataclass
@@ -28,60 +34,88 @@ class RoundResult:
     tree_size: int
 
 
+@dataclass
+class Tree:
+    """A tree sent for verification: node 0 is the root, parents[i] < i, q only when sampling."""
+
+    tokens: list[int]
+    parents: list[int]
+    draft_probs: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
 class TargetSession:
-    def __init__(self, model: Transformer, cache: KVCache, sampling: SamplingParams) -> None:
-        self.model = model
+    def __init__(self, cache: KVCache, sampling: SamplingParams, device: torch.device | str = "cpu",
+                 key: int = 0) -> None:
         self.cache = cache
         self.sampling = sampling
+        self.device = torch.device(device)
+        self.key = key
         self.generator = sampling.generator(salt=1) if not sampling.greedy else None
         self.root: int | None = None  # last committed token; its KV is computed by the next round
-        # Tensor parallelism: every rank runs the forward, only the leader decides what is accepted
-        # and the others adopt its (path, bonus), so all shards compact identically.
-        self.path_sync: Callable[[tuple[list[int], int] | None], tuple[list[int], int]] | None = None
-        self.leader = True
+        self._prompt: list[int] = []
+        self._unprefilled = 0  # prompt tokens still to run
         self._draft_behind: int | None = None  # set by prefill: the root of the draft's first tree
 
-    @property
-    def prefix_len(self) -> int:
-        return self.cache.length
-
-    def prefill(self, prompt: list[int]) -> int:
-        """Run the whole prompt and commit the first token at once (time to first token = prefill).
-
-        The draft's first tree is still rooted at the last prompt token, one token behind: the
-        first `adopt_draft_tree` re-roots it at the token committed here.
-        """
+    # -- prefill -------------------------------------------------------------------------------
+    def begin(self, prompt: list[int]) -> None:
+        """Take the prompt; `prefill_rows` then hands it out in chunks."""
         if not prompt:
             raise InvalidRequest("prompt is empty")
         if len(prompt) > self.cache.capacity:
             raise InvalidRequest(f"prompt of {len(prompt)} tokens exceeds the context ({self.cache.capacity})")
-        n = len(prompt)
-        device = self.model.device
-        logits = self.model.forward(torch.tensor(prompt, dtype=torch.long, device=device),
-                                    torch.arange(n, device=device), self.cache, 0, causal_mask(0, n, device),
-                                    logits_rows=slice(n - 1, n))
-        _path, first = self._decide(logits, [prompt[-1]], [-1], None)
-        self.cache.length = n
+        self._prompt, self._unprefilled = list(prompt), len(prompt)
+        self.cache.length = 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self._unprefilled > 0
+
+    def prefill_rows(self, budget: int) -> SeqRows:
+        """The next chunk of at most `budget` prompt tokens, causal against the tokens before it."""
+        start = len(self._prompt) - self._unprefilled
+        n = min(budget, self._unprefilled)
+        last = n == self._unprefilled
+        return SeqRows(self.cache, self._prompt[start:start + n], list(range(start, start + n)), start, start,
+                       causal(n, self.device), Logits.LAST if last else Logits.NONE, self.key)
+
+    def commit_prefill(self, rows: SeqRows, logits: torch.Tensor | None, decision: Decision | None = None
+                       ) -> int | None:
+        """Advance past the chunk; after the last one, commit the first token (TTFT = prefill).
+
+        The draft's first tree is still rooted at the last prompt token, one token behind: the
+        first `adopt_draft_tree` re-roots it at the token committed here. `decision`: a
+        tensor-parallel follower passes the leader's.
+        """
+        self._unprefilled -= rows.n
+        self.cache.length = rows.end
+        if self._unprefilled:
+            return None
+        _path, first = decision if decision is not None else self.decide(logits, Tree([self._prompt[-1]], [-1]))
         self.root = first
-        self._draft_behind = prompt[-1]
+        self._draft_behind = self._prompt[-1]
         return first
 
-    def adopt_draft_tree(self, tokens: list[int], parents: list[int], draft_probs: torch.Tensor | None
-                         ) -> tuple[list[int], list[int], torch.Tensor | None, list[int]]:
-        """Fit a draft subtree to the committed state; returns (tokens, parents, probs, skipped).
+    # -- rounds --------------------------------------------------------------------------------
+    def adopt_draft_tree(self, tree: Tree) -> tuple[Tree, list[int]]:
+        """Fit a draft subtree to the committed state; returns (the tree to verify, skipped).
 
         Only the first tree after prefill needs fitting: it is rooted at the last prompt token, and
         the target already committed the next token. Its subtree under that token (or just the
         token, if the draft did not propose it) is what gets verified; `skipped` = [that token],
-        which the draft must see in front of the verified tokens to re-root its own tree.
+        which the draft must see in front of the verified tokens to re-root its own tree. Nothing
+        changes until the round commits, so a tree that waits for a later step is fitted again then.
         """
-        behind, self._draft_behind = self._draft_behind, None
+        behind = self._draft_behind
+        tokens, parents = tree.tokens, tree.parents
         if behind is None or tokens[0] != behind:
-            return tokens, parents, draft_probs, []
+            return tree, []
         first = self.root
         child = next((i for i in range(1, len(tokens)) if parents[i] == 0 and tokens[i] == first), None)
         if child is None:
-            return [first], [-1], None, [first]
+            return Tree([first], [-1]), [first]
         inside = [False] * len(tokens)
         inside[child] = True
         for i in range(child + 1, len(tokens)):
@@ -89,59 +123,45 @@ class TargetSession:
         keep = [i for i in range(len(tokens)) if inside[i]]
         local = {node: j for j, node in enumerate(keep)}
         new_parents = [-1] + [local[parents[i]] for i in keep[1:]]
-        probs = draft_probs[keep] if draft_probs is not None else None
-        return [tokens[i] for i in keep], new_parents, probs, [first]
+        probs = tree.draft_probs[keep] if tree.draft_probs is not None else None
+        return Tree([tokens[i] for i in keep], new_parents, probs), [first]
 
-    def step(self) -> int:
-        """Plain autoregressive decoding: verify the one-node tree [root]."""
-        return self.verify([self.root], [-1]).tokens[0]
+    def decode_tree(self) -> Tree:
+        """Plain autoregressive decoding: the one-node tree [root]."""
+        return Tree([self.root], [-1])
 
-    def verify(self, tokens: list[int], parents: list[int], draft_probs: torch.Tensor | None = None) -> RoundResult:
-        """One forward over the tree, accept the longest lossless path, keep only its KV."""
-        self._draft_behind = None
-        n = len(tokens)
+    def verify_rows(self, tree: Tree) -> SeqRows:
+        """The tree's nodes after the committed prefix, each seeing the prefix and its ancestors."""
+        n = len(tree)
         start = self.cache.length
-        if tokens[0] != self.root:
-            raise InvalidRequest(f"tree root {tokens[0]} is not the last committed token {self.root}")
+        if tree.tokens[0] != self.root:
+            raise InvalidRequest(f"tree root {tree.tokens[0]} is not the last committed token {self.root}")
         if start + n > self.cache.capacity:
             raise InvalidRequest(f"context full: {start} committed + {n} tree tokens > {self.cache.capacity}")
-        device = self.model.device
-        if n == 1:
-            positions = torch.tensor([start], device=device)
-            mask = None
-        else:
-            depth = [0] * n
-            for i in range(1, n):
-                depth[i] = depth[parents[i]] + 1
-            positions = torch.tensor(depth, device=device) + start
-            mask = tree_mask(start, ancestor_matrix(parents, device))
-        logits = self.model.forward(torch.tensor(tokens, device=device), positions, self.cache, start, mask)
-        path, bonus = self._decide(logits, tokens, parents, draft_probs)
-        self.cache.move_slots(torch.tensor(path, device=device) + start, start)
+        depth = [0] * n
+        for i in range(1, n):
+            depth[i] = depth[tree.parents[i]] + 1
+        mask = ancestor_matrix(tree.parents, self.device) if n > 1 else None
+        return SeqRows(self.cache, list(tree.tokens), [start + d for d in depth], start, start, mask, Logits.ALL,
+                       self.key)
+
+    def commit_verify(self, tree: Tree, logits: torch.Tensor | None, decision: Decision | None = None
+                      ) -> RoundResult:
+        """Accept the longest lossless path, keep only its KV; `decision` as in commit_prefill."""
+        path, bonus = decision if decision is not None else self.decide(logits, tree)
+        self._draft_behind = None
+        start = self.cache.length
+        self.cache.move_slots([start + i for i in path], start)
         self.cache.length = start + len(path)
         self.root = bonus
-        return RoundResult([tokens[i] for i in path[1:]] + [bonus], len(path) - 1, n)
+        return RoundResult([tree.tokens[i] for i in path[1:]] + [bonus], len(path) - 1, len(tree))
 
-    def _decide(self, logits: torch.Tensor, tokens: list[int], parents: list[int],
-                draft_probs: torch.Tensor | None) -> tuple[list[int], int]:
-        """The leader accepts; tensor-parallel followers adopt the leader's decision."""
-        if not self.leader:
-            return self.path_sync(None)
-        decision = self._accept(logits, tokens, parents, draft_probs)
-        if self.path_sync is not None:
-            self.path_sync(decision)
-        return decision
-
-    def _accept(self, logits: torch.Tensor, tokens: list[int], parents: list[int],
-                draft_probs: torch.Tensor | None) -> tuple[list[int], int]:
-        n = len(tokens)
+    def decide(self, logits: torch.Tensor, tree: Tree) -> Decision:
+        """Which path of `tree` the target accepts, and its bonus token (logits: one row per node)."""
         if self.sampling.greedy:
-            path, bonus = greedy_accept(logits, tokens, parents)
-        else:
-            probs = probs_from_logits(logits, self.sampling)
-            if n == 1:
-                path, bonus = [0], sample(probs[0], self.generator)
-            else:
-                q = draft_probs if draft_probs is not None else torch.zeros_like(probs)
-                path, bonus = speculative_sampling_accept(probs, q, tokens, parents, self.generator)
-        return path, bonus
+            return greedy_accept(logits, tree.tokens, tree.parents)
+        probs = probs_from_logits(logits, self.sampling)
+        if len(tree) == 1:
+            return [0], sample(probs[0], self.generator)
+        q = tree.draft_probs if tree.draft_probs is not None else torch.zeros_like(probs)
+        return speculative_sampling_accept(probs, q, tree.tokens, tree.parents, self.generator)

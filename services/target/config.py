@@ -18,4 +18,3 @@ class TargetConfig(CommonConfig, ModelServiceConfig):
     calibrate_tokens: int = dataclasses.field(default=16, metadata={"help": "tree size timed at start-up"})
     verify_delay_ms: float = dataclasses.field(default=0.0, metadata={"help": "testing: random extra delay per "
                                                                                "round, uniform in [0, x] ms"})
-    treekv_addr: str = dataclasses.field(default="", metadata={"help": "treekv address (informational)"})

@@ -1,28 +1,34 @@
-"""The target's loop: one worker thread runs every forward, a receiver thread takes subtrees.
+"""The target's engine: continuous batching of verification rounds and prefill chunks.
 
-Per round (the critical path): take the subtree, verify it in one forward, send the verified
-tokens to the draft, then hand them to the session's gRPC stream. Sessions whose draft is gone
-(never paired, or the draft died mid-stream) continue target-only: same session, one-node trees.
+One worker thread (runtime.actor) owns the model. Each step it takes every session that has work:
+the next subtree the draft sent (or the one-node tree of a session without a draft) and, within
+the step's row budget, the next chunk of each newly arrived prompt; all of it runs in one forward
+(runtime.forward_batch.Runner). Then, per session: accept, compact, send the verified tokens to
+the draft first (it is what the next round waits on), then hand them to the session's gRPC
+stream. Sessions join and leave between steps; a long prompt never stalls running sessions for
+more than one chunk. Sessions whose draft is gone (never paired, or it died mid-stream) continue
+target-only: same session, one-node trees.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import queue
 import random
-import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
-from specmesh.services.runtime.channel import Subtree, TensorChannel
-from specmesh.services.runtime.engines import Request, clip_chunk
-from specmesh.services.runtime.errors import SpecmeshError
-from specmesh.services.runtime.model import Transformer
-from specmesh.services.runtime.model_worker import LeasedPool
+import torch
+
 from specmesh.services.runtime import telemetry
-from specmesh.services.runtime.target_session import TargetSession
+from specmesh.services.runtime.actor import ChannelUp, EngineActor
+from specmesh.services.runtime.channel import Subtree, TensorChannel
+from specmesh.services.runtime.errors import InvalidRequest, SpecmeshError
+from specmesh.services.runtime.forward_batch import Runner, SeqRows
+from specmesh.services.runtime.model_worker import LeasedPool
+from specmesh.services.runtime.request import Request, clip_chunk
+from specmesh.services.runtime.target_session import Decision, TargetSession, Tree
 
 from . import metrics
 
@@ -46,7 +52,7 @@ class RoundOut:
 
 @dataclass
 class SessionState:
-    slot: int
+    channel_id: int  # the session's tag on the tensor channel
     session_id: str
     request: Request
     lease: tuple[int, int]
@@ -54,6 +60,7 @@ class SessionState:
     out: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     session: TargetSession | None = None
+    trees: deque = field(default_factory=deque)  # subtrees received, not verified yet
     produced: int = 0
     rounds: int = 0
     done: bool = False
@@ -64,166 +71,238 @@ class SessionState:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 
-class TargetEngine:
-    def __init__(self, model: Transformer, pool: LeasedPool, tp: Any = None, verify_delay_ms: float = 0.0) -> None:
-        self.model, self.pool = model, pool
+# -- inbox messages ------------------------------------------------------------------------------
+@dataclass
+class Open:
+    state: SessionState
+
+
+@dataclass
+class Abort:
+    channel_id: int
+
+
+@dataclass
+class SubtreeIn:
+    subtree: Subtree
+
+
+@dataclass
+class _Job:
+    """One session's part of a step: a prefill chunk (tree None) or a tree to verify."""
+
+    state: SessionState
+    rows: SeqRows
+    tree: Tree | None = None
+    skipped: list[int] = field(default_factory=list)
+    draft_span: tuple[int, int, int] = (0, 0, 0)
+    received: float = 0.0
+
+
+class TargetEngine(EngineActor):
+    name = "target"
+
+    def __init__(self, runner: Runner, pool: LeasedPool, tp: Any = None, verify_delay_ms: float = 0.0,
+                 prefill_chunk: int = 256) -> None:
+        super().__init__()
+        self.runner, self.pool = runner, pool
+        self.model = runner.model
         self.verify_delay_ms = verify_delay_ms
-        self.tp = tp  # TPLeader when the target is tensor parallel: replays session operations
+        self.prefill_chunk = prefill_chunk
+        self.tp = tp  # TPLeader when the target is tensor parallel: broadcasts batches and decisions
         self.sessions: dict[int, SessionState] = {}
         self.orphans: dict[int, list[Subtree]] = {}  # subtrees that beat their session's open
-        self.work: queue.Queue = queue.Queue()
-        self.channel: TensorChannel | None = None
-        self._worker = threading.Thread(target=self._run, name="target-worker", daemon=True)
-        self._worker.start()
+        self._turn = 0  # rotates which session goes first when a step's row budget runs out
+        self.handle(Open, self._on_open)
+        self.handle(Abort, self._on_abort)
+        self.handle(SubtreeIn, self._on_subtree)
+        self.start()
 
     # -- called from the gRPC side -----------------------------------------------------------
     def open(self, state: SessionState) -> None:
-        self.work.put(("open", state))
+        self.post(Open(state))
 
-    def abort(self, slot: int) -> None:
-        self.work.put(("abort", slot))
+    def abort(self, channel_id: int) -> None:
+        self.post(Abort(channel_id))
 
     def attach_channel(self, channel: TensorChannel) -> None:
-        self.work.put(("channel", channel))
+        self.post(ChannelUp(channel))
 
-    def stop(self) -> None:
-        self.work.put(("stop", None))
+    @property
+    def active_sessions(self) -> int:
+        return len(self.sessions)
 
-    # -- receiver thread ---------------------------------------------------------------------
-    def _receive(self, channel: TensorChannel) -> None:
-        while True:
-            try:
-                subtree = channel.recv_subtree()
-            except Exception as exc:  # the draft died or the pairing was replaced
-                self.work.put(("channel_down", (channel, str(exc).splitlines()[0])))
-                return
-            self.work.put(("subtree", subtree))
+    # -- messages ------------------------------------------------------------------------------
+    def receive(self, channel: TensorChannel) -> object:
+        return SubtreeIn(channel.recv_subtree())
 
-    # -- worker thread -----------------------------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            kind, arg = self.work.get()
-            try:
-                if kind == "stop":
-                    return
-                getattr(self, f"_on_{kind}")(arg)
-            except Exception:
-                log.exception("target worker failed on %s", kind)
-
-    def _on_channel(self, channel: TensorChannel) -> None:
-        if self.channel is not None:
-            self._on_channel_down((self.channel, "replaced by a new pairing"))
-        self.channel = channel
-        threading.Thread(target=self._receive, args=(channel,), name="target-recv", daemon=True).start()
-        log.info("tensor channel to the draft is up")
-
-    def _on_channel_down(self, arg: tuple[TensorChannel, str]) -> None:
-        channel, why = arg
-        if channel is not self.channel:
-            return
-        log.warning("tensor channel to the draft is down (%s); running sessions continue target-only", why)
-        channel.close()
-        self.channel = None
+    def on_channel_lost(self, why: str) -> None:
+        log.warning("running sessions continue target-only (%s)", why)
         for state in self.sessions.values():
-            if state.speculative and not state.done:
-                state.speculative = False
-                self.work.put(("ar", state.slot))
+            state.speculative = False
+            state.trees.clear()
 
-    def _on_open(self, state: SessionState) -> None:
+    def _on_open(self, message: Open) -> None:
+        state = message.state
         try:
             cache = self.pool.open(*state.lease)
         except SpecmeshError as exc:
             state.emit(RoundOut([], 0, 0, 0, "abort", 0.0, False, error=str(exc)))
             return
-        self.sessions[state.slot] = state
-        metrics.SESSIONS.set(len(self.sessions))
-        state.session = TargetSession(self.model, cache, state.request.sampling)
-        if self.tp is not None:
-            self.tp.replay("open", state.slot, state.lease, dataclasses.asdict(state.request.sampling))
-            self.tp.replay("prefill", state.slot, state.request.prompt)
-            self.tp.attach(state.session)
-        t0 = time.perf_counter()
+        state.session = TargetSession(cache, state.request.sampling, self.model.device, key=state.channel_id)
         try:
-            first = state.session.prefill(state.request.prompt)
+            state.session.begin(state.request.prompt)
         except SpecmeshError as exc:
-            self._finish(state, RoundOut([], 0, 0, 0, "abort", 0.0, False, error=str(exc)))
+            self.pool.close(*state.lease)
+            state.emit(RoundOut([], 0, 0, 0, "abort", 0.0, False, error=str(exc)))
             return
+        self.sessions[state.channel_id] = state
+        metrics.SESSIONS.set(len(self.sessions))
+        if self.tp is not None:
+            self.tp.open(state.channel_id, state.lease, state.request)
         if state.speculative and self.channel is None:
             state.speculative = False
-        # The first token comes from the prefill itself: time to first token does not wait for the draft.
-        chunk, reason = clip_chunk([first], 0, state.request)
-        state.produced, state.rounds = len(chunk), 1
-        out = RoundOut(chunk, 0, 1, 1, reason, (time.perf_counter() - t0) * 1000, False)
-        if reason is not None:
-            self._finish(state, out)
-            return
-        state.emit(out)
-        if not state.speculative:
-            self.work.put(("ar", state.slot))
-        for subtree in self.orphans.pop(state.slot, []):
-            self._on_subtree(subtree)
+        for subtree in self.orphans.pop(state.channel_id, []):
+            self._on_subtree(SubtreeIn(subtree))
 
-    def _on_subtree(self, subtree: Subtree) -> None:
-        state = self.sessions.get(subtree.slot)
+    def _on_subtree(self, message: SubtreeIn) -> None:
+        subtree = message.subtree
+        state = self.sessions.get(subtree.channel_id)
         if state is None:
-            self.orphans.setdefault(subtree.slot, []).append(subtree)
+            self.orphans.setdefault(subtree.channel_id, []).append(subtree)
             return
         if state.done or not state.speculative:
             return
         if not subtree.tokens:  # the draft gave up on this session: continue target-only
             state.speculative = False
-            self.work.put(("ar", state.slot))
+            state.trees.clear()
             return
-        tokens, parents, q, skipped = state.session.adopt_draft_tree(subtree.tokens, subtree.parents, subtree.q)
-        self._round(state, tokens, parents, q, subtree.trace, skipped)
+        state.trees.append((subtree, time.perf_counter()))
 
-    def _on_ar(self, slot: int) -> None:
-        state = self.sessions.get(slot)
-        if state is None or state.done or state.speculative:
-            return
-        self._round(state, [state.session.root], [-1], None)
-        if not state.done:
-            self.work.put(("ar", slot))  # re-queue behind other work: sessions take turns
-
-    def _on_abort(self, slot: int) -> None:
-        state = self.sessions.get(slot)
+    def _on_abort(self, message: Abort) -> None:
+        state = self.sessions.get(message.channel_id)
         if state is not None and not state.done:
             self._finish(state, RoundOut([], 0, 0, state.rounds, "abort", 0.0, state.speculative))
-        self.orphans.pop(slot, None)
+        self.orphans.pop(message.channel_id, None)
 
-    def _round(self, state: SessionState, tokens: list[int], parents: list[int], q: Any,
-               draft_span: tuple[int, int, int] = (0, 0, 0), skipped: tuple[int, ...] | list[int] = ()) -> None:
-        """Verify one tree; `skipped` = tokens committed before it that the draft has not seen yet."""
-        received = time.perf_counter()
-        wait_s = received - state.sent_at if state.sent_at is not None else None
+    # -- steps ---------------------------------------------------------------------------------
+    def _has_round(self, state: SessionState) -> bool:
+        return not state.session.prefilling and (bool(state.trees) or not state.speculative)
+
+    def has_work(self) -> bool:
+        return any(s.session.prefilling or self._has_round(s) for s in self.sessions.values())
+
+    def step(self) -> None:
+        jobs = self._gather()
+        if not jobs:
+            return
         if self.verify_delay_ms:
             time.sleep(random.uniform(0, self.verify_delay_ms) / 1000)
         t0 = time.perf_counter()
-        if self.tp is not None:
-            self.tp.replay("verify", state.slot, tokens, parents)
         try:
-            result = state.session.verify(tokens, parents, q)
-        except SpecmeshError as exc:
-            self._finish(state, RoundOut([], 0, len(tokens), state.rounds, "abort", 0.0, state.speculative,
-                                         error=str(exc)))
+            logits = self.runner.forward([job.rows for job in jobs])
+        except SpecmeshError as exc:  # nothing of this step ran: every session in it ends
+            for job in jobs:
+                self._finish(job.state, RoundOut([], 0, len(job.tree or ()), job.state.rounds, "abort", 0.0,
+                                                 job.state.speculative, error=str(exc)))
             return
+        decisions = [self._decide(job, out) for job, out in zip(jobs, logits)]
+        if self.tp is not None:
+            self.tp.commit([(job.state.channel_id, d) for job, d in zip(jobs, decisions)])
         t1 = time.perf_counter()
-        verify_ms = (t1 - t0) * 1000
+        metrics.STEP_ROWS.observe(sum(job.rows.n for job in jobs))
+        metrics.STEP_SESSIONS.observe(len(jobs))
+        for job, decision in zip(jobs, decisions):
+            if job.tree is None:
+                self._commit_prefill(job, decision, t0, t1)
+            else:
+                self._commit_round(job, decision, t0, t1)
+
+    def _gather(self) -> list[_Job]:
+        """Every ready round first (running sessions), then prefill chunks, within the row budget."""
+        states = list(self.sessions.values())
+        if states:
+            self._turn = (self._turn + 1) % len(states)
+            states = states[self._turn:] + states[:self._turn]
+        budget, jobs = self.runner.max_rows, []
+        for state in states:
+            if state.done or not self._has_round(state):
+                continue
+            job = self._round_job(state, budget)
+            if job is not None:
+                jobs.append(job)
+                budget -= job.rows.n
+        for state in states:
+            if state.done or not state.session.prefilling or budget <= 0:
+                continue
+            rows = state.session.prefill_rows(min(self.prefill_chunk, budget))
+            jobs.append(_Job(state, rows))
+            budget -= rows.n
+        return jobs
+
+    def _round_job(self, state: SessionState, budget: int) -> _Job | None:
+        session = state.session
+        if state.trees:
+            subtree, received = state.trees[0]
+            tree, skipped = session.adopt_draft_tree(Tree(subtree.tokens, subtree.parents, subtree.q))
+            span = subtree.trace
+        else:
+            tree, skipped, span, received = session.decode_tree(), [], (0, 0, 0), time.perf_counter()
+        try:
+            rows = session.verify_rows(tree)
+            if rows.n > self.runner.max_rows:
+                raise InvalidRequest(f"a tree of {rows.n} nodes exceeds --step-rows ({self.runner.max_rows})")
+        except SpecmeshError as exc:
+            self._finish(state, RoundOut([], 0, len(tree), state.rounds, "abort", 0.0, state.speculative,
+                                         error=str(exc)))
+            return None
+        if rows.n > budget:  # waits for the next step (adopting a tree changes nothing until it commits)
+            return None
+        if state.trees:
+            state.trees.popleft()
+        return _Job(state, rows, tree, skipped, span, received)
+
+    def _decide(self, job: _Job, logits: torch.Tensor | None) -> Decision | None:
+        session = job.state.session
+        if job.tree is None:
+            if job.rows.logit_rows == 0:
+                return None  # not the last chunk
+            return session.decide(logits, Tree([job.rows.tokens[-1]], [-1]))
+        return session.decide(logits, job.tree)
+
+    def _commit_prefill(self, job: _Job, decision: Decision | None, t0: float, t1: float) -> None:
+        state = job.state
+        first = state.session.commit_prefill(job.rows, None, decision)
+        if first is None:
+            return
+        # The first token comes from the prefill itself: time to first token does not wait for the draft.
+        chunk, reason = clip_chunk([first], 0, state.request)
+        state.produced, state.rounds = len(chunk), 1
+        out = RoundOut(chunk, 0, 1, 1, reason, (t1 - t0) * 1000, False)
+        if reason is not None:
+            self._finish(state, out)
+        else:
+            state.emit(out)
+
+    def _commit_round(self, job: _Job, decision: Decision, t0: float, t1: float) -> None:
+        state = job.state
+        result = state.session.commit_verify(job.tree, None, decision)
+        wait_s = job.received - state.sent_at if state.sent_at is not None and state.speculative else None
         chunk, reason = clip_chunk(result.tokens, state.produced, state.request)
         state.produced += len(chunk)
         state.rounds += 1
         if state.speculative and self.channel is not None:
             try:  # the draft first: it is what the next round waits on
-                self.channel.send_verified(state.slot, state.rounds, [*skipped, *result.tokens],
+                self.channel.send_verified(state.channel_id, state.rounds, [*job.skipped, *result.tokens],
                                            end=reason is not None)
                 state.sent_at = time.perf_counter()
             except Exception as exc:
-                self._on_channel_down((self.channel, str(exc).splitlines()[0]))
-        out = RoundOut(chunk, result.accepted_draft, result.tree_size, state.rounds, reason, verify_ms,
-                       len(tokens) > 1)
+                self.channel_failed(exc)
+        out = RoundOut(chunk, result.accepted_draft, result.tree_size, state.rounds, reason, (t1 - t0) * 1000,
+                       len(job.tree) > 1)
         metrics.record_round(result.accepted_draft, result.tree_size, len(chunk), t1 - t0, wait_s)
         if telemetry.trace_round() and state.trace_ctx is not None:
-            self._trace_round(state, out, result.tokens[-1], draft_span, received, t0, t1)
+            self._trace_round(state, out, result.tokens[-1], job.draft_span, job.received, t0, t1)
         if reason is not None:
             self._finish(state, out, notify_draft=False)
         else:
@@ -247,17 +326,12 @@ class TargetEngine:
         state.done = True
         if notify_draft and state.speculative and self.channel is not None:
             try:
-                self.channel.send_verified(state.slot, state.rounds, [], end=True)
+                self.channel.send_verified(state.channel_id, state.rounds, [], end=True)
             except Exception as exc:
-                self._on_channel_down((self.channel, str(exc).splitlines()[0]))
-        self.sessions.pop(state.slot, None)
-        metrics.SESSIONS.set(len(self.sessions))
-        if state.session is not None:
+                self.channel_failed(exc)
+        if self.sessions.pop(state.channel_id, None) is not None:
             self.pool.close(*state.lease)
             if self.tp is not None:
-                self.tp.replay("close", state.slot)
+                self.tp.close(state.channel_id)
+        metrics.SESSIONS.set(len(self.sessions))
         state.emit(out)
-
-    @property
-    def active_sessions(self) -> int:
-        return len(self.sessions)

@@ -35,3 +35,7 @@ def record_round(accepted: int, tree_size: int, tokens: int, verify_s: float, wa
         ACCEPTED_PER_POS.labels(str(pos)).inc()
     if wait_s is not None:
         WAIT.observe(wait_s)
+STEP_ROWS = Histogram("specmesh_target_step_rows", "rows in one batched target forward (trees + prefill chunks)",
+                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+STEP_SESSIONS = Histogram("specmesh_target_step_sessions", "sessions in one batched target forward",
+                          buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))

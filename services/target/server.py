@@ -10,11 +10,12 @@ import grpc
 
 from specmesh.services.runtime import rpc, telemetry
 from specmesh.services.runtime.channel import TARGET_RANK, TensorChannel, host_store
-from specmesh.services.runtime.engines import Request
 from specmesh.services.runtime.errors import InvalidRequest, SpecmeshError
+from specmesh.services.runtime.forward_batch import Runner
 from specmesh.services.runtime.model_worker import (LeasedPool, instance_id, load_service_model,
                                                      time_tree_forward)
 from specmesh.services.runtime.protocol import FINISH_REASONS, sampling_from_proto
+from specmesh.services.runtime.request import Request
 from specmesh.services.runtime.service_main import service_main, start_metrics, wait_for_stop_signal, write_ready_file
 from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
@@ -68,7 +69,7 @@ class TargetServicer(mesh_pb2_grpc.TargetServicer):
                 raise InvalidRequest(f"channel slot {request.channel_slot} is already in use")
         except SpecmeshError as exc:
             await context.abort(rpc.status_code(exc), str(exc))
-        state = SessionState(slot=request.channel_slot, session_id=request.session_id, request=req,
+        state = SessionState(channel_id=request.channel_slot, session_id=request.session_id, request=req,
                              lease=(request.lease.first_block, request.lease.num_blocks),
                              speculative=request.speculate, out=asyncio.Queue(), loop=asyncio.get_running_loop(),
                              trace_ctx=telemetry.current_context())
@@ -85,12 +86,12 @@ class TargetServicer(mesh_pb2_grpc.TargetServicer):
                     return
         finally:
             if not state.done:  # the router cancelled (stop string, client gone, deadline)
-                self.engine.abort(state.slot)
+                self.engine.abort(state.channel_id)
 
     async def Abort(self, request: mesh_pb2.SessionRef, context: grpc.aio.ServicerContext) -> mesh_pb2.Empty:
         for state in list(self.engine.sessions.values()):
             if state.session_id == request.session_id:
-                self.engine.abort(state.slot)
+                self.engine.abort(state.channel_id)
         return mesh_pb2.Empty()
 
     async def Info(self, request: mesh_pb2.Empty, context: grpc.aio.ServicerContext) -> mesh_pb2.ServiceTiming:
@@ -112,10 +113,14 @@ async def serve(config: TargetConfig) -> None:
         log.info("tensor-parallel group of %d ranks is up", config.tp)
     model, _ = await asyncio.to_thread(load_service_model, config, "target", 0, config.tp)
     if tp is not None:
-        tp.replay("calibrate", config.calibrate_tokens)
+        tp.calibrate(config.calibrate_tokens)
     forward_ms = await asyncio.to_thread(time_tree_forward, model, config.calibrate_tokens)
     log.info("one verify of %d tree tokens takes %.1f ms", config.calibrate_tokens, forward_ms)
-    engine = TargetEngine(model, LeasedPool(model, config), tp=tp, verify_delay_ms=config.verify_delay_ms)
+    runner = Runner(model, config.step_rows)
+    if tp is not None:
+        tp.attach(runner)
+    engine = TargetEngine(runner, LeasedPool(model, config), tp=tp, verify_delay_ms=config.verify_delay_ms,
+                          prefill_chunk=config.prefill_chunk)
     servicer = TargetServicer(config, engine, forward_ms, store)
     metrics_port = start_metrics(config.host, config.metrics_port)
     server, port = await rpc.start_server(config.host, config.port,

@@ -2,9 +2,11 @@
 
 Every rank holds a shard of the weights (column-parallel q/k/v and gate/up, row-parallel o and
 down, one all-reduce after each; see runtime/model.py) and a shard of every session's KV (its kv
-heads). Rank 0 replays each session operation it performs — open, prefill, verify, close — to the
-workers as a small broadcast command, so all ranks run the same forward in lockstep; only rank 0
-decides what is accepted, and broadcasts (path, bonus) so every shard compacts the same slots.
+heads). Rank 0 broadcasts *batches*, not per-session operations: before each batched forward the
+rows of every sequence in it (tokens, positions, start, prefix, tree mask), so all ranks run the
+same forward in lockstep; after it, only rank 0 decides what is accepted and broadcasts the
+step's decisions, so every shard commits (compacts) the same slots. Sessions opening and closing
+are the only other commands.
 The group is the default torch.distributed group of these processes (gloo on CPU, NCCL on GPU),
 rendezvoused through the target's TCPStore under the prefix "tp".
 """
@@ -18,6 +20,7 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,9 +28,11 @@ import torch.distributed as dist
 
 from specmesh.services.runtime.channel import join_store
 from specmesh.services.runtime.errors import SpecmeshError
-from specmesh.services.runtime.model_worker import LeasedPool, load_service_model
+from specmesh.services.runtime.forward_batch import Logits, Runner, SeqRows
+from specmesh.services.runtime.model_worker import LeasedPool, load_service_model, time_tree_forward
+from specmesh.services.runtime.request import Request
 from specmesh.services.runtime.sampling import SamplingParams
-from specmesh.services.runtime.target_session import TargetSession
+from specmesh.services.runtime.target_session import Decision, TargetSession, Tree
 
 from .config import TargetConfig
 
@@ -48,13 +53,8 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def sync_path(decision: tuple[list[int], int] | None) -> tuple[list[int], int]:
-    """Leader passes its (path, bonus); followers pass None and receive it."""
-    return _broadcast(decision)
-
-
 class TPLeader:
-    """Rank 0's handle: start the workers, replay session operations to them."""
+    """Rank 0's handle: start the workers, broadcast sessions, batches and decisions to them."""
 
     def __init__(self, config: TargetConfig, store_host: str, store_port: int) -> None:
         self.world = config.tp
@@ -69,15 +69,29 @@ class TPLeader:
     def join(self, store: dist.Store, device: str) -> None:
         init_group(store, 0, self.world, device)
 
-    def replay(self, op: str, *args: Any) -> None:
-        _broadcast((op, *args))
+    def attach(self, runner: Runner) -> None:
+        """Every batch the leader's runner runs is first broadcast to the followers."""
+        runner.on_forward = self.forward
 
-    def attach(self, session: TargetSession) -> None:
-        session.path_sync = sync_path
+    def open(self, key: int, lease: tuple[int, int], request: Request) -> None:
+        _broadcast(("open", key, lease, dataclasses.asdict(request.sampling), request.prompt))
+
+    def forward(self, seqs: list[SeqRows]) -> None:
+        _broadcast(("forward", [(s.key, s.tokens, s.positions, s.start, s.prefix,
+                                 s.mask.cpu() if s.mask is not None else None, s.logits.value) for s in seqs]))
+
+    def commit(self, decisions: list[tuple[int, Decision | None]]) -> None:
+        _broadcast(("commit", decisions))
+
+    def close(self, key: int) -> None:
+        _broadcast(("close", key))
+
+    def calibrate(self, n: int) -> None:
+        _broadcast(("calibrate", n))
 
     def stop(self) -> None:
         try:
-            self.replay("stop")
+            _broadcast(("stop",))
         except Exception:
             pass
         for proc in self.procs:
@@ -94,6 +108,45 @@ def _rank_device(device: str, rank: int) -> str:
     return device
 
 
+@dataclass
+class _Follower:
+    """A follower rank's sessions and the rows of the batch it ran last (committed by the next
+    "commit" with the leader's decisions)."""
+
+    runner: Runner
+    pool: LeasedPool
+    sessions: dict[int, tuple[TargetSession, tuple[int, int]]] = field(default_factory=dict)
+    last: dict[int, SeqRows] = field(default_factory=dict)
+
+    def execute(self, op: str, rest: list[Any]) -> None:
+        if op == "open":
+            key, lease, sampling, prompt = rest
+            session = TargetSession(self.pool.open(*lease), SamplingParams(**sampling), self.runner.device, key)
+            session.begin(prompt)
+            self.sessions[key] = (session, lease)
+        elif op == "forward":
+            (described,) = rest
+            seqs = [SeqRows(self.sessions[key][0].cache, tokens, positions, start, prefix,
+                            mask.to(self.runner.device) if mask is not None else None, Logits(logits), key)
+                    for key, tokens, positions, start, prefix, mask, logits in described]
+            self.runner.forward(seqs)
+            self.last = {s.key: s for s in seqs}
+        elif op == "commit":
+            (decisions,) = rest
+            for key, decision in decisions:
+                session, rows = self.sessions[key][0], self.last.pop(key)
+                if session.prefilling:
+                    session.commit_prefill(rows, None, decision)
+                else:
+                    session.commit_verify(Tree(rows.tokens, []), None, decision)
+        elif op == "close":
+            (key,) = rest
+            _session, lease = self.sessions.pop(key)
+            self.pool.close(*lease)
+        elif op == "calibrate":
+            time_tree_forward(self.runner.model, rest[0])
+
+
 def worker_main(argv: list[str] | None = None) -> int:
     """A follower rank: load the shard, then execute the leader's commands until "stop"."""
     parser = argparse.ArgumentParser(description="specmesh target tensor-parallel worker (started by rank 0)")
@@ -107,39 +160,15 @@ def worker_main(argv: list[str] | None = None) -> int:
     host, port = args.store.rsplit(":", 1)
     init_group(join_store(host, int(port)), args.rank, config.tp, config.device)
     model, _ = load_service_model(config, "target", tp_rank=args.rank, tp_size=config.tp)
-    pool = LeasedPool(model, config)
-    sessions: dict[int, tuple[TargetSession, tuple[int, int]]] = {}
+    follower = _Follower(Runner(model, config.step_rows), LeasedPool(model, config))
     while True:
         op, *rest = _broadcast(None)
         if op == "stop":
             return 0
         try:
-            _execute(op, rest, model, pool, sessions)
+            follower.execute(op, rest)
         except SpecmeshError as exc:  # the leader hit the same error and handles it (closes the session)
             log.debug("%s failed on this rank too: %s", op, exc)
-
-
-def _execute(op: str, rest: list[Any], model: Any, pool: LeasedPool,
-             sessions: dict[int, tuple[TargetSession, tuple[int, int]]]) -> None:
-    if op == "open":
-        slot, lease, sampling = rest
-        session = TargetSession(model, pool.open(*lease), SamplingParams(**sampling))
-        session.path_sync, session.leader = sync_path, False
-        sessions[slot] = (session, lease)
-    elif op == "prefill":
-        slot, prompt = rest
-        sessions[slot][0].prefill(prompt)
-    elif op == "verify":
-        slot, tokens, parents = rest
-        sessions[slot][0].verify(tokens, parents)
-    elif op == "close":
-        (slot,) = rest
-        _session, lease = sessions.pop(slot)
-        pool.close(*lease)
-    elif op == "calibrate":
-        from specmesh.services.runtime.model_worker import time_tree_forward
-
-        time_tree_forward(model, rest[0])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,200 @@
+"""Speculation sized to the load and the hardware (SmartSpec, arXiv 2406.14066; issue 8 section 2).
+
+A verified row is not free: on a CPU a 16-row target forward costs several 1-row forwards, on a GPU
+the cost is flat to 32 rows or more, and when several sessions share one batched forward every
+row of one session delays all the others. So instead of a fixed subtree size the planner picks,
+per step, how many tree nodes each session sends (1 = the root only: plain decoding) to maximise
+goodput: expected committed tokens per second of target time.
+
+- `CostCurve`: the target's verify time for M = 1..32 rows, measured at start-up
+  (`measure_cost_curve`), interpolated, extended by its last slope beyond what was measured.
+- `Acceptance`: the draft's node scores are cumulative log-probabilities, so exp(score) estimates
+  the chance that a node lies on the accepted path, and the expected accepted tokens of a subtree
+  are the sum of that over its non-root nodes. An online calibration per tree depth (accepted
+  rounds over predicted ones, as an exponential average) corrects a draft that is over- or
+  under-confident.
+- `plan`: merges candidate nodes best first (a best-first prefix of a session's nodes is always a
+  subtree) and picks the row count M that maximises (sessions + expected accepted(M)) / cost(M +
+  rows other sessions already put in the step).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .forward_batch import Logits, Runner, SeqRows, causal
+
+MEASURED_ROWS = (1, 2, 4, 8, 12, 16, 24, 32)
+
+
+@dataclass
+class CostCurve:
+    """Forward time in ms by row count (ascending `rows`), piecewise linear."""
+
+    rows: list[int]
+    ms: list[float]
+
+    def at(self, m: float) -> float:
+        rows, ms = self.rows, self.ms
+        if m <= rows[0]:
+            return ms[0]
+        for (r0, t0), (r1, t1) in zip(zip(rows, ms), zip(rows[1:], ms[1:])):
+            if m <= r1:
+                return t0 + (t1 - t0) * (m - r0) / (r1 - r0)
+        if len(rows) == 1:
+            return ms[0]
+        slope = max(0.0, (ms[-1] - ms[-2]) / (rows[-1] - rows[-2]))
+        return ms[-1] + slope * (m - rows[-1])
+
+    def by_rows(self, limit: int = 32) -> list[float]:
+        """ms for 1..limit rows (what the target hands the draft on pairing)."""
+        return [self.at(m) for m in range(1, limit + 1)]
+
+    @classmethod
+    def from_by_rows(cls, ms: list[float]) -> "CostCurve":
+        return cls(list(range(1, len(ms) + 1)), list(ms))
+
+
+def measure_cost_curve(runner: Runner, rows: tuple[int, ...] = MEASURED_ROWS, context: int = 128,
+                       repeats: int = 3) -> CostCurve:
+    """Median forward time of a chain of M tree rows after `context` committed tokens, per M."""
+    model = runner.model
+    top = max(rows)
+    cache = model.new_cache(context + top)
+    tokens = torch.randint(0, model.vocab_size, (context + top,)).tolist()
+    runner.forward_one(SeqRows(cache, tokens[:context], list(range(context)), 0, 0, causal(context, model.device),
+                               Logits.NONE))
+    ms = []
+    for m in rows:
+        chain = SeqRows(cache, tokens[context:context + m], list(range(context, context + m)), context, context,
+                        causal(m, model.device), Logits.ALL)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            runner.forward_one(chain)
+            times.append((time.perf_counter() - t0) * 1000)
+        ms.append(statistics.median(times))
+    return CostCurve(list(rows), ms)
+
+
+@dataclass
+class Acceptance:
+    """Online calibration of the draft's path probabilities, per tree depth (1 = first child)."""
+
+    max_depth: int = 32
+    decay: float = 0.95
+    predicted: list[float] = field(default_factory=list)
+    observed: list[float] = field(default_factory=list)
+    seen: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # A prior of one round that went exactly as predicted: calibration starts at 1.
+        self.predicted = [1.0] * (self.max_depth + 1)
+        self.observed = [1.0] * (self.max_depth + 1)
+        self.seen = [False] * (self.max_depth + 1)
+
+    def factor(self, depth: int) -> float:
+        """observed / predicted at this depth; a depth never sent yet borrows the deepest one sent."""
+        d = min(depth, self.max_depth)
+        while d > 1 and not self.seen[d]:
+            d -= 1
+        return self.observed[d] / self.predicted[d]
+
+    def record(self, reach: dict[int, float], accepted: int) -> None:
+        """One verified round: `reach[d]` = predicted chance of accepting >= d tokens, as sent."""
+        for d, p in reach.items():
+            if 1 <= d <= self.max_depth:
+                self.predicted[d] = self.decay * self.predicted[d] + p
+                self.observed[d] = self.decay * self.observed[d] + (1.0 if accepted >= d else 0.0)
+                self.seen[d] = True
+
+
+@dataclass
+class Candidate:
+    """One tree node a session could send: its depth and the draft's path probability."""
+
+    session: int
+    depth: int
+    prob: float
+
+
+@dataclass
+class Plan:
+    sizes: dict[int, int]          # session -> subtree size (1 = the root alone)
+    tokens_per_round: float        # expected committed tokens of these sessions per step
+    step_ms: float                 # predicted target step time
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_round / self.step_ms * 1000 if self.step_ms > 0 else 0.0
+
+
+def plan(candidates: list[Candidate], sessions: list[int], curve: CostCurve, acceptance: Acceptance,
+         other_rows: int = 0, other_tokens: float = 0.0, max_rows: int = 64, fixed_ms: float = 0.0) -> Plan:
+    """Subtree sizes maximising (committed tokens) / (step time) over the sessions given.
+
+    `candidates`: non-root nodes of every session's tree, with prob = exp(score). A session's
+    candidates taken best first form a subtree (scores never increase from parent to child), so
+    taking the globally best nodes keeps every session's choice a subtree. `other_rows` /
+    `other_tokens`: what sessions not planned here already put into the step. `fixed_ms`: time a
+    round costs besides the target forward (the serial engine's draft expansions).
+    """
+    # The draft's own order (raw scores): a best-first prefix of it is what select_subtree sends.
+    ranked = sorted(candidates, key=lambda c: -c.prob)
+    base_rows = len(sessions) + other_rows
+    tokens = len(sessions) + other_tokens  # every round commits at least the bonus token
+    best_m, best_rate, best_tokens = 0, tokens / (curve.at(base_rows) + fixed_ms), tokens
+    gained = tokens
+    for m, c in enumerate(ranked[:max(0, max_rows - base_rows)], start=1):
+        gained += min(1.0, c.prob * acceptance.factor(c.depth))
+        rate = gained / (curve.at(base_rows + m) + fixed_ms)
+        if rate > best_rate:
+            best_m, best_rate, best_tokens = m, rate, gained
+    sizes = {s: 1 for s in sessions}
+    for c in ranked[:best_m]:
+        sizes[c.session] += 1
+    return Plan(sizes, best_tokens - other_tokens, curve.at(base_rows + best_m) + fixed_ms)
+
+
+def tree_candidates(session: int, depth: list[int], score: list[float], nodes: list[int]) -> list[Candidate]:
+    """The non-root `nodes` of a token tree as candidates (prob = exp of the cumulative log-prob)."""
+    return [Candidate(session, depth[i], math.exp(score[i])) for i in nodes if depth[i] > 0]
+
+
+def reach_of(depths: list[int], probs: list[float]) -> dict[int, float]:
+    """Predicted chance of accepting >= d tokens for a sent subtree (sum of path probabilities at depth d)."""
+    out: dict[int, float] = {}
+    for d, p in zip(depths, probs):
+        if d > 0:
+            out[d] = min(1.0, out.get(d, 0.0) + p)
+    return out
+
+
+class SpeculationPlanner:
+    """One session group's planner: the target's cost curve plus the online acceptance calibration."""
+
+    def __init__(self, curve: CostCurve, max_subtree: int, fixed_ms: float = 0.0) -> None:
+        self.curve = curve
+        self.max_subtree = max_subtree
+        self.fixed_ms = fixed_ms
+        self.acceptance = Acceptance()
+        self.last: Plan | None = None
+
+    def subtree_size(self, session: int, depth: list[int], score: list[float], best: list[int],
+                     other_rows: int = 0, other_tokens: float = 0.0) -> tuple[int, dict[int, float]]:
+        """How many of the session's `best` nodes (best first, root included) to send, and the
+        predicted reach of that subtree (to `record` once it is verified)."""
+        cands = tree_candidates(session, depth, score, best[:self.max_subtree])
+        chosen = plan(cands, [session], self.curve, self.acceptance, other_rows, other_tokens,
+                      max_rows=other_rows + self.max_subtree, fixed_ms=self.fixed_ms)
+        self.last = chosen
+        size = chosen.sizes[session]
+        sent = sorted(best[:size])
+        return size, reach_of([depth[i] for i in sent], [math.exp(score[i]) for i in sent])
+
+    def record(self, reach: dict[int, float], accepted: int) -> None:
+        self.acceptance.record(reach, accepted)

@@ -1,0 +1,92 @@
+"""The speculation planner: subtree sizes that follow the cost curve, the load and the acceptance."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from specmesh.services.runtime.engines import DecodeStats, generate_ar, generate_serial
+from specmesh.services.runtime.forward_batch import Runner
+from specmesh.services.runtime.request import Request
+from specmesh.services.runtime.speculation_planner import (Acceptance, Candidate, CostCurve, SpeculationPlanner,
+                                                           measure_cost_curve, plan, reach_of)
+from specmesh.services.runtime.tree_params import TreeParams
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+FLAT = CostCurve([1, 32], [10.0, 10.5])         # a GPU: rows are almost free up to 32
+STEEP = CostCurve([1, 16], [10.0, 47.0])        # this CPU: 16 rows cost 4.7x one row
+
+
+def chain(session: int, probs: list[float]) -> list[Candidate]:
+    """A chain of nodes whose path probabilities are the running products of `probs`."""
+    out, p = [], 1.0
+    for d, x in enumerate(probs, start=1):
+        p *= x
+        out.append(Candidate(session, d, p))
+    return out
+
+
+def test_cost_curve_interpolates_and_extends_by_its_last_slope() -> None:
+    curve = CostCurve([1, 4, 8], [2.0, 5.0, 7.0])
+    assert curve.at(1) == 2.0 and curve.at(2) == 3.0 and curve.at(6) == 6.0
+    assert curve.at(12) == 9.0  # slope 0.5 / row past the last point
+    assert CostCurve.from_by_rows(curve.by_rows(8)).at(3) == curve.at(3)
+
+
+def test_flat_cost_sends_the_likely_nodes_and_steep_cost_fewer() -> None:
+    cands = chain(0, [0.9] * 20)
+    flat = plan(cands, [0], FLAT, Acceptance(), max_rows=21)
+    steep = plan(cands, [0], STEEP, Acceptance(), max_rows=21)
+    assert flat.sizes[0] > steep.sizes[0] > 1
+    assert flat.tokens_per_s > steep.tokens_per_s
+
+
+def test_hopeless_drafts_give_plain_decoding() -> None:
+    assert plan(chain(0, [0.01] * 8), [0], STEEP, Acceptance()).sizes[0] == 1
+
+
+def test_more_load_means_smaller_trees() -> None:
+    cands = chain(0, [0.8] * 16)
+    linear = CostCurve([1, 64], [10.0, 10.0 + 63 * 2.5])
+    sizes = [plan(cands, [0], linear, Acceptance(), other_rows=rows, other_tokens=rows * 1.5,
+                  max_rows=rows + 17).sizes[0] for rows in (0, 8, 32, 56)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+
+
+def test_several_sessions_share_the_rows_by_probability() -> None:
+    cands = chain(0, [0.95] * 6) + chain(1, [0.3] * 6)
+    chosen = plan(cands, [0, 1], STEEP, Acceptance(), max_rows=14)
+    assert chosen.sizes[0] > chosen.sizes[1] >= 1
+
+
+def test_acceptance_calibration_learns_an_overconfident_draft() -> None:
+    acc = Acceptance()
+    reach = reach_of([0, 1, 2, 3], [1.0, 0.9, 0.8, 0.7])
+    assert reach == {1: 0.9, 2: 0.8, 3: 0.7}
+    for _ in range(40):
+        acc.record(reach, accepted=0)  # it says 90% but nothing is ever accepted
+    assert acc.factor(1) < 0.1
+    cands = chain(0, [0.9] * 8)
+    assert plan(cands, [0], STEEP, acc).sizes[0] < plan(cands, [0], STEEP, Acceptance()).sizes[0]
+
+
+def test_serial_with_the_planner_is_lossless_and_adapts(tiny_target: Any, tiny_draft: Any) -> None:
+    curve = measure_cost_curve(Runner(tiny_target, max_rows=64), rows=(1, 8, 32), context=16, repeats=1)
+    assert len(curve.ms) == 3 and all(ms > 0 for ms in curve.ms)
+    tree = TreeParams(width=3, subtree_size=24, depth=4)
+    for curve in (FLAT, CostCurve([1, 2], [10.0, 30.0])):  # rows free / each row costs two forwards
+        planner = SpeculationPlanner(curve, tree.subtree_size)
+        sizes = []
+        for prompt in ([5, 6, 7], [100, 3, 45, 200], [42]):
+            request = Request(prompt, 30)
+            stats = DecodeStats()
+            assert sum(generate_serial(tiny_target, tiny_draft, request, 128, tree, stats, planner), []) == \
+                sum(generate_ar(tiny_target, request, 128), [])
+            sizes += stats.subtree_sizes
+        if curve is FLAT:
+            flat_mean = sum(sizes) / len(sizes)
+        else:
+            assert sum(sizes) / len(sizes) < flat_mean
+    assert math.isfinite(planner.last.tokens_per_s)
