@@ -27,7 +27,7 @@ class TreeLayout:
     kv_len: list[int]
     prefix: list[int]
     masks: list[torch.Tensor | None]
-    _dense: dict[int, torch.Tensor | None] = field(default_factory=dict, repr=False)
+    _dense: dict[tuple[int, int], torch.Tensor | None] = field(default_factory=dict, repr=False)
     _packed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -54,20 +54,22 @@ class TreeLayout:
     def rows(self) -> int:
         return sum(self.q_len)
 
-    def dense_mask(self, b: int) -> torch.Tensor | None:
-        """Sequence b's [q_len, kv_len] mask (what SDPA takes), built once per call and reused
-        by every layer; None when every row sees every slot."""
-        if b not in self._dense:
+    def dense_mask(self, b: int, repeat: int = 1) -> torch.Tensor | None:
+        """Sequence b's [q_len, kv_len] mask (what SDPA takes), stacked `repeat` times along the rows
+        (one copy per query head of a kv head), built once per call and reused by every layer;
+        None when every row sees every slot."""
+        key = (b, repeat)
+        if key not in self._dense:
             m = self.masks[b]
             if m is None:
-                self._dense[b] = None
+                self._dense[key] = None
             else:
                 p = self.prefix[b]
                 dense = torch.empty(self.q_len[b], self.kv_len[b], dtype=torch.bool, device=m.device)
                 dense[:, :p] = True
                 dense[:, p:] = m
-                self._dense[b] = dense
-        return self._dense[b]
+                self._dense[key] = dense.repeat(repeat, 1) if repeat > 1 else dense
+        return self._dense[key]
 
     def packed(self, k_offsets: list[int], v_offsets: list[int], device: torch.device
                ) -> tuple[torch.Tensor, torch.Tensor]:
