@@ -16,5 +16,8 @@ class TargetConfig(CommonConfig, ModelServiceConfig):
                                                                           "tensor channel ('' = --host)"})
     subtree_capacity: int = dataclasses.field(default=64, metadata={"help": "max nodes per subtree"})
     calibrate_tokens: int = dataclasses.field(default=16, metadata={"help": "tree size timed at start-up"})
+    prefill_threads: int = dataclasses.field(default=0, metadata={
+        "help": "torch threads for steps that only prefill (0 = every core): prefill is compute-bound and "
+                "comes before any round, so it may borrow the draft's cores; rounds keep --threads"})
     verify_delay_ms: float = dataclasses.field(default=0.0, metadata={"help": "testing: random extra delay per "
                                                                                "round, uniform in [0, x] ms"})

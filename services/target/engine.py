@@ -12,12 +12,13 @@ target-only: same session, one-node trees.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -103,12 +104,13 @@ class TargetEngine(EngineActor):
     name = "target"
 
     def __init__(self, runner: Runner, pool: LeasedPool, tp: Any = None, verify_delay_ms: float = 0.0,
-                 prefill_chunk: int = 256) -> None:
+                 prefill_chunk: int = 256, prefill_threads: int | None = None) -> None:
         super().__init__()
         self.runner, self.pool = runner, pool
         self.model = runner.model
         self.verify_delay_ms = verify_delay_ms
         self.prefill_chunk = prefill_chunk
+        self.prefill_threads = prefill_threads  # None: prefill steps keep the process's threads
         self.tp = tp  # TPLeader when the target is tensor parallel: broadcasts batches and decisions
         self.sessions: dict[int, SessionState] = {}
         self.orphans: dict[int, list[Subtree]] = {}  # subtrees that beat their session's open
@@ -200,7 +202,8 @@ class TargetEngine(EngineActor):
             time.sleep(random.uniform(0, self.verify_delay_ms) / 1000)
         t0 = time.perf_counter()
         try:
-            logits = self.runner.forward([job.rows for job in jobs])
+            with self._threads_for(jobs):
+                logits = self.runner.forward([job.rows for job in jobs])
         except SpecmeshError as exc:  # nothing of this step ran: every session in it ends
             for job in jobs:
                 self._finish(job.state, RoundOut([], 0, len(job.tree or ()), job.state.rounds, "abort", 0.0,
@@ -217,6 +220,20 @@ class TargetEngine(EngineActor):
                 self._commit_prefill(job, decision, t0, t1)
             else:
                 self._commit_round(job, decision, t0, t1)
+
+    @contextlib.contextmanager
+    def _threads_for(self, jobs: list["_Job"]) -> Iterator[None]:
+        """All cores for a step of prefill chunks only (TTFT is prefill-bound); --threads otherwise."""
+        threads = torch.get_num_threads()
+        wide = self.prefill_threads is not None and self.prefill_threads > threads and \
+            all(job.tree is None for job in jobs)
+        if wide:
+            torch.set_num_threads(self.prefill_threads)
+        try:
+            yield
+        finally:
+            if wide:
+                torch.set_num_threads(threads)
 
     def _gather(self) -> list[_Job]:
         """Every ready round first (running sessions), then prefill chunks, within the row budget."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import threading
 import uuid
@@ -120,7 +121,9 @@ async def serve(config: TargetConfig) -> None:
     if tp is not None:
         tp.attach(runner)
     engine = TargetEngine(runner, LeasedPool(model, config), tp=tp, verify_delay_ms=config.verify_delay_ms,
-                          prefill_chunk=config.prefill_chunk)
+                          prefill_chunk=config.prefill_chunk,
+                          # tensor-parallel ranks already share the cores: their prefill keeps --threads
+                          prefill_threads=(config.prefill_threads or os.cpu_count() or 1) if config.tp == 1 else None)
     servicer = TargetServicer(config, engine, forward_ms, store)
     metrics_port = start_metrics(config.host, config.metrics_port)
     server, port = await rpc.start_server(config.host, config.port,
