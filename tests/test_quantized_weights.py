@@ -247,25 +247,3 @@ def test_mesh_with_gguf_weights_and_tp2_target_equals_target_only(gguf_pair: dic
         rejected += sum(c.tree_size > 1 and c.accepted == 0 for c in chunks)
     assert speculative > 0 and rejected > 0  # the draft took part, and its trees were rejected outright
 
-
-def test_prefill_only_steps_borrow_every_core(tiny_target: Any) -> None:
-    """The target widens torch's threads for a step of prefill chunks only, and restores them."""
-    from types import SimpleNamespace
-
-    from specmesh.services.runtime.forward_batch import Runner
-    from specmesh.services.runtime.model_worker import LeasedPool, ModelServiceConfig
-    from specmesh.services.target.engine import TargetEngine
-
-    engine = TargetEngine(Runner(tiny_target, 64), LeasedPool(tiny_target, ModelServiceConfig(pool_blocks=4)),
-                          prefill_threads=3)
-    try:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        seen = []
-        for jobs in ([SimpleNamespace(tree=None)], [SimpleNamespace(tree=None), SimpleNamespace(tree=[1])]):
-            with engine._threads_for(jobs):  # type: ignore[arg-type]
-                seen.append(torch.get_num_threads())
-        assert seen == [3, 1] and torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
-        engine.stop()
