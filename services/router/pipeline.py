@@ -70,7 +70,10 @@ class Router:
         self.config = config
         self.meta = meta
         self.limits = Limits(max_context=meta.context_length, vocab_size=meta.vocab_size,
-                             max_stop_strings=config.max_stop_strings, max_stop_len=config.max_stop_len)
+                             max_stop_strings=config.max_stop_strings, max_stop_len=config.max_stop_len,
+                             max_token_chars=meta.max_token_chars)
+        aliases = [n.strip() for n in config.served_model_names.split(",") if n.strip()]
+        self.model_names = list(dict.fromkeys([meta.target_name, *aliases]))  # what `model` may name
         self.mesh = Mesh(config.treekv_addr, config.target_addr, config.draft_addr, config.rpc_timeout_s)
         self.pairing = Pairing(self.mesh, config.depth)
         self.live: dict[str, LiveRequest] = {}
@@ -97,11 +100,15 @@ class Router:
 
     async def prepare_async(self, req: GenRequest) -> Prepared:
         """`prepare`, moved off the event loop for big inputs so other streams do not stall
-        (the Rust tokenizer releases the GIL while it encodes)."""
+        (the Rust tokenizer releases the GIL while it encodes). Refusals count as request errors."""
         size = len(req.prompt or "") + sum(len(m.get("content") or "") for m in req.messages or ())
-        if size > BIG_INPUT_CHARS:
-            return await asyncio.to_thread(self.prepare, req)
-        return self.prepare(req)
+        try:
+            if size > BIG_INPUT_CHARS:
+                return await asyncio.to_thread(self.prepare, req)
+            return self.prepare(req)
+        except SpecmeshError as exc:
+            metrics.ERRORS.labels(exc.grpc_code_name).inc()
+            raise
 
     def abort(self, request_id: str) -> bool:
         """Cancel a running request; its stream ends with finish reason ABORT. False if unknown."""

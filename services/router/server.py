@@ -23,6 +23,7 @@ from specmesh.v1 import generation_pb2, generation_pb2_grpc
 from ..runtime import rpc, telemetry
 from ..runtime.errors import SpecmeshError
 from ..runtime.service_main import service_main, start_metrics, wait_for_stop_signal, write_ready_file
+from . import metrics
 from .config import RouterConfig
 from .model_meta import load_model_meta
 from .output import ChunkEvent, FinalEvent
@@ -98,7 +99,8 @@ async def serve(config: RouterConfig) -> None:
         metrics_port = start_metrics(config.host, config.metrics_port)
         server, port = await rpc.start_server(config.host, config.port,
                                               [(generation_pb2_grpc.add_GenerationServicer_to_server,
-                                                GenerationServicer(router))], [SERVICE_NAME])
+                                                GenerationServicer(router))], [SERVICE_NAME],
+                                              on_refused=lambda code: metrics.ERRORS.labels(code).inc())
         http_port = None
         if config.http_port >= 0:
             http, http_port = await start_http(router, config.host, config.http_port, config.shutdown_grace_s)

@@ -10,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .errors import SpecmeshError
+from .guard import Access, Guard
 
 log = logging.getLogger("specmesh.rpc")
 
@@ -22,13 +23,15 @@ CHANNEL_OPTIONS = [
 
 
 async def start_server(host: str, port: int, register: Iterable[tuple[Callable[[Any, Any], None], Any]],
-                       service_names: Iterable[str]) -> tuple[grpc.aio.Server, int]:
+                       service_names: Iterable[str], access: Access = Access(),
+                       on_refused: Callable[[str], None] | None = None) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server with our servicers, standard health checking and reflection.
 
-    Returns the server and the bound port (pass port 0 for a free one). Health reports SERVING for
-    the overall server ("") and each named service.
+    Every request passes the Guard first (undecodable messages and callers `access` does not let
+    in are refused; `on_refused` hears of each). Returns the server and the bound port (pass port
+    0 for a free one). Health reports SERVING for the overall server ("") and each named service.
     """
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[Guard(access, on_refused)])
     for add, servicer in register:
         add(servicer, server)
     health_servicer = health.aio.HealthServicer()
