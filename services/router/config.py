@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..runtime.security import read_api_keys
 from ..runtime.service_config import CommonConfig
 
 
@@ -29,6 +30,10 @@ class RouterConfig(CommonConfig):
     depth: int = dataclasses.field(default=0, metadata={"help": "d: draft expansions per round (0 = auto: target "
                                                                 "forward ms / draft forward ms)"})
     max_tree: int = dataclasses.field(default=64, metadata={"help": "draft tree slots beyond the prefix"})
+    api_key_file: str = dataclasses.field(default="", metadata={"help": "file of API keys, one per line: the "
+                                                                         "public gRPC and HTTP endpoints then "
+                                                                         "require 'authorization: Bearer <key>' "
+                                                                         "('' = env SPECMESH_API_KEY, else open)"})
     served_model_names: str = dataclasses.field(default="", metadata={"help": "comma-separated names the HTTP "
                                                                               "API also accepts as `model` (the "
                                                                               "target's own name always works)"})
@@ -60,5 +65,6 @@ class RouterConfig(CommonConfig):
             raise ValueError("--target-addr is required")
         if not self.treekv_addr:
             raise ValueError("--treekv-addr is required")
+        read_api_keys(self.api_key_file)  # an unreadable or empty key file: one line at start-up
         if self.rpc_timeout_s <= 0:
             raise ValueError(f"--rpc-timeout-s must be positive, got {self.rpc_timeout_s}")

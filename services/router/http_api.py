@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import ssl
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
@@ -25,6 +26,7 @@ from typing import Any, AsyncIterator, Callable
 from aiohttp import web
 
 from ..runtime.errors import NotFound, SpecmeshError
+from ..runtime.guard import bearer_token
 from . import metrics
 from .openai_schema import ChatBody, CompletionBody, parse_body
 from .output import ChunkEvent, FinalEvent, Usage
@@ -145,6 +147,7 @@ class HttpApi:
             if not gen.request_id:
                 gen.request_id = uuid.uuid4().hex
             prepared = await self.router.prepare_async(gen)
+            prepared.owner = _bearer(request) if self.router.api_keys else ""
         except SpecmeshError as exc:
             return error_response(exc)
         meta = {"id": kind.prefix + prepared.request_id, "created": int(time.time()), "model": model}
@@ -223,10 +226,30 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Any
                                  status=500)
 
 
+def _bearer(request: web.Request) -> str:
+    return bearer_token([("authorization", request.headers.get("Authorization", ""))])
+
+
+def api_key_check(keys: frozenset[str]) -> Callable[..., Any]:
+    """Middleware: /v1/* needs `Authorization: Bearer <one of keys>` (401 invalid_api_key otherwise)."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+        if request.path.startswith("/v1/") and _bearer(request) not in keys:
+            metrics.ERRORS.labels("UNAUTHENTICATED").inc()
+            return web.json_response({"error": {"message": "Incorrect or missing API key (send Authorization: "
+                                                "Bearer <key>)", "type": "invalid_request_error",
+                                                "code": "invalid_api_key", "param": None}}, status=401)
+        return await handler(request)
+
+    return check
+
+
 def make_app(router: Router) -> web.Application:
     """The aiohttp application (exposed for tests)."""
     api = HttpApi(router)
-    app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[json_errors])
+    middlewares = [json_errors, *([api_key_check(router.api_keys)] if router.api_keys else [])]
+    app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=middlewares)
     app[ROUTER_KEY] = router
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_post("/v1/chat/completions", api.chat)
@@ -236,13 +259,14 @@ def make_app(router: Router) -> web.Application:
     return app
 
 
-async def start_http(router: Router, host: str, port: int, shutdown_s: float = 5.0) -> tuple[web.AppRunner, int]:
-    """Serve the HTTP API on host:port (0 = a free port); returns the runner (cleanup() stops it,
-    giving running requests `shutdown_s`) and the bound port."""
+async def start_http(router: Router, host: str, port: int, shutdown_s: float = 5.0,
+                     ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
+    """Serve the HTTP API on host:port (0 = a free port; HTTPS with ssl_context); returns the runner
+    (cleanup() stops it, giving running requests `shutdown_s`) and the bound port."""
     # handler_cancellation: a client that hangs up cancels its handler, which runs the request's
     # cleanup at once instead of generating for nobody.
     runner = web.AppRunner(make_app(router), handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_s)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     return runner, runner.addresses[0][1]

@@ -25,8 +25,9 @@ import grpc
 
 from specmesh.v1 import generation_pb2, mesh_pb2
 
-from ..runtime.errors import InvalidRequest, ResourceExhausted, SpecmeshError
+from ..runtime.errors import InvalidRequest, PermissionDenied, ResourceExhausted, SpecmeshError
 from ..runtime.protocol import FINISH_NAMES, sampling_to_proto
+from ..runtime.security import MeshSecurity, read_api_keys
 from . import metrics
 from .config import RouterConfig
 from .mesh import Mesh, Peer, PeerError
@@ -49,6 +50,7 @@ class LiveRequest:
     """A running request, findable by id for Abort."""
 
     request_id: str
+    owner: str = ""
     aborted: bool = False
     finished: bool = False  # the stream is over; only the cleanup still runs
     stream: TargetStream | None = None  # the target's stream, once started
@@ -74,7 +76,9 @@ class Router:
                              max_token_chars=meta.max_token_chars)
         aliases = [n.strip() for n in config.served_model_names.split(",") if n.strip()]
         self.model_names = list(dict.fromkeys([meta.target_name, *aliases]))  # what `model` may name
-        self.mesh = Mesh(config.treekv_addr, config.target_addr, config.draft_addr, config.rpc_timeout_s)
+        self.mesh = Mesh(config.treekv_addr, config.target_addr, config.draft_addr, config.rpc_timeout_s,
+                         MeshSecurity.from_config(config))
+        self.api_keys = read_api_keys(config.api_key_file)
         self.pairing = Pairing(self.mesh, config.depth)
         self.live: dict[str, LiveRequest] = {}
         self._slots = itertools.count(1)
@@ -110,10 +114,16 @@ class Router:
             metrics.ERRORS.labels(exc.grpc_code_name).inc()
             raise
 
-    def abort(self, request_id: str) -> bool:
-        """Cancel a running request; its stream ends with finish reason ABORT. False if unknown."""
+    def abort(self, request_id: str, caller: str = "") -> bool:
+        """Cancel a running request; its stream ends with finish reason ABORT. False if unknown.
+
+        With API keys on, only the key that sent the request may abort it (PermissionDenied)."""
         live = self.live.get(request_id)
-        return live is not None and live.abort()
+        if live is None:
+            return False
+        if self.api_keys and live.owner != caller:
+            raise PermissionDenied(f"request {request_id!r} was sent with another API key")
+        return live.abort()
 
     def model_info(self) -> generation_pb2.ModelInfoResponse:
         m = self.meta
@@ -133,7 +143,7 @@ class Router:
         if len(self.live) >= self.config.max_concurrent:
             metrics.REJECTED.inc()
             raise ResourceExhausted(f"router is at its limit of {self.config.max_concurrent} concurrent requests")
-        live = LiveRequest(p.request_id)
+        live = LiveRequest(p.request_id, owner=p.owner)
         self.live[p.request_id] = live
         session = Session(p, slot=next(self._slots) % SLOT_LIMIT or 1)
         out = OutputProcessor(self.meta.tokenizer, p.prompt_ids, p.max_tokens, p.stop, p.user_stop_ids, p.eos_ids)

@@ -57,6 +57,7 @@ class Prepared:
     stop: list[str]
     user_stop_ids: list[int]
     eos_ids: list[int]  # the EOS ids the router adds as stop ids ([] with ignore_eos)
+    owner: str = ""  # the API key that sent it ('' when keys are off): only it may Abort the request
 
     @property
     def stop_token_ids(self) -> list[int]:
