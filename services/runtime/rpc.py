@@ -60,27 +60,36 @@ async def start_internal_server(config: Any, register: Iterable[tuple[Callable[[
                               credentials=security.server_credentials())
 
 
-class _SendSecret(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """Adds the mesh's shared secret to every call's metadata."""
+def _with_secret(d: grpc.aio.ClientCallDetails, secret: str) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(d.metadata or ()), (SECRET_METADATA, secret))
+    return grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready)
+
+
+# Two classes: a grpc.aio channel files each interceptor under one kind of call only.
+class _SecretUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds the mesh's shared secret to every unary call."""
 
     def __init__(self, secret: str) -> None:
         self.secret = secret
 
-    def _details(self, d: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(d.metadata or ()), (SECRET_METADATA, self.secret))
-        return grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready)
-
     async def intercept_unary_unary(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(_with_secret(details, self.secret), request)
+
+
+class _SecretStream(grpc.aio.UnaryStreamClientInterceptor):
+    """Adds the mesh's shared secret to every server-streaming call."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
 
     async def intercept_unary_stream(self, continuation: Any, details: grpc.aio.ClientCallDetails,
                                      request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(_with_secret(details, self.secret), request)
 
 
 def connect(addr: str, security: MeshSecurity = MeshSecurity()) -> grpc.aio.Channel:
     """A channel to another mesh service: TLS when `security` has a CA, the secret on every call."""
-    interceptors = [_SendSecret(security.secret)] if security.secret else None
+    interceptors = [_SecretUnary(security.secret), _SecretStream(security.secret)] if security.secret else None
     credentials = security.channel_credentials()
     if credentials is not None:
         return grpc.aio.secure_channel(addr, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
