@@ -209,6 +209,17 @@ def test_bad_flags_and_missing_model_fail_in_one_line(tmp_path_factory: pytest.T
     proc = subprocess.run([sys.executable, "-m", ROUTER, "--tree-width", "0"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "--tree-width must be positive" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", ROUTER, "--tls-cert", "/x.pem"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "--tls-cert and --tls-key go together" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", ROUTER, "--tls-cert", "/no/cert.pem", "--tls-key", "/no/key.pem"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "cannot read the --tls-cert /no/cert.pem" in proc.stderr
+    target_dir, _ = tiny_pair(tmp_path_factory.getbasetemp())
+    proc = subprocess.run([sys.executable, "-m", ROUTER, "--model", str(target_dir), "--port", "0", "--http-port",
+                           "-1", "--api-key-file", "/no/keys"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "cannot read the API key file /no/keys" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 CHAT = [{"role": "user", "content": "hi"}]

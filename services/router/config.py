@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..runtime.security import read_api_keys
 from ..runtime.service_config import CommonConfig
 
 
@@ -65,6 +64,5 @@ class RouterConfig(CommonConfig):
             raise ValueError("--target-addr is required")
         if not self.treekv_addr:
             raise ValueError("--treekv-addr is required")
-        read_api_keys(self.api_key_file)  # an unreadable or empty key file: one line at start-up
         if self.rpc_timeout_s <= 0:
             raise ValueError(f"--rpc-timeout-s must be positive, got {self.rpc_timeout_s}")

@@ -16,15 +16,23 @@ from typing import Any
 
 import grpc
 
+from .errors import SpecmeshError
+
 SECRET_ENV = "SPECMESH_INTERNAL_SECRET"
 API_KEY_ENV = "SPECMESH_API_KEY"
+
+
+class CredentialsError(SpecmeshError, ValueError):
+    """A secret, key or certificate file that cannot be used (reported in one line at start-up)."""
+
+    grpc_code_name = "FAILED_PRECONDITION"
 
 
 def _read(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise ValueError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+        raise CredentialsError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
 
 
 def read_secret(path: str, env: str) -> str:
@@ -32,7 +40,7 @@ def read_secret(path: str, env: str) -> str:
     if path:
         secret = _read(path, "secret file").decode().strip()
         if not secret:
-            raise ValueError(f"the secret file {path} is empty")
+            raise CredentialsError(f"the secret file {path} is empty")
         return secret
     return os.environ.get(env, "").strip()
 
@@ -45,7 +53,7 @@ def read_api_keys(path: str) -> frozenset[str]:
     keys = [line.strip() for line in _read(path, "API key file").decode().splitlines()]
     keys = [k for k in keys if k and not k.startswith("#")]
     if not keys:
-        raise ValueError(f"the API key file {path} holds no key")
+        raise CredentialsError(f"the API key file {path} holds no key")
     return frozenset(keys)
 
 
@@ -60,11 +68,11 @@ class MeshSecurity:
 
     @classmethod
     def from_config(cls, config: Any) -> "MeshSecurity":
-        """From a CommonConfig's flags; ValueError naming the flag when they do not fit together."""
+        """From a CommonConfig's flags; CredentialsError naming the flag when they do not fit together."""
         if bool(config.tls_cert) != bool(config.tls_key):
-            raise ValueError("--tls-cert and --tls-key go together")
+            raise CredentialsError("--tls-cert and --tls-key go together")
         if config.tls_ca and not config.tls_cert:
-            raise ValueError("--tls-ca needs --tls-cert and --tls-key (mutual TLS: every service has a certificate)")
+            raise CredentialsError("--tls-ca needs --tls-cert and --tls-key (mutual TLS: every service has a certificate)")
         return cls(secret=read_secret(config.internal_secret_file, SECRET_ENV),
                    cert=_read(config.tls_cert, "--tls-cert") if config.tls_cert else None,
                    key=_read(config.tls_key, "--tls-key") if config.tls_key else None,
