@@ -259,3 +259,25 @@ def test_router_with_a_wrong_secret_names_the_refusing_service(secured: Secured,
     assert f"treekv-service at {mesh.treekv.addr} refused the router" in info.value.details()
     assert "x-specmesh-secret" in info.value.details()
 
+
+
+def test_sdk_and_cli_carry_the_api_key_over_tls(secured: Secured) -> None:
+    import os
+    import sys
+
+    from specmesh.clients.sdk import Client, SpecmeshClientError
+
+    addr, ca = secured.mesh.router.addr, secured.pki.ca_path
+    with Client(addr, timeout=60, api_key=KEYS[1], tls_ca=ca) as client:
+        done = client.complete("hello", max_tokens=4, ignore_eos=True)
+        assert done.usage.completion_tokens == 4
+    with Client(addr, timeout=60, api_key="wrong", tls_ca=ca) as client:
+        with pytest.raises(SpecmeshClientError) as info:
+            client.complete("hello", max_tokens=4)
+        assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    env = {**os.environ, "SPECMESH_API_KEY": KEYS[0]}
+    proc = subprocess.run([sys.executable, "-m", "specmesh.clients.cli", "generate", "hello", "--raw", "--addr", addr,
+                           "--tls-ca", ca, "--max-tokens", "3", "--ignore-eos", "--json"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["usage"]["completion_tokens"] == 3
