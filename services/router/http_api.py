@@ -157,7 +157,8 @@ class HttpApi:
             except SpecmeshError as exc:
                 return error_response(exc)
             if body.stream:
-                return await self._stream(request, kind, meta, first, events)
+                usage = body.stream_options is None or body.stream_options.include_usage
+                return await self._stream(request, kind, meta, first, events, usage)
             return await self._collect(kind, meta, first, events)
 
     async def _collect(self, kind: _Kind, meta: dict[str, Any], first: Event,
@@ -176,7 +177,7 @@ class HttpApi:
                                   "usage": _usage(event.usage)})
 
     async def _stream(self, request: web.Request, kind: _Kind, meta: dict[str, Any], first: Event,
-                      events: AsyncIterator[Event]) -> web.StreamResponse:
+                      events: AsyncIterator[Event], include_usage: bool) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
@@ -195,7 +196,7 @@ class HttpApi:
                 event = await anext(events)
             assert isinstance(event, FinalEvent)
             await send({**base, "choices": [kind.stream_choice(None, FINISH[event.finish_reason])],
-                        "usage": _usage(event.usage)})
+                        **({"usage": _usage(event.usage)} if include_usage else {})})
             await resp.write(b"data: [DONE]\n\n")
         except SpecmeshError as exc:
             await send(error_body(exc)[1])

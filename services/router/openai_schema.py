@@ -26,7 +26,7 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = True  # the final chunk always carries usage
+    include_usage: bool = True  # false: the final chunk carries no usage
 
 
 class ResponseFormat(_Strict):
