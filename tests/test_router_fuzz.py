@@ -24,7 +24,7 @@ from specmesh.v1 import generation_pb2_grpc as pb_grpc
 from router_testing import ROUTER, TREEKV, closed_port, tiny_pair, wait_kv_idle
 from service_helpers import ServiceProcess, start_service
 
-FUZZ = settings(max_examples=100, deadline=None, database=None,
+FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 SEEN: collections.Counter[str] = collections.Counter()  # answers by status, reported at the end
 
@@ -76,24 +76,45 @@ json_values = st.recursive(
     max_leaves=12)
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "seed", "stop", "stream", "n", "stop_token_ids", "ignore_eos", "request_id", "logprobs", "best_of",
-          "presence_penalty", "logit_bias", "response_format", "user", "echo", "tools"]
+          "presence_penalty", "logit_bias", "response_format", "user", "echo", "tools", "stream_options"]
+content = st.text(max_size=30) | st.lists(st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "image_url"]) | st.text(max_size=6), "text": json_values}), max_size=3)
 messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", ""])},
-                                          optional={"content": json_values}), max_size=3)
-bodies = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=10), json_values, max_size=8)
-plausible = st.fixed_dictionaries({"prompt": st.text(max_size=40) | st.lists(st.integers(-5, 300), max_size=5)},
-                                  optional={k: json_values for k in FIELDS[3:]})
-plausible_chat = st.fixed_dictionaries({"messages": messages}, optional={k: json_values for k in FIELDS[3:]})
+                                          optional={"content": content | json_values}), min_size=1, max_size=3)
+BASES = {"/v1/completions": {"prompt": "hello", "max_tokens": 2},
+         "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}
+# A valid body with one to three fields replaced (or added): each field's handling gets hit alone,
+# not only behind whichever random field fails validation first.
+edge_ints = st.integers() | st.integers(2 ** 31 - 2, 2 ** 64 + 1) | st.integers(-2 ** 64, -2 ** 31 + 1)
+mutations = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=10),
+                            json_values | messages | content | edge_ints, min_size=1, max_size=3)
+anything = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=10), json_values, max_size=8)
+deep = st.integers(1, 10_000).map(lambda d: b'{"prompt": ' + b"[" * d + b"]" * d + b"}")
 
 
 @FUZZ
-@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=bodies | plausible | plausible_chat)
-def test_fuzz_http_json_bodies(router: Router, path: str, body: dict[str, Any]) -> None:
+@given(path=st.sampled_from(list(BASES)), changes=mutations)
+def test_fuzz_http_mutated_bodies(router: Router, path: str, changes: dict[str, Any]) -> None:
+    body = {**BASES[path], **changes}
     body.pop("stream", None)  # a stream that passes validation would answer 200 with an SSE error
     _check_http(*_post(router, path, json.dumps(body).encode()))
 
 
 @FUZZ
-@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), data=st.binary(max_size=300))
+@given(messages=messages)
+def test_fuzz_http_chat_messages(router: Router, messages: list[dict[str, Any]]) -> None:
+    _check_http(*_post(router, "/v1/chat/completions", json.dumps({"messages": messages, "max_tokens": 2}).encode()))
+
+
+@FUZZ
+@given(path=st.sampled_from(list(BASES)), body=anything)
+def test_fuzz_http_json_bodies(router: Router, path: str, body: dict[str, Any]) -> None:
+    body.pop("stream", None)
+    _check_http(*_post(router, path, json.dumps(body).encode()))
+
+
+@FUZZ
+@given(path=st.sampled_from(list(BASES)), data=st.binary(max_size=300) | deep)
 def test_fuzz_http_raw_bytes(router: Router, path: str, data: bytes) -> None:
     _check_http(*_post(router, path, data))
 

@@ -126,7 +126,8 @@ class HttpApi:
         if model is None:
             return self.router.meta.target_name
         if model not in self.router.model_names:
-            raise ModelNotFound(f"The model `{model[:200]}` does not exist (served: "
+            shown = model[:200] if model.isprintable() else json.dumps(model[:200])
+            raise ModelNotFound(f"The model `{shown}` does not exist (served: "
                                 f"{', '.join(self.router.model_names)})")
         return model
 

@@ -169,8 +169,8 @@ def validation_message(err: ValidationError) -> str:
     for part in best["loc"]:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in _FIELDS or best["type"] == "extra_forbidden":
-            path += ("." if path else "") + part
+        elif part in _FIELDS or best["type"] == "extra_forbidden":  # an unknown name is quoted, escaped
+            path += ("." if path else "") + (part if part.isidentifier() else json.dumps(part)[:60])
             name = part
     if best["loc"][-1] not in _FIELDS and not isinstance(best["loc"][-1], int) and name in _UNION_HINTS:
         return f"{path} {_UNION_HINTS[name]}"  # the value matched no alternative at all
