@@ -23,7 +23,7 @@ from specmesh.v1 import generation_pb2, generation_pb2_grpc
 from ..runtime import rpc, telemetry
 from ..runtime.errors import SpecmeshError
 from ..runtime.guard import Access, bearer_token
-from ..runtime.security import MeshSecurity
+from ..runtime.security import MeshSecurity, http_ssl_context
 from ..runtime.service_main import service_main, start_metrics, wait_for_stop_signal, write_ready_file
 from . import metrics
 from .config import RouterConfig
@@ -113,7 +113,7 @@ async def serve(config: RouterConfig) -> None:
         http_port = None
         if config.http_port >= 0:
             http, http_port = await start_http(router, config.host, config.http_port, config.shutdown_grace_s,
-                                               security.http_ssl_context(config.tls_cert, config.tls_key))
+                                               http_ssl_context(config))
         scheme = "https" if security.tls else "http"
         log.info("router serving gRPC on %s:%d%s (treekv %s, target %s, draft %s)", config.host, port,
                  f", HTTP on {scheme}://{config.host}:{http_port}/v1" if http_port is not None else "",

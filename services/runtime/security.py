@@ -97,10 +97,15 @@ class MeshSecurity:
         return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
                                             certificate_chain=self.cert)
 
-    def http_ssl_context(self, cert_path: str, key_path: str) -> ssl.SSLContext | None:
-        """The HTTP endpoint's server-side TLS context (None without TLS)."""
-        if self.cert is None:
-            return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(cert_path, key_path)
-        return ctx
+
+def http_ssl_context(config: Any) -> ssl.SSLContext | None:
+    """The server-side TLS context for an HTTP endpoint from --tls-cert / --tls-key (None without)."""
+    if not config.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise CredentialsError(f"cannot load --tls-cert {config.tls_cert} with --tls-key {config.tls_key}: "
+                               f"{exc}") from None
+    return ctx
