@@ -31,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
                    help="stop token id (repeatable)")
     p.add_argument("--request-id", default="", help="id for Abort (default: assigned by the router)")
     p.add_argument("--timeout", type=float, default=None, help="seconds for the whole request")
+    p.add_argument("--tls-ca", default=os.environ.get("SPECMESH_TLS_CA") or None, metavar="PEM",
+                   help="speak TLS, verifying the router with this CA [env SPECMESH_TLS_CA]; the API key, "
+                        "if the router wants one, comes from env SPECMESH_API_KEY")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, usage, stats)")
     return NAME
 
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     first_s = None
     t0 = time.perf_counter()
     try:
-        with Client(args.addr, timeout=args.timeout) as client:
+        with Client(args.addr, timeout=args.timeout, tls_ca=args.tls_ca) as client:
             for chunk in client.generate(**kwargs):
                 if chunk.is_final:
                     final = chunk

@@ -14,6 +14,7 @@ This module needs only grpcio and the generated protos (no torch, no transformer
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
@@ -209,13 +210,36 @@ def _model_info(r: generation_pb2.ModelInfoResponse) -> ModelInfo:
 
 # ------------------------------------------------------------------------------------------ clients
 
-class Client:
-    """Blocking client. `timeout` (seconds) bounds each call, a whole stream included; None = no limit."""
+def _credentials(tls_ca: str | None) -> grpc.ChannelCredentials | None:
+    if not tls_ca:
+        return None
+    try:
+        with open(tls_ca, "rb") as f:
+            return grpc.ssl_channel_credentials(root_certificates=f.read())
+    except OSError as exc:
+        raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"cannot read the TLS CA {tls_ca}: {exc.strerror or exc}") from None
 
-    def __init__(self, addr: str = "127.0.0.1:50051", timeout: float | None = None) -> None:
+
+def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    key = api_key if api_key is not None else os.environ.get("SPECMESH_API_KEY", "")
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
+class Client:
+    """Blocking client. `timeout` (seconds) bounds each call, a whole stream included; None = no limit.
+
+    `api_key` (default: env SPECMESH_API_KEY) is sent as `authorization: Bearer <key>`; `tls_ca`,
+    a PEM file, switches to TLS and verifies the router's certificate with it."""
+
+    def __init__(self, addr: str = "127.0.0.1:50051", timeout: float | None = None, api_key: str | None = None,
+                 tls_ca: str | None = None) -> None:
         self.addr = addr
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(addr, options=_CHANNEL_OPTIONS)
+        credentials = _credentials(tls_ca)
+        self._channel = (grpc.secure_channel(addr, credentials, options=_CHANNEL_OPTIONS) if credentials else
+                         grpc.insecure_channel(addr, options=_CHANNEL_OPTIONS))
+        self._metadata = _metadata(api_key)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     def generate(self, prompt: str | None = None, **kwargs: Any) -> Iterator[Chunk]:
@@ -226,7 +250,7 @@ class Client:
         cancels the request on the router.
         """
         request = build_request(prompt, **kwargs)
-        call = self._stub.Generate(request, timeout=self.timeout)
+        call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
         try:
             for resp in call:
                 yield _chunk(resp)
@@ -245,14 +269,16 @@ class Client:
     def abort(self, request_id: str) -> bool:
         """Cancel a running request by id (its stream ends with "abort"); False if not running."""
         try:
-            return self._stub.Abort(generation_pb2.AbortRequest(request_id=request_id), timeout=self.timeout).found
+            return self._stub.Abort(generation_pb2.AbortRequest(request_id=request_id), timeout=self.timeout,
+                                    metadata=self._metadata).found
         except grpc.RpcError as exc:
             raise _error(exc, self.addr) from None
 
     def model_info(self) -> ModelInfo:
         """The served models, context length, vocabulary, EOS ids, and whether the draft is paired."""
         try:
-            return _model_info(self._stub.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=self.timeout))
+            return _model_info(self._stub.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=self.timeout,
+                                        metadata=self._metadata))
         except grpc.RpcError as exc:
             raise _error(exc, self.addr) from None
 
@@ -269,16 +295,20 @@ class Client:
 class AsyncClient:
     """asyncio client with the same API as `Client` (create it inside the event loop that uses it)."""
 
-    def __init__(self, addr: str = "127.0.0.1:50051", timeout: float | None = None) -> None:
+    def __init__(self, addr: str = "127.0.0.1:50051", timeout: float | None = None, api_key: str | None = None,
+                 tls_ca: str | None = None) -> None:
         self.addr = addr
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(addr, options=_CHANNEL_OPTIONS)
+        credentials = _credentials(tls_ca)
+        self._channel = (grpc.aio.secure_channel(addr, credentials, options=_CHANNEL_OPTIONS) if credentials else
+                         grpc.aio.insecure_channel(addr, options=_CHANNEL_OPTIONS))
+        self._metadata = _metadata(api_key)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     async def generate(self, prompt: str | None = None, **kwargs: Any) -> AsyncIterator[Chunk]:
         """Async iterator of Chunks (see `Client.generate`)."""
         request = build_request(prompt, **kwargs)
-        call = self._stub.Generate(request, timeout=self.timeout)
+        call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
         try:
             async for resp in call:
                 yield _chunk(resp)
@@ -297,7 +327,8 @@ class AsyncClient:
     async def abort(self, request_id: str) -> bool:
         """Cancel a running request by id; False if not running."""
         try:
-            reply = await self._stub.Abort(generation_pb2.AbortRequest(request_id=request_id), timeout=self.timeout)
+            reply = await self._stub.Abort(generation_pb2.AbortRequest(request_id=request_id), timeout=self.timeout,
+                                    metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(exc, self.addr) from None
         return reply.found
@@ -305,7 +336,8 @@ class AsyncClient:
     async def model_info(self) -> ModelInfo:
         """The served models (see `Client.model_info`)."""
         try:
-            reply = await self._stub.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=self.timeout)
+            reply = await self._stub.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=self.timeout,
+                                        metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(exc, self.addr) from None
         return _model_info(reply)

@@ -33,7 +33,7 @@ COMPONENTS = ("router", "draft", "target", "treekv")
 GRPC_PORTS = {"router": 50051, "draft": 50052, "target": 50053, "treekv": 50054}
 METRICS_PORT = 9400
 # SPECMESH_* variables the services read that are not flags (everything else SPECMESH_* is a flag's env).
-NON_FLAG_ENV = {"SPECMESH_CACHE", "SPECMESH_TRACE_ROUNDS"}
+NON_FLAG_ENV = {"SPECMESH_CACHE", "SPECMESH_TRACE_ROUNDS", "SPECMESH_INTERNAL_SECRET"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,7 +270,9 @@ CLI_RENDERS = {
                 "--set", "jaeger.enabled=true", "--set", "otel.roundSampleRatio=0.5", "--set", "draft.replicas=0"),
     "gpu-tp2-example": ("-f", str(EXAMPLES / "gpu-tp2.yaml")),
     "cpu-example": ("-f", str(EXAMPLES / "cpu.yaml")),
+    "secured": ("--set", "security.tls.existingSecret=mesh-tls", "--set", "security.apiKeys.existingSecret=keys"),
 }
+SECURED = CLI_RENDERS["secured"]
 
 
 @pytest.mark.parametrize("name", list(CLI_RENDERS))
@@ -516,6 +518,76 @@ def test_ports_and_grpc_probes(helm):
     assert "livenessProbe" not in m2.container("router") and "livenessProbe" in m2.container("draft")
 
 
+# --------------------------------------------------------------------------------------------------
+# security: the shared secret, API keys, TLS, network policies
+
+
+def test_every_component_gets_the_shared_secret_from_a_secret(helm):
+    m = render(helm)
+    secret = m.get("Secret", f"{RELEASE}-specmesh-secret")
+    assert len(secret["data"]["secret"]) >= 48  # base64 of 48 random characters
+    for comp in COMPONENTS:
+        env = {e["name"]: e for e in m.container(comp)["env"]}
+        ref = env["SPECMESH_INTERNAL_SECRET"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": f"{RELEASE}-specmesh-secret", "key": "secret"}, comp
+    mine = render(helm, "--set", "security.internalSecret.existingSecret=ours",
+                  "--set", "security.internalSecret.key=token")
+    assert not mine.of_kind("Secret")  # the chart makes none when one is given
+    ref = {e["name"]: e for e in mine.container("draft")["env"]}["SPECMESH_INTERNAL_SECRET"]["valueFrom"]
+    assert ref["secretKeyRef"] == {"name": "ours", "key": "token"}
+
+
+def test_tls_and_api_keys_mount_their_secrets(helm):
+    m = render(helm, *SECURED)
+    for comp in COMPONENTS:
+        c = m.container(comp)
+        flags = flag_values(c["args"])
+        assert (flags["--tls-cert"], flags["--tls-key"], flags["--tls-ca"]) == (
+            "/etc/specmesh/tls/tls.crt", "/etc/specmesh/tls/tls.key", "/etc/specmesh/tls/ca.crt"), comp
+        assert {"name": "tls", "mountPath": "/etc/specmesh/tls", "readOnly": True} in c["volumeMounts"]
+        assert {"name": "tls", "secret": {"secretName": "mesh-tls"}} in m.pod(comp)["spec"]["volumes"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # kubelet's gRPC probes speak no TLS
+            assert c[probe]["tcpSocket"] == {"port": GRPC_PORTS[comp]} and "grpc" not in c[probe], (comp, probe)
+        assert ("--api-key-file" in flags) == (comp == "router"), comp
+    router = m.container("router")
+    assert flag_values(router["args"])["--api-key-file"] == "/etc/specmesh/api-keys/keys"
+    volumes = {v["name"]: v for v in m.pod("router")["spec"]["volumes"]}
+    assert volumes["api-keys"]["secret"] == {"secretName": "keys", "items": [{"key": "api-keys", "path": "keys"}]}
+    plain = render(helm)
+    assert "--tls-cert" not in plain.container("router")["args"]
+    assert "--api-key-file" not in plain.container("router")["args"]
+
+
+def test_network_policies_let_only_the_router_reach_internal_ports(helm):
+    m = render(helm)
+    policies = {p["metadata"]["name"]: p["spec"] for p in m.of_kind("NetworkPolicy")}
+    assert set(policies) == {f"{RELEASE}-specmesh-{c}" for c in COMPONENTS}
+
+    def selects(peer: dict, comp: str) -> bool:
+        return peer.get("podSelector", {}).get("matchLabels", {}).items() <= m.pod(comp)["metadata"]["labels"].items()
+
+    allowed = {"router": set(), "draft": {"router", "target"}, "target": {"router", "draft"}, "treekv": {"router"}}
+    for comp in COMPONENTS:
+        spec = policies[f"{RELEASE}-specmesh-{comp}"]
+        assert spec["podSelector"]["matchLabels"].items() <= m.pod(comp)["metadata"]["labels"].items()
+        assert spec["policyTypes"] == ["Ingress"]
+        rules = spec["ingress"]
+        metrics = [r for r in rules if r.get("ports") == [{"port": METRICS_PORT, "protocol": "TCP"}]]
+        assert len(metrics) == 1 and "from" not in metrics[0], comp  # scrapeable by anyone by default
+        others = [r for r in rules if r not in metrics]
+        assert len(others) == 1, comp
+        if comp == "router":
+            assert others[0] == {"ports": [{"port": 50051, "protocol": "TCP"}, {"port": 8000, "protocol": "TCP"}]}
+        else:
+            peers = others[0]["from"]
+            assert all(set(p) == {"podSelector"} for p in peers), peers  # pods of this release only
+            assert {c for c in COMPONENTS if any(selects(p, c) for p in peers)} == allowed[comp], comp
+    narrowed = render(helm, "--set", "networkPolicy.routerFrom[0].namespaceSelector.matchLabels.team=web")
+    router = {p["metadata"]["name"]: p["spec"] for p in narrowed.of_kind("NetworkPolicy")}[f"{RELEASE}-specmesh-router"]
+    assert router["ingress"][0]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "web"}}}]
+    assert not render(helm, "--set", "networkPolicy.enabled=false").of_kind("NetworkPolicy")
+
+
 def test_prometheus_annotations(helm):
     m = render(helm)
     for comp in COMPONENTS:
@@ -688,6 +760,7 @@ def test_rendered_manifests_pass_kubernetes_validate_strict(helm, tmp_path):
                    "--set", "models.hostPath.path=/models", "--set", "models.cache.claimName=cache"),
         "gpu-tp2-example": ("-f", str(EXAMPLES / "gpu-tp2.yaml")),
         "cpu-example": ("-f", str(EXAMPLES / "cpu.yaml")),
+        "secured": SECURED + ("--set", "networkPolicy.routerFrom[0].namespaceSelector.matchLabels.team=web"),
     }.items():
         f = tmp_path / f"{name}.yaml"
         f.write_text(render_text(helm, *args))

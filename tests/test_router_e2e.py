@@ -187,10 +187,10 @@ def _post(mesh: FullMesh, path: str, body: dict[str, Any]) -> bytes:
 
 
 def test_http_stream_and_non_stream_agree(mesh: FullMesh) -> None:
-    body = {"model": "whatever", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+    body = {"model": "target", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
             "temperature": 0, "ignore_eos": True}
     full = json.loads(_post(mesh, "/v1/chat/completions", body))
-    assert full["object"] == "chat.completion" and full["model"] == "whatever"
+    assert full["object"] == "chat.completion" and full["model"] == "target"
     assert full["choices"][0]["finish_reason"] == "length" and full["usage"]["completion_tokens"] == 20
     raw = _post(mesh, "/v1/chat/completions", {**body, "stream": True}).decode()
     events = [line[len("data: "):] for line in raw.split("\n\n") if line.startswith("data: ")]
@@ -200,6 +200,10 @@ def test_http_stream_and_non_stream_agree(mesh: FullMesh) -> None:
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert streamed == full["choices"][0]["message"]["content"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 20
+    raw = _post(mesh, "/v1/chat/completions", {**body, "stream": True,
+                                               "stream_options": {"include_usage": False}}).decode()
+    last = json.loads([line for line in raw.split("\n\n") if line.startswith("data: {")][-1][len("data: "):])
+    assert last["choices"][0]["finish_reason"] == "length" and "usage" not in last
     comp = json.loads(_post(mesh, "/v1/completions", {"prompt": "abc", "max_tokens": 7, "temperature": 0,
                                                       "ignore_eos": True}))
     assert comp["object"] == "text_completion" and comp["usage"]["completion_tokens"] == 7

@@ -36,7 +36,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     try:
         router = start_service(ROUTER, ["--model", str(target_dir), "--http-port", "0",
                                         "--treekv-addr", treekv.addr, "--target-addr", f"127.0.0.1:{target_port}",
-                                        "--draft-addr", f"127.0.0.1:{closed_port()}", "--max-context", "256"])
+                                        "--draft-addr", f"127.0.0.1:{closed_port()}", "--max-context", "256",
+                                        "--served-model-names", "tiny, tiny-alias", "--default-max-tokens", "24",
+                                        "--metrics-port", "0"])
     except BaseException:
         treekv.stop()
         raise
@@ -86,6 +88,13 @@ BAD_REQUESTS = [
     ({"prompt": P, "max_tokens": 5, "stop": ["s" * 257]}, r"stop string too long: 257 characters \(at most 256\)"),
     ({"prompt": P, "max_tokens": 5, "stop": [""]}, "stop strings must not be empty"),
     ({"prompt": P, "max_tokens": 5, "stop_token_ids": [999]}, "stop_token_ids contains 999"),
+    ({"prompt": P, "max_tokens": 5, "sampling": pb.SamplingOptions(top_p=0)}, r"top_p must be in \(0, 1\], got 0"),
+    ({"prompt": P, "max_tokens": 5, "request_id": "a\nb"}, "request_id must not contain control"),
+    ({"prompt": P, "max_tokens": 5, "request_id": "x" * 257}, "request_id is too long: 257"),
+    ({"prompt": "x" * 5_000_000, "max_tokens": 1},  # refused before tokenizing
+     r"prompt is too long: 5000000 characters cannot fit the context length \(256 tokens"),
+    ({"messages": pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="x" * 5_000_000)]),
+      "max_tokens": 1}, "messages is too long: 5000000 characters"),
 ]
 
 
@@ -150,19 +159,20 @@ def test_http_errors_and_info(mesh: Mesh) -> None:
                                                          "temperature": -1})
     assert status == 400 and "temperature must be >= 0" in body["error"]["message"]
     status, body = _http(mesh, "/v1/completions", {"prompt": "hi", "max_tokens": "many"})
-    assert status == 400 and body["error"]["message"] == 'max_tokens must be an integer, got "many"'
+    assert status == 400 and body["error"]["message"] == 'max_tokens: Input should be a valid integer, got "many"'
     status, body = _http(mesh, "/v1/completions", {"prompt": ["a", "b"]})
     assert status == 400 and "only one prompt" in body["error"]["message"]
     status, body = _http(mesh, "/v1/completions", raw=b'{"prompt": "\\ud800", "max_tokens": 2}')
-    assert status == 400 and body["error"]["message"].startswith("cannot tokenize the prompt")
+    assert status == 400 and body["error"]["message"].startswith("request body is not valid JSON")
     status, body = _http(mesh, "/v1/completions", raw=b"{not json")
-    assert status == 400 and body["error"]["message"] == "request body is not valid JSON"
+    assert status == 400 and body["error"]["message"].startswith("request body is not valid JSON")
     for stream in (False, True):  # an error before the first token gets a real status, streaming or not
         status, body = _http(mesh, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "stream": stream})
         assert status == 503 and f"target-service at 127.0.0.1:{mesh.target_port}" in body["error"]["message"]
         assert body["error"]["code"] == "unavailable"
     status, body = _http(mesh, "/v1/models")
-    assert status == 200 and body["data"][0]["id"] == "target" and body["data"][0]["max_model_len"] == 256
+    assert status == 200 and [m["id"] for m in body["data"]] == ["target", "tiny", "tiny-alias"]
+    assert body["data"][0]["max_model_len"] == 256
     status, body = _http(mesh, "/health")
     assert status == 200 and body["status"] == "ok"
     wait_kv_idle(mesh.treekv.addr)
@@ -199,3 +209,113 @@ def test_bad_flags_and_missing_model_fail_in_one_line(tmp_path_factory: pytest.T
     proc = subprocess.run([sys.executable, "-m", ROUTER, "--tree-width", "0"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "--tree-width must be positive" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", ROUTER, "--tls-cert", "/x.pem"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "--tls-cert and --tls-key go together" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", ROUTER, "--tls-cert", "/no/cert.pem", "--tls-key", "/no/key.pem"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "cannot read the --tls-cert /no/cert.pem" in proc.stderr
+    target_dir, _ = tiny_pair(tmp_path_factory.getbasetemp())
+    proc = subprocess.run([sys.executable, "-m", ROUTER, "--model", str(target_dir), "--port", "0", "--http-port",
+                           "-1", "--api-key-file", "/no/keys"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "cannot read the API key file /no/keys" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+CHAT = [{"role": "user", "content": "hi"}]
+BAD_HTTP = [  # (path, body or raw bytes, message): each was a 500, or silently ignored, before
+    ("/v1/completions", {"prompt": "hi", "top_k": 1099511627776},
+     "top_k: Input should be less than 2147483648, got 1099511627776"),
+    ("/v1/completions", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+     "request body is not valid JSON: recursion limit exceeded"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages[0].content[0].text: Input should be a valid string, got 5"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content[0].type: Input should be 'text'"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p must be in (0, 1], got 0.0"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty is not supported"),
+    ("/v1/chat/completions", {"messages": CHAT, "frequency_penalty": -1}, "frequency_penalty is not supported"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 10}}, "logit_bias is not supported"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}},
+     "response_format 'json_object' is not supported"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of: only best_of=1 is supported, got 3"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 2}, "logprobs is not supported"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, "tools is not supported"),
+    ("/v1/completions", {"prompt": "hi", "frobnicate": True}, "frobnicate is not a known field"),
+    ("/v1/completions", {"prompt": "hi", "temperature": True}, "temperature: Input should be a valid number"),
+    ("/v1/completions", {"prompt": "hi", "stop": 5}, "stop must be a string or a list of strings"),
+    ("/v1/completions", {"prompt": "hi", "request_id": "a\u0000b"}, "request_id must not contain control"),
+    ("/v1/completions", {"prompt": "x" * 5_000_000, "max_tokens": 1}, "prompt is too long: 5000000 characters"),
+    ("/v1/chat/completions", {"messages": "hi"}, "messages: Input should be a valid array"),
+    ("/v1/completions", [1, 2], "request body must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("path,body,message", BAD_HTTP, ids=[m[:30] for _, _, m in BAD_HTTP])
+def test_bad_http_requests_are_400_naming_the_field(mesh: Mesh, path: str, body: Any, message: str) -> None:
+    status, reply = _http(mesh, path, raw=body) if isinstance(body, bytes) else _http(mesh, path, body)
+    assert status == 400, reply
+    assert reply["error"]["message"].startswith(message), reply["error"]["message"]
+    assert reply["error"]["type"] == "invalid_request_error"
+
+
+def test_no_op_values_of_unsupported_parameters_are_accepted(mesh: Mesh) -> None:
+    body = {"prompt": "hi", "max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+            "response_format": {"type": "text"}, "best_of": 1, "n": 1, "logprobs": None, "user": "u1",
+            "stream_options": {"include_usage": True}}
+    status, reply = _http(mesh, "/v1/completions", body)
+    assert status == 503 and "target-service" in reply["error"]["message"]  # past validation: the target is down
+
+
+def test_model_names(mesh: Mesh) -> None:
+    for name in ("target", "tiny", "tiny-alias", None):  # None: not given, the target
+        body = {"prompt": "hi", "max_tokens": 2, **({"model": name} if name else {})}
+        status, reply = _http(mesh, "/v1/completions", body)
+        assert status == 503, reply  # accepted: the (closed) target is next
+    status, reply = _http(mesh, "/v1/completions", {"prompt": "hi", "model": "gpt-4"})
+    assert status == 404 and reply["error"]["code"] == "model_not_found"
+    assert reply["error"]["message"].startswith("The model `gpt-4` does not exist")
+    status, reply = _http(mesh, "/v1/models/tiny-alias")
+    assert status == 200 and reply["id"] == "tiny-alias" and reply["object"] == "model"
+    status, reply = _http(mesh, "/v1/models/gpt-4")
+    assert status == 404 and reply["error"]["code"] == "model_not_found"
+
+
+def test_chat_without_max_tokens_reserves_the_default_not_the_context(mesh: Mesh) -> None:
+    # treekv has 128 draft slots: the rest of the 256-token context (+ tree slots) would not be
+    # admitted (429); the server default of 24 tokens is, and the request reaches the target.
+    status, reply = _http(mesh, "/v1/chat/completions", {"messages": CHAT})
+    assert status == 503 and "target-service" in reply["error"]["message"], reply
+    wait_kv_idle(mesh.treekv.addr)
+
+
+def test_validation_failures_are_counted(mesh: Mesh) -> None:
+    def invalid_count() -> float:
+        url = f"http://127.0.0.1:{mesh.router.ready['metrics_port']}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        found = re.search(r'specmesh_router_request_errors_total\{code="INVALID_ARGUMENT"\} ([0-9.]+)', text)
+        return float(found.group(1)) if found else 0.0
+
+    before = invalid_count()
+    _http(mesh, "/v1/completions", {"prompt": "hi", "top_k": -1})  # schema
+    _http(mesh, "/v1/completions", {"prompt": "", "max_tokens": 2})  # prepare
+    with pytest.raises(grpc.RpcError):
+        _generate(mesh, prompt="", max_tokens=2)
+    assert invalid_count() == before + 3
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xff\xff", b"\x12\x02\xc3\x28",  # garbage; prompt with invalid UTF-8
+                                 b"\x0a\x01\x80"], ids=["garbage", "bad-utf8-prompt", "bad-utf8-request-id"])
+def test_undecodable_grpc_messages_are_invalid_argument(mesh: Mesh, raw: bytes) -> None:
+    generate = mesh.channel.unary_stream("/specmesh.v1.Generation/Generate", request_serializer=None,
+                                         response_deserializer=pb.GenerateResponse.FromString)
+    with pytest.raises(grpc.RpcError) as info:
+        list(generate(raw, timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "/specmesh.v1.Generation/Generate: the request message does not parse" in info.value.details()
+    abort = mesh.channel.unary_unary("/specmesh.v1.Generation/Abort", request_serializer=None,
+                                     response_deserializer=pb.AbortResponse.FromString)
+    with pytest.raises(grpc.RpcError) as info:
+        abort(b"\x0a\x01\x80" if raw.startswith(b"\x12") else raw, timeout=10)  # field 2 is unknown to Abort
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -92,9 +92,8 @@ async def serve(config: DraftConfig) -> None:
                          config.prefill_chunk)
     servicer = DraftServicer(config, engine, forward_ms)
     metrics_port = start_metrics(config.host, config.metrics_port)
-    server, port = await rpc.start_server(config.host, config.port,
-                                          [(mesh_pb2_grpc.add_DraftServicer_to_server, servicer)],
-                                          ["specmesh.v1.Draft"])
+    server, port = await rpc.start_internal_server(config, [(mesh_pb2_grpc.add_DraftServicer_to_server, servicer)],
+                                                   ["specmesh.v1.Draft"])
     log.info("draft-service serving on %s:%d", config.host, port)
     write_ready_file(config.ready_file, {"port": port, "metrics_port": metrics_port})
     await wait_for_stop_signal()

@@ -6,4 +6,5 @@
     detokenizer.py incremental, UTF-8 safe                   stop.py      exact stop strings
     mesh.py        peers + error translation                 pairing.py   draft <-> target channel
     model_meta.py  tokenizer, vocab, EOS ids                 config.py    RouterConfig (flags / env)
+    openai_schema.py  the HTTP bodies (pydantic), refusals
 """

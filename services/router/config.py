@@ -29,6 +29,17 @@ class RouterConfig(CommonConfig):
     depth: int = dataclasses.field(default=0, metadata={"help": "d: draft expansions per round (0 = auto: target "
                                                                 "forward ms / draft forward ms)"})
     max_tree: int = dataclasses.field(default=64, metadata={"help": "draft tree slots beyond the prefix"})
+    api_key_file: str = dataclasses.field(default="", metadata={"help": "file of API keys, one per line: the "
+                                                                         "public gRPC and HTTP endpoints then "
+                                                                         "require 'authorization: Bearer <key>' "
+                                                                         "('' = env SPECMESH_API_KEY, else open)"})
+    served_model_names: str = dataclasses.field(default="", metadata={"help": "comma-separated names the HTTP "
+                                                                              "API also accepts as `model` (the "
+                                                                              "target's own name always works)"})
+    default_max_tokens: int = dataclasses.field(default=1024, metadata={"help": "max_tokens of a chat request "
+                                                                                "that sets none (0 = the rest of "
+                                                                                "the context, reserving KV for all "
+                                                                                "of it)"})
     max_stop_strings: int = dataclasses.field(default=16, metadata={"help": "stop strings per request"})
     max_stop_len: int = dataclasses.field(default=256, metadata={"help": "characters per stop string"})
     max_concurrent: int = dataclasses.field(default=64, metadata={"help": "requests in flight; more are refused "
@@ -44,7 +55,7 @@ class RouterConfig(CommonConfig):
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("depth", "max_stop_strings"):
+        for name in ("depth", "max_stop_strings", "default_max_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.http_port < -1:

@@ -2,27 +2,33 @@
 
     POST /v1/completions        prompt (str | [int] | [str] | [[int]] with one element)
     POST /v1/chat/completions   messages
-    GET  /v1/models, GET /health
+    GET  /v1/models, GET /v1/models/{id}, GET /health
 
-Request fields: model (echoed), max_tokens (max_completion_tokens for chat), temperature, top_p,
-seed, stop (str or list), stream, n (1 only), and the extensions top_k, ignore_eos, stop_token_ids,
-request_id (so gRPC Abort can reach an HTTP request). Defaults are OpenAI's: temperature 1,
-max_tokens 16 for completions and "the rest of the context" for chat. Errors are
-{"error": {"message", "type", "code"}} with 400 (bad input), 429 (admission), 503 (a service down).
-Every request runs through the same Router.prepare / Router.generate as gRPC.
+Bodies are validated by the pydantic models of openai_schema.py: unknown fields and parameters
+specmesh cannot honour are refused, never ignored. `model` must be the target's name or one of
+--served-model-names (absent = the target); anything else is 404 model_not_found, as OpenAI
+answers. Defaults are OpenAI's (temperature 1, max_tokens 16 for completions) except chat without
+max_tokens, which gets --default-max-tokens (so it does not reserve KV for the whole context).
+Errors are {"error": {"message", "type", "code", "param"}} with 400 (bad input), 404 (unknown
+model), 429 (admission), 503 (a service down). Every request runs through the same
+Router.prepare / Router.generate as gRPC.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import ssl
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
 from aiohttp import web
 
-from ..runtime.errors import InvalidRequest, SpecmeshError
+from ..runtime.errors import NotFound, SpecmeshError
+from ..runtime.guard import bearer_token
+from . import metrics
+from .openai_schema import ChatBody, CompletionBody, parse_body
 from .output import ChunkEvent, FinalEvent, Usage
 from .pipeline import Event, Router
 from .request import GenRequest
@@ -36,110 +42,24 @@ STATUS = {"INVALID_ARGUMENT": (400, "invalid_request_error"), "NOT_FOUND": (404,
 FINISH = {"stop": "stop", "eos": "stop", "length": "length", "abort": "abort"}
 
 
+class ModelNotFound(NotFound):
+    """A `model` the router does not serve (OpenAI's 404 model_not_found)."""
+
+    openai_code = "model_not_found"
+    openai_type = "invalid_request_error"
+
+
 def error_body(exc: SpecmeshError) -> tuple[int, dict[str, Any]]:
     """(HTTP status, OpenAI-style error object) for a SpecmeshError."""
     status, kind = STATUS.get(exc.grpc_code_name, (500, "internal_error"))
-    return status, {"error": {"message": str(exc), "type": kind, "code": exc.grpc_code_name.lower(), "param": None}}
+    code = getattr(exc, "openai_code", exc.grpc_code_name.lower())
+    return status, {"error": {"message": str(exc), "type": getattr(exc, "openai_type", kind), "code": code,
+                              "param": None}}
 
 
 def error_response(exc: SpecmeshError) -> web.Response:
     status, body = error_body(exc)
     return web.json_response(body, status=status)
-
-
-# ------------------------------------------------------------------------------- request parsing
-
-_KINDS: dict[Any, str] = {int: "an integer", str: "a string", bool: "a boolean", list: "a list",
-                         (int, float): "a number"}
-
-
-def _get(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-    """body[name] checked against kind; default when absent or null."""
-    value = body.get(name)
-    if value is None:
-        return default
-    # bool is an int in Python, but JSON true is not a number.
-    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
-        raise InvalidRequest(f"{name} must be {_KINDS.get(kind, str(kind))}, got {json.dumps(value)[:80]}")
-    return value
-
-
-def _int_list(body: dict[str, Any], name: str) -> list[int]:
-    value = _get(body, name, list, [])
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise InvalidRequest(f"{name} must be a list of integers")
-    return value
-
-
-def _common(body: dict[str, Any], default_max_tokens: int | None, max_tokens_names: tuple[str, ...]) -> GenRequest:
-    if _get(body, "n", int, 1) != 1:
-        raise InvalidRequest("only n=1 is supported")
-    for name in ("logprobs", "top_logprobs", "echo", "tools", "suffix"):
-        if body.get(name):  # silently ignoring these would hand back something else than asked for
-            raise InvalidRequest(f"{name} is not supported")
-    max_tokens = default_max_tokens
-    for name in max_tokens_names:
-        if body.get(name) is not None:
-            max_tokens = _get(body, name, int, None)
-    stop = body.get("stop")
-    if stop is None:
-        stops: list[str] = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = stop
-    else:
-        raise InvalidRequest("stop must be a string or a list of strings")
-    seed = _get(body, "seed", int, None)
-    return GenRequest(
-        request_id=_get(body, "request_id", str, ""), max_tokens=max_tokens,
-        temperature=float(_get(body, "temperature", (int, float), 1.0)),
-        top_p=float(_get(body, "top_p", (int, float), 1.0)), top_k=_get(body, "top_k", int, 0),
-        seed=seed, stop=stops, stop_token_ids=_int_list(body, "stop_token_ids"),
-        ignore_eos=_get(body, "ignore_eos", bool, False))
-
-
-def parse_completion(body: dict[str, Any]) -> GenRequest:
-    """A /v1/completions body -> GenRequest (raises InvalidRequest)."""
-    req = _common(body, 16, ("max_tokens",))
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if prompt is None:
-        raise InvalidRequest("no input: set prompt")
-    if isinstance(prompt, str):
-        req.prompt = prompt
-    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        req.token_ids = prompt
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        raise InvalidRequest(f"only one prompt per request is supported, got {len(prompt)}")
-    else:
-        raise InvalidRequest("prompt must be a string or a list of token ids")
-    return req
-
-
-def parse_chat(body: dict[str, Any]) -> GenRequest:
-    """A /v1/chat/completions body -> GenRequest (raises InvalidRequest)."""
-    req = _common(body, None, ("max_tokens", "max_completion_tokens"))
-    messages = body.get("messages")
-    if messages is None:
-        raise InvalidRequest("no input: set messages")
-    if not isinstance(messages, list):
-        raise InvalidRequest("messages must be a list")
-    req.messages = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise InvalidRequest(f"messages[{i}] must be an object with role and content")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        elif content is not None and not isinstance(content, str):
-            raise InvalidRequest(f"messages[{i}].content must be a string")
-        role = m.get("role")
-        if not isinstance(role, str):
-            raise InvalidRequest(f"messages[{i}] has no role")
-        req.messages.append({"role": role, "content": content or ""})
-    return req
 
 
 # ------------------------------------------------------------------------------- responses
@@ -182,45 +102,64 @@ class HttpApi:
         self.created = int(time.time())
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, _Kind(chat=False), parse_completion)
+        return await self._generate(request, _Kind(chat=False),
+                                    lambda raw: parse_body(CompletionBody, raw))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, _Kind(chat=True), parse_chat)
+        return await self._generate(request, _Kind(chat=True), lambda raw: parse_body(ChatBody, raw))
+
+    def _model(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "specmesh",
+                "max_model_len": self.router.meta.context_length}
 
     async def models(self, request: web.Request) -> web.Response:
-        meta = self.router.meta
-        return web.json_response({"object": "list", "data": [
-            {"id": meta.target_name, "object": "model", "created": self.created, "owned_by": "specmesh",
-             "max_model_len": meta.context_length}]})
+        return web.json_response({"object": "list", "data": [self._model(n) for n in self.router.model_names]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        try:
+            return web.json_response(self._model(self._resolve(request.match_info["model"])))
+        except SpecmeshError as exc:
+            return error_response(exc)
+
+    def _resolve(self, model: str | None) -> str:
+        """The served name a request's `model` names (absent = the target); ModelNotFound otherwise."""
+        if model is None:
+            return self.router.meta.target_name
+        if model not in self.router.model_names:
+            shown = model[:200] if model.isprintable() else json.dumps(model[:200])
+            raise ModelNotFound(f"The model `{shown}` does not exist (served: "
+                                f"{', '.join(self.router.model_names)})")
+        return model
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "draft_connected": self.router.pairing.connected})
 
     async def _generate(self, request: web.Request, kind: _Kind,
-                        parse: Callable[[dict[str, Any]], GenRequest]) -> web.StreamResponse:
+                        parse: Callable[[bytes], CompletionBody | ChatBody]) -> web.StreamResponse:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error_response(InvalidRequest("request body is not valid JSON"))
-        try:
-            if not isinstance(body, dict):
-                raise InvalidRequest("request body must be a JSON object")
-            stream = _get(body, "stream", bool, False)
-            gen = parse(body)
+            try:
+                body = parse(await request.read())
+                model = self._resolve(body.model)
+                gen: GenRequest = (body.to_gen_request(self.router.config.default_max_tokens or None)
+                                   if isinstance(body, ChatBody) else body.to_gen_request())
+            except SpecmeshError as exc:
+                metrics.ERRORS.labels(exc.grpc_code_name).inc()
+                raise
             if not gen.request_id:
                 gen.request_id = uuid.uuid4().hex
             prepared = await self.router.prepare_async(gen)
+            prepared.owner = _bearer(request) if self.router.api_keys else ""
         except SpecmeshError as exc:
             return error_response(exc)
-        model = body.get("model") if isinstance(body.get("model"), str) else self.router.meta.target_name
         meta = {"id": kind.prefix + prepared.request_id, "created": int(time.time()), "model": model}
         async with contextlib.aclosing(self.router.generate(prepared)) as events:
             try:
                 first = await anext(events)  # errors before the first event still get a real HTTP status
             except SpecmeshError as exc:
                 return error_response(exc)
-            if stream:
-                return await self._stream(request, kind, meta, first, events)
+            if body.stream:
+                usage = body.stream_options is None or body.stream_options.include_usage
+                return await self._stream(request, kind, meta, first, events, usage)
             return await self._collect(kind, meta, first, events)
 
     async def _collect(self, kind: _Kind, meta: dict[str, Any], first: Event,
@@ -239,7 +178,7 @@ class HttpApi:
                                   "usage": _usage(event.usage)})
 
     async def _stream(self, request: web.Request, kind: _Kind, meta: dict[str, Any], first: Event,
-                      events: AsyncIterator[Event]) -> web.StreamResponse:
+                      events: AsyncIterator[Event], include_usage: bool) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
@@ -258,7 +197,7 @@ class HttpApi:
                 event = await anext(events)
             assert isinstance(event, FinalEvent)
             await send({**base, "choices": [kind.stream_choice(None, FINISH[event.finish_reason])],
-                        "usage": _usage(event.usage)})
+                        **({"usage": _usage(event.usage)} if include_usage else {})})
             await resp.write(b"data: [DONE]\n\n")
         except SpecmeshError as exc:
             await send(error_body(exc)[1])
@@ -289,25 +228,47 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Any
                                  status=500)
 
 
+def _bearer(request: web.Request) -> str:
+    return bearer_token([("authorization", request.headers.get("Authorization", ""))])
+
+
+def api_key_check(keys: frozenset[str]) -> Callable[..., Any]:
+    """Middleware: /v1/* needs `Authorization: Bearer <one of keys>` (401 invalid_api_key otherwise)."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+        if request.path.startswith("/v1/") and _bearer(request) not in keys:
+            metrics.ERRORS.labels("UNAUTHENTICATED").inc()
+            return web.json_response({"error": {"message": "Incorrect or missing API key (send Authorization: "
+                                                "Bearer <key>)", "type": "invalid_request_error",
+                                                "code": "invalid_api_key", "param": None}}, status=401)
+        return await handler(request)
+
+    return check
+
+
 def make_app(router: Router) -> web.Application:
     """The aiohttp application (exposed for tests)."""
     api = HttpApi(router)
-    app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[json_errors])
+    middlewares = [json_errors, *([api_key_check(router.api_keys)] if router.api_keys else [])]
+    app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=middlewares)
     app[ROUTER_KEY] = router
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_post("/v1/chat/completions", api.chat)
     app.router.add_get("/v1/models", api.models)
+    app.router.add_get("/v1/models/{model}", api.model)
     app.router.add_get("/health", api.health)
     return app
 
 
-async def start_http(router: Router, host: str, port: int, shutdown_s: float = 5.0) -> tuple[web.AppRunner, int]:
-    """Serve the HTTP API on host:port (0 = a free port); returns the runner (cleanup() stops it,
-    giving running requests `shutdown_s`) and the bound port."""
+async def start_http(router: Router, host: str, port: int, shutdown_s: float = 5.0,
+                     ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
+    """Serve the HTTP API on host:port (0 = a free port; HTTPS with ssl_context); returns the runner
+    (cleanup() stops it, giving running requests `shutdown_s`) and the bound port."""
     # handler_cancellation: a client that hangs up cancels its handler, which runs the request's
     # cleanup at once instead of generating for nobody.
     runner = web.AppRunner(make_app(router), handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_s)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     return runner, runner.addresses[0][1]

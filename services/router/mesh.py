@@ -11,6 +11,7 @@ from specmesh.v1 import mesh_pb2_grpc
 
 from ..runtime import rpc
 from ..runtime.errors import InvalidRequest, ResourceExhausted, ServiceUnavailable, SpecmeshError
+from ..runtime.security import MeshSecurity
 
 log = logging.getLogger("specmesh.router")
 
@@ -26,11 +27,11 @@ class PeerError(SpecmeshError):
 class Peer:
     """One mesh service: a lazily connecting channel, its stub, and error translation."""
 
-    def __init__(self, name: str, addr: str, stub_cls: Any, timeout_s: float) -> None:
+    def __init__(self, name: str, addr: str, stub_cls: Any, timeout_s: float, security: MeshSecurity) -> None:
         self.name = name  # "target-service", ...
         self.addr = addr
         self.timeout_s = timeout_s
-        self.channel = rpc.connect(addr)
+        self.channel = rpc.connect(addr, security)
         self.stub = stub_cls(self.channel)
 
     @property
@@ -59,6 +60,9 @@ class Peer:
             return ResourceExhausted(f"{self.name}: {details}")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidRequest(details)
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            # Not the client's fault: the router's own credentials (secret, certificate) are wrong.
+            return PeerError(grpc.StatusCode.INTERNAL, f"{where} refused the router: {details}")
         if code == grpc.StatusCode.UNIMPLEMENTED:
             return PeerError(code, f"{where} does not implement {method or 'this call'} (wrong service at "
                                    f"this address?)")
@@ -71,10 +75,12 @@ class Peer:
 class Mesh:
     """The three peers; `draft` is None when the router runs target-only (no --draft-addr)."""
 
-    def __init__(self, treekv_addr: str, target_addr: str, draft_addr: str, timeout_s: float) -> None:
-        self.treekv = Peer("treekv-service", treekv_addr, mesh_pb2_grpc.TreeKVStub, timeout_s)
-        self.target = Peer("target-service", target_addr, mesh_pb2_grpc.TargetStub, timeout_s)
-        self.draft = Peer("draft-service", draft_addr, mesh_pb2_grpc.DraftStub, timeout_s) if draft_addr else None
+    def __init__(self, treekv_addr: str, target_addr: str, draft_addr: str, timeout_s: float,
+                 security: MeshSecurity = MeshSecurity()) -> None:
+        self.treekv = Peer("treekv-service", treekv_addr, mesh_pb2_grpc.TreeKVStub, timeout_s, security)
+        self.target = Peer("target-service", target_addr, mesh_pb2_grpc.TargetStub, timeout_s, security)
+        self.draft = (Peer("draft-service", draft_addr, mesh_pb2_grpc.DraftStub, timeout_s, security)
+                      if draft_addr else None)
 
     async def close(self) -> None:
         for peer in (self.treekv, self.target, self.draft):

@@ -28,6 +28,7 @@ class ModelMeta:
     eos_ids: list[int]
     dtype: str
     model_dir: Path
+    max_token_chars: int  # the longest token's text: no text longer than n * this fits in n tokens
 
 
 def _ids(value: Any) -> list[int]:
@@ -65,7 +66,18 @@ def load_model_meta(spec: str, max_context: int, draft_model: str = "") -> Model
         target_name, draft_name = _name(spec), _name(draft_model) if draft_model else ""
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "")
     return ModelMeta(tokenizer=tokenizer, target_name=target_name, draft_name=draft_name, vocab_size=vocab_size,
-                     context_length=context, eos_ids=eos_ids, dtype=dtype, model_dir=model_dir)
+                     context_length=context, eos_ids=eos_ids, dtype=dtype, model_dir=model_dir,
+                     max_token_chars=max_token_chars(tokenizer))
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token can stand for, from the vocabulary's token strings.
+
+    A token's stored form is at least as long as the text it decodes to (byte-level BPE writes one
+    symbol per byte, SentencePiece one per character, byte fallback six, "<0xE4>"), so a text of
+    more than n * this characters cannot fit in n tokens: the router refuses it before tokenizing.
+    """
+    return max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
 
 
 def _name(spec: str) -> str:

@@ -25,8 +25,9 @@ import grpc
 
 from specmesh.v1 import generation_pb2, mesh_pb2
 
-from ..runtime.errors import InvalidRequest, ResourceExhausted, SpecmeshError
+from ..runtime.errors import InvalidRequest, PermissionDenied, ResourceExhausted, SpecmeshError
 from ..runtime.protocol import FINISH_NAMES, sampling_to_proto
+from ..runtime.security import MeshSecurity, read_api_keys
 from . import metrics
 from .config import RouterConfig
 from .mesh import Mesh, Peer, PeerError
@@ -49,6 +50,7 @@ class LiveRequest:
     """A running request, findable by id for Abort."""
 
     request_id: str
+    owner: str = ""
     aborted: bool = False
     finished: bool = False  # the stream is over; only the cleanup still runs
     stream: TargetStream | None = None  # the target's stream, once started
@@ -70,8 +72,13 @@ class Router:
         self.config = config
         self.meta = meta
         self.limits = Limits(max_context=meta.context_length, vocab_size=meta.vocab_size,
-                             max_stop_strings=config.max_stop_strings, max_stop_len=config.max_stop_len)
-        self.mesh = Mesh(config.treekv_addr, config.target_addr, config.draft_addr, config.rpc_timeout_s)
+                             max_stop_strings=config.max_stop_strings, max_stop_len=config.max_stop_len,
+                             max_token_chars=meta.max_token_chars)
+        aliases = [n.strip() for n in config.served_model_names.split(",") if n.strip()]
+        self.model_names = list(dict.fromkeys([meta.target_name, *aliases]))  # what `model` may name
+        self.mesh = Mesh(config.treekv_addr, config.target_addr, config.draft_addr, config.rpc_timeout_s,
+                         MeshSecurity.from_config(config))
+        self.api_keys = read_api_keys(config.api_key_file)
         self.pairing = Pairing(self.mesh, config.depth)
         self.live: dict[str, LiveRequest] = {}
         self._slots = itertools.count(1)
@@ -97,16 +104,26 @@ class Router:
 
     async def prepare_async(self, req: GenRequest) -> Prepared:
         """`prepare`, moved off the event loop for big inputs so other streams do not stall
-        (the Rust tokenizer releases the GIL while it encodes)."""
+        (the Rust tokenizer releases the GIL while it encodes). Refusals count as request errors."""
         size = len(req.prompt or "") + sum(len(m.get("content") or "") for m in req.messages or ())
-        if size > BIG_INPUT_CHARS:
-            return await asyncio.to_thread(self.prepare, req)
-        return self.prepare(req)
+        try:
+            if size > BIG_INPUT_CHARS:
+                return await asyncio.to_thread(self.prepare, req)
+            return self.prepare(req)
+        except SpecmeshError as exc:
+            metrics.ERRORS.labels(exc.grpc_code_name).inc()
+            raise
 
-    def abort(self, request_id: str) -> bool:
-        """Cancel a running request; its stream ends with finish reason ABORT. False if unknown."""
+    def abort(self, request_id: str, caller: str = "") -> bool:
+        """Cancel a running request; its stream ends with finish reason ABORT. False if unknown.
+
+        With API keys on, only the key that sent the request may abort it (PermissionDenied)."""
         live = self.live.get(request_id)
-        return live is not None and live.abort()
+        if live is None:
+            return False
+        if self.api_keys and live.owner != caller:
+            raise PermissionDenied(f"request {request_id!r} was sent with another API key")
+        return live.abort()
 
     def model_info(self) -> generation_pb2.ModelInfoResponse:
         m = self.meta
@@ -126,7 +143,7 @@ class Router:
         if len(self.live) >= self.config.max_concurrent:
             metrics.REJECTED.inc()
             raise ResourceExhausted(f"router is at its limit of {self.config.max_concurrent} concurrent requests")
-        live = LiveRequest(p.request_id)
+        live = LiveRequest(p.request_id, owner=p.owner)
         self.live[p.request_id] = live
         session = Session(p, slot=next(self._slots) % SLOT_LIMIT or 1)
         out = OutputProcessor(self.meta.tokenizer, p.prompt_ids, p.max_tokens, p.stop, p.user_stop_ids, p.eos_ids)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -42,6 +43,7 @@ class Limits:
     vocab_size: int
     max_stop_strings: int
     max_stop_len: int
+    max_token_chars: int = 1  # ModelMeta.max_token_chars: bounds the text that can fit the context
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Prepared:
     stop: list[str]
     user_stop_ids: list[int]
     eos_ids: list[int]  # the EOS ids the router adds as stop ids ([] with ignore_eos)
+    owner: str = ""  # the API key that sent it ('' when keys are off): only it may Abort the request
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -73,7 +76,7 @@ def from_proto(msg: generation_pb2.GenerateRequest) -> GenRequest:
         messages=[{"role": m.role, "content": m.content} for m in msg.messages.messages]
         if which == "messages" else None,
         max_tokens=msg.max_tokens,
-        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+        temperature=s.temperature, top_p=s.top_p if s.HasField("top_p") else 1.0, top_k=s.top_k,
         seed=s.seed if s.HasField("seed") else None,
         stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
     )
@@ -92,15 +95,16 @@ def prepare(req: GenRequest, tokenizer: Any, limits: Limits, eos_ids: Sequence[i
         raise InvalidRequest(f"set only one of prompt, token_ids or messages (got {' and '.join(given)})")
     if req.max_tokens is not None and req.max_tokens <= 0:
         raise InvalidRequest(f"max_tokens must be > 0, got {req.max_tokens}")
-    # top_p 0 is proto3's "unset": read it as 1 (off).
-    sampling = SamplingParams(temperature=float(req.temperature), top_p=float(req.top_p) or 1.0,
+    _check_request_id(req.request_id)
+    # top_p 0 is refused (SamplingParams: it must be in (0, 1]), never read as "off".
+    sampling = SamplingParams(temperature=float(req.temperature), top_p=float(req.top_p),
                               top_k=int(req.top_k), seed=req.seed)
     if req.seed is not None and not 0 <= req.seed < 2 ** 64:
         raise InvalidRequest(f"seed must be in [0, 2^64), got {req.seed}")
     _check_stops(req.stop, limits)
     _check_ids("stop_token_ids", req.stop_token_ids, limits.vocab_size)
 
-    prompt_ids = _tokenize(req, tokenizer, limits.vocab_size)
+    prompt_ids = _tokenize(req, tokenizer, limits)
     max_tokens = req.max_tokens if req.max_tokens is not None else limits.max_context - len(prompt_ids)
     if max_tokens <= 0:
         raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) leaves no room in the context length "
@@ -110,6 +114,26 @@ def prepare(req: GenRequest, tokenizer: Any, limits: Limits, eos_ids: Sequence[i
                     sampling=sampling, stop=list(dict.fromkeys(req.stop)),
                     user_stop_ids=list(dict.fromkeys(int(t) for t in req.stop_token_ids)),
                     eos_ids=[] if req.ignore_eos else list(eos_ids))
+
+
+MAX_REQUEST_ID_CHARS = 256
+
+
+def _check_request_id(request_id: str) -> None:
+    """Ids end up in logs, metrics and other services: printable text of bounded length only."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(f"request_id is too long: {len(request_id)} characters (at most {MAX_REQUEST_ID_CHARS})")
+    bad = next((c for c in request_id if unicodedata.category(c)[0] in "CZ" and c != " "), None)
+    if bad is not None:
+        raise InvalidRequest(f"request_id must not contain control or separator characters (found {bad!r})")
+
+
+def _check_length(text_chars: int, what: str, limits: Limits) -> None:
+    """Refuse text that cannot fit the context before paying for its tokenization."""
+    most = limits.max_context * limits.max_token_chars
+    if text_chars > most:
+        raise InvalidRequest(f"{what} is too long: {text_chars} characters cannot fit the context length "
+                             f"({limits.max_context} tokens of at most {limits.max_token_chars} characters)")
 
 
 def _check_stops(stops: Sequence[str], limits: Limits) -> None:
@@ -128,15 +152,16 @@ def _check_ids(what: str, ids: Sequence[int], vocab_size: int) -> None:
             raise InvalidRequest(f"{what} contains {t}, outside the vocabulary [0, {vocab_size})")
 
 
-def _tokenize(req: GenRequest, tokenizer: Any, vocab_size: int) -> list[int]:
+def _tokenize(req: GenRequest, tokenizer: Any, limits: Limits) -> list[int]:
     if req.token_ids is not None:
         if not req.token_ids:
             raise InvalidRequest("token_ids is empty")
-        _check_ids("token_ids", req.token_ids, vocab_size)
+        _check_ids("token_ids", req.token_ids, limits.vocab_size)
         return [int(t) for t in req.token_ids]
     if req.prompt is not None:
         if not req.prompt:
             raise InvalidRequest("prompt is empty")
+        _check_length(len(req.prompt), "prompt", limits)
         # add_special_tokens=True adds what the model expects in front of raw text: nothing for Qwen
         # (no BOS), <s> / <|begin_of_text|> for Llama.
         return _encode(tokenizer, req.prompt, "prompt", add_special_tokens=True)
@@ -146,6 +171,7 @@ def _tokenize(req: GenRequest, tokenizer: Any, vocab_size: int) -> list[int]:
     for i, m in enumerate(req.messages):
         if not m.get("role"):
             raise InvalidRequest(f"messages[{i}] has no role")
+    _check_length(sum(len(m.get("content") or "") for m in req.messages), "messages", limits)
     try:
         # Render to text, then encode without specials: the template already wrote BOS if any.
         text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)

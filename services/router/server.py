@@ -22,7 +22,10 @@ from specmesh.v1 import generation_pb2, generation_pb2_grpc
 
 from ..runtime import rpc, telemetry
 from ..runtime.errors import SpecmeshError
+from ..runtime.guard import Access, bearer_token
+from ..runtime.security import MeshSecurity, http_ssl_context
 from ..runtime.service_main import service_main, start_metrics, wait_for_stop_signal, write_ready_file
+from . import metrics
 from .config import RouterConfig
 from .model_meta import load_model_meta
 from .output import ChunkEvent, FinalEvent
@@ -62,6 +65,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         # streaming handlers written this way.
         try:
             prepared = await self.router.prepare_async(from_proto(request))
+            prepared.owner = bearer_token(context.invocation_metadata()) if self.router.api_keys else ""
             async with contextlib.aclosing(self.router.generate(prepared)) as events:
                 async for event in events:
                     yield event_to_proto(event)
@@ -73,9 +77,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             log.exception("Generate failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in the router: {type(exc).__name__}: {exc}")
 
+    @rpc.rpc_errors
     async def Abort(self, request: generation_pb2.AbortRequest,
                     context: grpc.aio.ServicerContext) -> generation_pb2.AbortResponse:
-        return generation_pb2.AbortResponse(found=self.router.abort(request.request_id))
+        caller = bearer_token(context.invocation_metadata())
+        return generation_pb2.AbortResponse(found=self.router.abort(request.request_id, caller))
 
     async def ModelInfo(self, request: generation_pb2.ModelInfoRequest,
                         context: grpc.aio.ServicerContext) -> generation_pb2.ModelInfoResponse:
@@ -96,14 +102,21 @@ async def serve(config: RouterConfig) -> None:
     server = http = None
     try:
         metrics_port = start_metrics(config.host, config.metrics_port)
+        # The public port: API keys (if any) instead of the mesh secret; TLS without client certificates.
+        security = MeshSecurity.from_config(config)
         server, port = await rpc.start_server(config.host, config.port,
                                               [(generation_pb2_grpc.add_GenerationServicer_to_server,
-                                                GenerationServicer(router))], [SERVICE_NAME])
+                                                GenerationServicer(router))], [SERVICE_NAME],
+                                              access=Access(api_keys=router.api_keys),
+                                              credentials=security.server_credentials(client_certificates=False),
+                                              on_refused=lambda code: metrics.ERRORS.labels(code).inc())
         http_port = None
         if config.http_port >= 0:
-            http, http_port = await start_http(router, config.host, config.http_port, config.shutdown_grace_s)
+            http, http_port = await start_http(router, config.host, config.http_port, config.shutdown_grace_s,
+                                               http_ssl_context(config))
+        scheme = "https" if security.tls else "http"
         log.info("router serving gRPC on %s:%d%s (treekv %s, target %s, draft %s)", config.host, port,
-                 f", HTTP on http://{config.host}:{http_port}/v1" if http_port is not None else "",
+                 f", HTTP on {scheme}://{config.host}:{http_port}/v1" if http_port is not None else "",
                  config.treekv_addr, config.target_addr, config.draft_addr or "none")
         write_ready_file(config.ready_file, {"port": port, "http_port": http_port, "metrics_port": metrics_port})
         await wait_for_stop_signal()

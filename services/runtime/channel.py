@@ -11,6 +11,7 @@ router hands its address to the draft over gRPC, with a fresh `epoch` prefix for
 from __future__ import annotations
 
 import datetime
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +43,25 @@ class Verified:
 
 
 def host_store(host: str, port: int) -> dist.TCPStore:
-    """The target's rendezvous store (port 0 = a free port; read it back from store.port)."""
-    return dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=60),
-                         use_libuv=True)
+    """The target's rendezvous store on host:port (port 0 = a free port; read it back from store.port).
+
+    TCPStore itself listens on every interface; it gets a socket already bound to `host` instead,
+    so the store is only reachable where the target advertises it (loopback by default).
+    """
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(addr)
+        listener.listen(128)
+        store = dist.TCPStore(host, listener.getsockname()[1], is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=60), master_listen_fd=listener.fileno(),
+                              use_libuv=True)
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()  # the store's server owns the descriptor now
+    return store
 
 
 def join_store(host: str, port: int) -> dist.TCPStore:

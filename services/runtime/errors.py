@@ -32,6 +32,12 @@ class ServiceUnavailable(SpecmeshError):
     grpc_code_name = "UNAVAILABLE"
 
 
+class PermissionDenied(SpecmeshError):
+    """The caller may not do this (another API key's request)."""
+
+    grpc_code_name = "PERMISSION_DENIED"
+
+
 class NotFound(SpecmeshError):
     """A session (or other named object) that does not exist or was already closed."""
 

@@ -17,8 +17,9 @@ FINISH_NAMES = {v: k for k, v in FINISH_REASONS.items()}
 
 
 def sampling_from_proto(opts: generation_pb2.SamplingOptions) -> SamplingParams:
-    """Validates as it converts (raises InvalidRequest); top_p 0 means unset."""
-    return SamplingParams(temperature=opts.temperature, top_p=opts.top_p or 1.0, top_k=opts.top_k,
+    """Validates as it converts (raises InvalidRequest); an unset top_p means 1 (off)."""
+    return SamplingParams(temperature=opts.temperature, top_p=opts.top_p if opts.HasField("top_p") else 1.0,
+                          top_k=opts.top_k,
                           seed=opts.seed if opts.HasField("seed") else None)
 
 

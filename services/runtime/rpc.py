@@ -10,6 +10,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .errors import SpecmeshError
+from .guard import SECRET_METADATA, Access, Guard
+from .security import MeshSecurity
 
 log = logging.getLogger("specmesh.rpc")
 
@@ -22,20 +24,25 @@ CHANNEL_OPTIONS = [
 
 
 async def start_server(host: str, port: int, register: Iterable[tuple[Callable[[Any, Any], None], Any]],
-                       service_names: Iterable[str]) -> tuple[grpc.aio.Server, int]:
+                       service_names: Iterable[str], access: Access = Access(),
+                       credentials: grpc.ServerCredentials | None = None,
+                       on_refused: Callable[[str], None] | None = None) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server with our servicers, standard health checking and reflection.
 
+    Every request passes the Guard first (undecodable messages and callers `access` does not let
+    in are refused; `on_refused` hears of each). With `credentials` the port speaks TLS only.
     Returns the server and the bound port (pass port 0 for a free one). Health reports SERVING for
     the overall server ("") and each named service.
     """
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[Guard(access, on_refused)])
     for add, servicer in register:
         add(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
     reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    target = f"{host}:{port}"
+    bound = server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
     await server.start()
@@ -44,8 +51,49 @@ async def start_server(host: str, port: int, register: Iterable[tuple[Callable[[
     return server, bound
 
 
-def connect(addr: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+async def start_internal_server(config: Any, register: Iterable[tuple[Callable[[Any, Any], None], Any]],
+                                service_names: Iterable[str]) -> tuple[grpc.aio.Server, int]:
+    """start_server for a mesh service (draft, target, treekv) on config.host:config.port: callers
+    must carry the shared secret, and with a CA present a certificate it signed."""
+    security = MeshSecurity.from_config(config)
+    return await start_server(config.host, config.port, register, service_names, access=Access(secret=security.secret),
+                              credentials=security.server_credentials())
+
+
+def _with_secret(d: grpc.aio.ClientCallDetails, secret: str) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(d.metadata or ()), (SECRET_METADATA, secret))
+    return grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready)
+
+
+# Two classes: a grpc.aio channel files each interceptor under one kind of call only.
+class _SecretUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds the mesh's shared secret to every unary call."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    async def intercept_unary_unary(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+        return await continuation(_with_secret(details, self.secret), request)
+
+
+class _SecretStream(grpc.aio.UnaryStreamClientInterceptor):
+    """Adds the mesh's shared secret to every server-streaming call."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    async def intercept_unary_stream(self, continuation: Any, details: grpc.aio.ClientCallDetails,
+                                     request: Any) -> Any:
+        return await continuation(_with_secret(details, self.secret), request)
+
+
+def connect(addr: str, security: MeshSecurity = MeshSecurity()) -> grpc.aio.Channel:
+    """A channel to another mesh service: TLS when `security` has a CA, the secret on every call."""
+    interceptors = [_SecretUnary(security.secret), _SecretStream(security.secret)] if security.secret else None
+    credentials = security.channel_credentials()
+    if credentials is not None:
+        return grpc.aio.secure_channel(addr, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 
 def status_code(exc: SpecmeshError) -> grpc.StatusCode:

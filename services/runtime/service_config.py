@@ -26,6 +26,17 @@ class CommonConfig:
     log_level: str = dataclasses.field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
     ready_file: str = dataclasses.field(default="", metadata={"help": "write the bound port here once serving "
                                                                        "(used by `specmesh up`)"})
+    internal_secret_file: str = dataclasses.field(default="", metadata={"help": "file holding the mesh's shared "
+                                                                                 "secret, which every internal gRPC "
+                                                                                 "call must carry ('' = env "
+                                                                                 "SPECMESH_INTERNAL_SECRET, else "
+                                                                                 "none)"})
+    tls_cert: str = dataclasses.field(default="", metadata={"help": "PEM certificate of this service (TLS on its "
+                                                                     "ports; also its client certificate)"})
+    tls_key: str = dataclasses.field(default="", metadata={"help": "PEM private key of --tls-cert"})
+    tls_ca: str = dataclasses.field(default="", metadata={"help": "PEM CA of the mesh: internal ports then require "
+                                                                   "client certificates it signed (mutual TLS) and "
+                                                                   "the router verifies the services with it"})
 
 
 def env_name(field: str) -> str:

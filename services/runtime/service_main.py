@@ -51,17 +51,19 @@ def service_main(service: str, config_cls: type, serve: Callable[[Any], Awaitabl
     and tearing the interpreter down under them aborts the process ("terminate called ...").
     """
     from .errors import SpecmeshError
+    from .security import MeshSecurity
     from .service_config import add_dataclass_arguments, from_namespace, setup_logging
 
     parser = argparse.ArgumentParser(prog=f"specmesh serve {service}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(parser, config_cls)
     config = from_namespace(config_cls, parser.parse_args(argv))
-    if hasattr(config, "validate"):
-        try:
+    try:
+        if hasattr(config, "validate"):
             config.validate()
-        except ValueError as exc:
-            parser.error(str(exc))
+        MeshSecurity.from_config(config)  # unreadable certificates or secrets: one line, before start-up
+    except ValueError as exc:
+        parser.error(str(exc))
     setup_logging(config.log_level, service)
     code = 0
     try:

@@ -13,7 +13,8 @@ class TargetConfig(CommonConfig, ModelServiceConfig):
     tp: int = dataclasses.field(default=1, metadata={"help": "tensor-parallel ranks"})
     tensor_port: int = dataclasses.field(default=29500, metadata={"help": "tensor channel rendezvous port (0 = free)"})
     advertise_host: str = dataclasses.field(default="", metadata={"help": "host the draft should dial for the "
-                                                                          "tensor channel ('' = --host)"})
+                                                                          "tensor channel, and the address its "
+                                                                          "rendezvous listens on ('' = --host)"})
     subtree_capacity: int = dataclasses.field(default=64, metadata={"help": "max nodes per subtree"})
     calibrate_tokens: int = dataclasses.field(default=16, metadata={"help": "tree size timed at start-up"})
     prefill_threads: int = dataclasses.field(default=0, metadata={

@@ -106,10 +106,12 @@ class TargetServicer(mesh_pb2_grpc.TargetServicer):
 async def serve(config: TargetConfig) -> None:
     telemetry.setup_tracing("specmesh-target")  # before any gRPC server or channel exists
     # One store for everything that rendezvouses here: draft pairings and the tensor-parallel group.
-    store = host_store(config.host, config.tensor_port)
+    # It listens only on the address the draft is told to dial.
+    store_host = config.advertise_host or config.host
+    store = host_store(store_host, config.tensor_port)
     tp = None
     if config.tp > 1:
-        tp = TPLeader(config, config.host, store.port)
+        tp = TPLeader(config, store_host, store.port)
         await asyncio.to_thread(tp.join, store, config.device)
         log.info("tensor-parallel group of %d ranks is up", config.tp)
     model, _ = await asyncio.to_thread(load_service_model, config, "target", 0, config.tp)
@@ -126,9 +128,8 @@ async def serve(config: TargetConfig) -> None:
                           prefill_threads=(config.prefill_threads or os.cpu_count() or 1) if config.tp == 1 else None)
     servicer = TargetServicer(config, engine, forward_ms, store)
     metrics_port = start_metrics(config.host, config.metrics_port)
-    server, port = await rpc.start_server(config.host, config.port,
-                                          [(mesh_pb2_grpc.add_TargetServicer_to_server, servicer)],
-                                          ["specmesh.v1.Target"])
+    server, port = await rpc.start_internal_server(config, [(mesh_pb2_grpc.add_TargetServicer_to_server, servicer)],
+                                                   ["specmesh.v1.Target"])
     log.info("target-service serving on %s:%d (tensor channel port %d)", config.host, port, servicer.store.port)
     write_ready_file(config.ready_file, {"port": port, "tensor_port": servicer.store.port, "metrics_port": metrics_port})
     await wait_for_stop_signal()

@@ -25,7 +25,7 @@ from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from ..runtime import telemetry
 from ..runtime.errors import ResourceExhausted
-from ..runtime.rpc import rpc_errors, start_server
+from ..runtime.rpc import rpc_errors, start_internal_server
 from ..runtime.service_main import service_main, write_ready_file
 from .config import TreekvConfig
 from .ledger import POOLS, KVLedger, Lease
@@ -132,9 +132,8 @@ async def serve(config: TreekvConfig) -> None:
         registry.register(LedgerCollector(ledger))
         metrics_server, _thread = start_http_server(config.metrics_port, addr=config.host, registry=registry)
         log.info("metrics on http://%s:%d/metrics", config.host, metrics_server.server_port)
-    server, port = await start_server(config.host, config.port,
-                                      [(mesh_pb2_grpc.add_TreeKVServicer_to_server, TreeKVServicer(ledger))],
-                                      [SERVICE_NAME])
+    server, port = await start_internal_server(config, [(mesh_pb2_grpc.add_TreeKVServicer_to_server,
+                                                         TreeKVServicer(ledger))], [SERVICE_NAME])
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     handled: list[signal.Signals] = []

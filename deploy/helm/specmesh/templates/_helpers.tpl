@@ -70,6 +70,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret holding the mesh's shared secret. */}}
+{{- define "specmesh.internalSecretName" -}}
+{{- default (include "specmesh.componentName" (dict "ctx" . "component" "secret")) .Values.security.internalSecret.existingSecret -}}
+{{- end -}}
+
 {{/* A file under the models mount. */}}
 {{- define "specmesh.modelPath" -}}
 {{- printf "%s/%s" (.ctx.Values.models.mountPath | trimSuffix "/") (.path | trimPrefix "/") -}}
@@ -151,7 +156,7 @@ The pod template of a component. Arguments (dict):
 {{- $grpcPort := int $c.port -}}
 {{- /* extraArgs may add flags, never repeat one the chart sets (argparse keeps the last: a repeated
 --pool-blocks would split the KV pools from treekv's, a repeated --port from the probes). */ -}}
-{{- $chartFlags := list "--host" "--port" "--metrics-port" "--log-level" -}}
+{{- $chartFlags := list "--host" "--port" "--metrics-port" "--log-level" "--tls-cert" "--tls-key" "--tls-ca" "--api-key-file" -}}
 {{- range .args }}{{ if hasPrefix "--" (toString .) }}{{ $chartFlags = append $chartFlags (toString .) }}{{ end }}{{ end -}}
 {{- range $c.extraArgs }}
 {{- $flag := regexReplaceAll "=.*$" (toString .) "" -}}
@@ -223,6 +228,18 @@ spec:
         - {{ int $v.metrics.port | quote }}
         - --log-level
         - {{ default $v.logLevel $c.logLevel | upper | quote }}
+        {{- with $v.security.tls.existingSecret }}
+        - --tls-cert
+        - {{ printf "%s/tls.crt" $v.security.tls.mountPath | quote }}
+        - --tls-key
+        - {{ printf "%s/tls.key" $v.security.tls.mountPath | quote }}
+        - --tls-ca
+        - {{ printf "%s/ca.crt" $v.security.tls.mountPath | quote }}
+        {{- end }}
+        {{- if and (eq $name "router") $v.security.apiKeys.existingSecret }}
+        - --api-key-file
+        - /etc/specmesh/api-keys/keys
+        {{- end }}
         {{- range .args }}
         - {{ . | quote }}
         {{- end }}
@@ -255,6 +272,11 @@ spec:
           value: /tmp
         - name: PYTHONUNBUFFERED
           value: "1"
+        - name: SPECMESH_INTERNAL_SECRET
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "specmesh.internalSecretName" $ctx }}
+              key: {{ $v.security.internalSecret.key }}
         - name: HF_HUB_OFFLINE
           value: "1"
         - name: TRANSFORMERS_OFFLINE
@@ -294,8 +316,13 @@ spec:
       {{- $p := get $probes $kind }}
       {{- if and $p (ne (toString (get $p "enabled")) "false") }}
       {{ $field }}:
+        {{- if $v.security.tls.existingSecret }}
+        tcpSocket:
+          port: {{ $grpcPort }}
+        {{- else }}
         grpc:
           port: {{ $grpcPort }}
+        {{- end }}
         {{- toYaml (omit $p "enabled") | nindent 8 }}
       {{- end }}
       {{- end }}
@@ -310,6 +337,16 @@ spec:
       volumeMounts:
         - name: tmp
           mountPath: /tmp
+        {{- if $v.security.tls.existingSecret }}
+        - name: tls
+          mountPath: {{ $v.security.tls.mountPath }}
+          readOnly: true
+        {{- end }}
+        {{- if and (eq $name "router") $v.security.apiKeys.existingSecret }}
+        - name: api-keys
+          mountPath: /etc/specmesh/api-keys
+          readOnly: true
+        {{- end }}
         {{- if .shmSize }}
         - name: dshm
           mountPath: /dev/shm
@@ -326,6 +363,19 @@ spec:
   volumes:
     - name: tmp
       emptyDir: {}
+    {{- with $v.security.tls.existingSecret }}
+    - name: tls
+      secret:
+        secretName: {{ . }}
+    {{- end }}
+    {{- if and (eq $name "router") $v.security.apiKeys.existingSecret }}
+    - name: api-keys
+      secret:
+        secretName: {{ $v.security.apiKeys.existingSecret }}
+        items:
+          - key: {{ $v.security.apiKeys.key }}
+            path: keys
+    {{- end }}
     {{- if .shmSize }}
     - name: dshm
       emptyDir:
