@@ -127,7 +127,9 @@ def llamacpp_problem(name: str, args: argparse.Namespace) -> str | None:
         return str(exc)
     if args.tiny:
         return "llama.cpp needs GGUF files and the tiny pair has none"
-    roles = [("--target", args.target, "target")] + ([("--draft", args.draft, "draft")] if name == "llamacpp_spec" else [])
+    roles = [("--target", args.target, "target")]
+    if name == "llamacpp_spec":
+        roles.append(("--draft", args.draft, "draft"))
     for flag, value, role in roles:
         if value is None or value == "default":
             continue  # the default pair's GGUF is joined from its part packages when the system runs

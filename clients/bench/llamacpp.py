@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -55,10 +56,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: if the worker dies without cleaning up (SIGKILL, OOM killer), the
+    kernel kills llama-server too (Linux's PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 @contextlib.contextmanager
 def serve(command: list[str], port: int) -> Iterator[subprocess.Popen]:
     """Start llama-server, wait until /health answers 200, and always kill it (its whole group) after."""
-    proc = subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not _healthy(port):
