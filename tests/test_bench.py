@@ -218,6 +218,10 @@ def test_report_columns_for_llamacpp_systems() -> None:
                          "llamacpp_spec n-max=3"}
     assert rows["llamacpp_ar"][-3:] == ["50%", "2", "1024"]
     assert rows["llamacpp_spec n-max=2"][-3:] == ["100%", "-", "1500"]
+    # without specmesh_ar in the run, the identity columns are empty, not an error
+    alone = build_systems({"llamacpp_ar": results["llamacpp_ar"]}, eos, max_new=4)
+    assert alone[0]["identical_to_specmesh_ar"] is None and alone[0]["first_divergence_vs_specmesh_ar"] is None
+    assert table(alone).splitlines()[2].split()[-3:] == ["-", "-", "1024"]
 
 
 # ------------------------------------------------------------------------------------------ end to end

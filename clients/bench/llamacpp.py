@@ -118,6 +118,8 @@ def complete(port: int, ids: list[int], max_new: int) -> dict[str, Any]:
             if not line.startswith("data: "):
                 continue
             msg = json.loads(line[len("data: "):])
+            if "error" in msg:
+                raise RuntimeError(f"llama-server: {msg['error']}")
             if msg.get("tokens"):
                 now = time.perf_counter() - t0
                 tokens += msg["tokens"]
@@ -128,6 +130,8 @@ def complete(port: int, ids: list[int], max_new: int) -> dict[str, Any]:
         wall = time.perf_counter() - t0
     finally:
         conn.close()
+    if not final:
+        raise RuntimeError("llama-server's stream ended without its final message")
     return {"tokens": tokens, "times": times, "wall": wall, "timings": final.get("timings", {}),
             "stop_type": final.get("stop_type")}
 
@@ -145,15 +149,17 @@ def _llamacpp_record(prompt: dict, out: dict) -> dict:
     return rec
 
 
-def _run_server(spec: dict, progress: Progress, label: str, command_for_port) -> tuple[list[dict], int | None, float]:
+def _run_server(spec: dict, progress: Progress, label: str, command_for_port) -> dict[str, Any]:
+    """One server's life: start, warm up, every prompt, its peak RSS, stop."""
     port = free_port()
+    command = command_for_port(port)
     t_load = time.perf_counter()
     progress("phase", f"{label}: starting llama-server")
-    with serve(command_for_port(port), port) as proc:
+    with serve(command, port) as proc:
         load_s = time.perf_counter() - t_load
         records = _run_prompts(spec, progress, lambda p, n: _llamacpp_record(p, complete(port, p["ids"], n)), label)
         peak = _peak_rss_kb(proc.pid)
-    return records, peak, load_s
+    return {"records": records, "peak_rss_kb_server": peak, "load_s": load_s, "command": command}
 
 
 def run_llamacpp(spec: dict, progress: Progress, speculative: bool) -> dict:
@@ -169,16 +175,12 @@ def run_llamacpp(spec: dict, progress: Progress, speculative: bool) -> dict:
         settings: dict[str, Any] = {"threads": threads, "context": context, "server": binary,
                                     "target_gguf": str(target), "draft_gguf": str(draft) if draft else None}
         if not speculative:
-            records, peak, load_s = _run_server(
-                spec, progress, "llamacpp_ar", lambda port: server_command(binary, target, port, threads, context))
-            settings["command"] = server_command(binary, target, 0, threads, context)[1:]
-            return {"records": records, "settings": settings, "load_s": load_s, "peak_rss_kb_server": peak}
-        sweep = []
-        for n_max in peer["draft_n_max"]:
-            records, peak, load_s = _run_server(
-                spec, progress, f"llamacpp_spec n-max={n_max}",
-                lambda port: server_command(binary, target, port, threads, context, draft, n_max))
-            sweep.append({"setting": f"n-max={n_max}", "draft_n_max": n_max, "records": records,
-                          "peak_rss_kb_server": peak, "load_s": load_s,
-                          "command": server_command(binary, target, 0, threads, context, draft, n_max)[1:]})
+            run = _run_server(spec, progress, "llamacpp_ar",
+                              lambda port: server_command(binary, target, port, threads, context))
+            settings["command"] = run.pop("command")
+            return {**run, "settings": settings}
+        sweep = [{"setting": f"n-max={n_max}", "draft_n_max": n_max,
+                  **_run_server(spec, progress, f"llamacpp_spec n-max={n_max}",
+                                lambda port: server_command(binary, target, port, threads, context, draft, n_max))}
+                 for n_max in peer["draft_n_max"]]
         return {"sweep": sweep, "settings": settings, "load_s": sweep[0]["load_s"]}

@@ -167,7 +167,7 @@ def _identity(entry: dict, refs: dict[str, dict], eos: list[int], max_new: int) 
     for ref, outputs in [(r, refs.get(r)) for r in REFERENCES]:
         key = f"identical_to_{ref}"
         if outputs is None:
-            entry[key] = None
+            entry[key] = entry[f"first_divergence_vs_{ref}"] = None
             continue
         same = 0
         divergences = []
