@@ -115,9 +115,9 @@ def _assist_settings(text: str) -> list[int | str]:
     return list(dict.fromkeys(values))
 
 
-def llamacpp_problem(name: str, args: argparse.Namespace) -> str | None:
-    """Why a llama.cpp system cannot run with these arguments (one line), or None if it can."""
-    from specmesh.services.runtime.model_store import source_gguf
+def llamacpp_problem(name: str, args: argparse.Namespace, target_dir: Path, draft_dir: Path) -> str | None:
+    """Why a llama.cpp system cannot run on this resolved pair (one line), or None if it can."""
+    from specmesh.models.store import gguf_origin
 
     from .bench.peers import PeerError, find_llama_server
 
@@ -127,33 +127,38 @@ def llamacpp_problem(name: str, args: argparse.Namespace) -> str | None:
         return str(exc)
     if args.tiny:
         return "llama.cpp needs GGUF files and the tiny pair has none"
-    roles = [("--target", args.target, "target")]
-    if name == "llamacpp_spec":
-        roles.append(("--draft", args.draft, "draft"))
-    for flag, value, role in roles:
-        if value is None or value == "default":
-            continue  # the default pair's GGUF is joined from its part packages when the system runs
-        with source_gguf(value, role) as path:  # a local path: only checked, nothing is assembled
-            if path is None:
-                return f"llama.cpp needs GGUF files and {flag} {value} is not one"
+    roles = [("target", target_dir)] + ([("draft", draft_dir)] if name == "llamacpp_spec" else [])
+    for role, model_dir in roles:
+        origin = gguf_origin(model_dir)  # the default pair's part packages, a GGUF file, or None
+        if origin is None:
+            return f"llama.cpp needs GGUF files and the {role} {model_dir} is a dense checkpoint"
+        if isinstance(origin, Path) and not origin.is_file():
+            return f"llama.cpp needs the {role}'s GGUF {origin}, which no longer exists"
     return None
 
 
-def _choose_systems(args: argparse.Namespace) -> list[str]:
-    """The systems to run, in canonical order. Raises ValueError (one line) for a bad or impossible choice;
-    unasked-for llama.cpp systems that cannot run are dropped with a note."""
-    from .bench.systems import LLAMACPP_SYSTEMS, SYSTEMS
+def _requested_systems(args: argparse.Namespace) -> list[str]:
+    """--systems (default: all) in canonical order; ValueError for an unknown name."""
+    from .bench.systems import SYSTEMS
 
-    explicit = args.systems is not None
     systems = [s.strip() for s in (args.systems or ",".join(SYSTEMS)).split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:
         raise ValueError(f"unknown system(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SYSTEMS)}")
+    return [s for s in SYSTEMS if s in systems]
+
+
+def runnable_systems(systems: list[str], args: argparse.Namespace, target_dir: Path, draft_dir: Path) -> list[str]:
+    """Drops the llama.cpp systems that cannot run, with one note per reason; when they were asked for
+    by name (--systems, --llama-server) raises ValueError (one line) instead."""
+    from .bench.systems import LLAMACPP_SYSTEMS
+
+    explicit = args.systems is not None or args.llama_server is not None
     chosen = []
     skipped: dict[str, list[str]] = {}  # problem -> systems, so that one reason is said once
-    for name in (s for s in SYSTEMS if s in systems):  # canonical order, no duplicates
-        problem = llamacpp_problem(name, args) if name in LLAMACPP_SYSTEMS else None
-        if problem and (explicit or args.llama_server):
+    for name in systems:
+        problem = llamacpp_problem(name, args, target_dir, draft_dir) if name in LLAMACPP_SYSTEMS else None
+        if problem and explicit:
             raise ValueError(f"{name}: {problem}")
         if problem:
             skipped.setdefault(problem, []).append(name)
@@ -190,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         if args.depth < 0:
             raise ValueError("--depth must be >= 0")
         prompts = select(load_prompts(args.prompts), limit)
-        systems = _choose_systems(args)
+        systems = _requested_systems(args)
     except (ValueError, PromptError) as exc:
         return fail(str(exc))
 
@@ -206,6 +211,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         target_dir, draft_dir = model_dirs(args)
+        systems = runnable_systems(systems, args, target_dir, draft_dir)
+    except (SpecmeshError, ValueError) as exc:
+        return fail(str(exc))
+    try:
         from specmesh.services.runtime.loader import load_tokenizer
 
         tokenizer = load_tokenizer(target_dir)
@@ -231,8 +240,7 @@ def run(args: argparse.Namespace) -> int:
     from .bench.systems import LLAMACPP_SYSTEMS
 
     if any(s in LLAMACPP_SYSTEMS for s in systems):
-        base["llamacpp"] = {"server": str(find_llama_server(args.llama_server)), "target": args.target,
-                            "draft": args.draft, "draft_n_max": draft_n_max}
+        base["llamacpp"] = {"server": str(find_llama_server(args.llama_server)), "draft_n_max": draft_n_max}
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="specmesh-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     sweeps = {"hf_assisted": len(assist), "llamacpp_spec": len(draft_n_max)}

@@ -24,6 +24,7 @@ from specmesh.clients.bench.peers import PeerError, find_llama_server, llama_ser
 from specmesh.clients.bench.prompts import DEFAULT_PROMPTS, Prompt, PromptError, load_prompts, select
 from specmesh.clients.bench.report import build_systems, figures, first_divergence, normalize, table
 from specmesh.clients.bench.systems import LLAMACPP_SYSTEMS, SYSTEMS
+from specmesh.models.store import MARKER_NAME
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -140,30 +141,43 @@ def test_llama_server_lookup_and_not_installed_message(tmp_path: Path, monkeypat
     with pytest.raises(PeerError, match="--llama-server /nowhere/llama-server"):
         find_llama_server("/nowhere/llama-server")
 
-    # asked for by name: one line, exit 2, before any model is touched
+    # asked for by name: one line, exit 2, before anything runs
     from specmesh.clients.cli import main
 
     assert main(["bench", "--tiny", "--systems", "specmesh_ar,llamacpp_ar"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: llamacpp_ar:") and "--install-peers" in err[0]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: llamacpp_ar:") and "--install-peers" in errors[0]
     # by default: skipped, with one note for both
-    assert bench_cmd._choose_systems(_bench_args("--tiny")) == [s for s in SYSTEMS if s not in LLAMACPP_SYSTEMS]
+    dense = tmp_path / "dense"
+    assert bench_cmd.runnable_systems(list(SYSTEMS), _bench_args(), dense, dense) == \
+        [s for s in SYSTEMS if s not in LLAMACPP_SYSTEMS]
     note = capsys.readouterr().err.strip().splitlines()
     assert len(note) == 1 and note[0].startswith("note: skipping llamacpp_ar, llamacpp_spec:")
 
-    # a build in the cache is found; llama.cpp still cannot run without GGUF files
+    # a build in the cache is found; llama.cpp still needs models that came from GGUF files
     binary = llama_server_path()
     binary.parent.mkdir(parents=True)
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
     assert find_llama_server() == binary.resolve()
-    assert "tiny pair has none" in bench_cmd.llamacpp_problem("llamacpp_ar", _bench_args("--tiny"))
-    problem = bench_cmd.llamacpp_problem("llamacpp_spec", _bench_args("--draft", str(tmp_path)))
-    assert problem == f"llama.cpp needs GGUF files and --draft {tmp_path} is not one"
-    assert bench_cmd.llamacpp_problem("llamacpp_ar", _bench_args("--draft", str(tmp_path))) is None
+    assert "tiny pair has none" in bench_cmd.llamacpp_problem("llamacpp_ar", _bench_args("--tiny"), dense, dense)
+    default, converted = tmp_path / "default", tmp_path / "converted"
     gguf = tmp_path / "t.gguf"
     gguf.write_bytes(b"GGUF")
-    assert bench_cmd.llamacpp_problem("llamacpp_spec", _bench_args("--target", str(gguf), "--draft", str(gguf))) is None
+    for d, marker in ((default, {"source": "default", "role": "draft"}),
+                      (converted, {"source": "gguf", "gguf_path": str(gguf)})):
+        d.mkdir()
+        (d / MARKER_NAME).write_text(json.dumps(marker))
+    assert bench_cmd.llamacpp_problem("llamacpp_spec", _bench_args(), default, converted) is None
+    assert bench_cmd.llamacpp_problem("llamacpp_ar", _bench_args(), converted, dense) is None  # AR: no draft
+    assert bench_cmd.llamacpp_problem("llamacpp_spec", _bench_args(), converted, dense) == \
+        f"llama.cpp needs GGUF files and the draft {dense} is a dense checkpoint"
+    gguf.unlink()
+    assert bench_cmd.llamacpp_problem("llamacpp_ar", _bench_args(), converted, dense) == \
+        f"llama.cpp needs the target's GGUF {gguf}, which no longer exists"
+    with pytest.raises(ValueError, match="^llamacpp_ar: llama.cpp needs the target's GGUF"):
+        bench_cmd.runnable_systems(["specmesh_ar", "llamacpp_ar"], _bench_args("--systems", "llamacpp_ar"),
+                                   converted, dense)
 
 
 def _rec(qid: str, ids: list[int], wall: float, ttft: float, **extra: object) -> dict:

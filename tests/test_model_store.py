@@ -103,15 +103,12 @@ def test_default_joins_parts_in_numeric_order(fake_default):
 
 def test_source_gguf_joins_the_default_for_the_duration(fake_default, tmp_path):
     f = fake_default
-    with ms.source_gguf(None, "target", cache_dir=f["cache"], progress=False) as path:
+    model_dir = ms.resolve_model_dir(None, "target", cache_dir=f["cache"], progress=False)
+    with ms.source_gguf(model_dir, cache_dir=f["cache"], progress=False) as path:
         assert path is not None and path.read_bytes() == f["joined"]
     assert not path.exists()  # the parts stay installed; the joined copy is not kept
-    gguf = _tiny_gguf(tmp_path / "local.gguf", "qwen2")
-    with ms.source_gguf(gguf, "target", cache_dir=f["cache"]) as local:
-        assert local == gguf.resolve()
-    with ms.source_gguf(tmp_path, "draft", cache_dir=f["cache"]) as none:  # a directory has no GGUF
+    with ms.source_gguf(tmp_path, cache_dir=f["cache"]) as none:  # not converted from a GGUF
         assert none is None
-    assert len(f["conv"].calls) == 0  # nothing was converted
 
 
 def test_default_second_resolve_is_cached(fake_default):

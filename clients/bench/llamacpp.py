@@ -163,13 +163,13 @@ def _run_server(spec: dict, progress: Progress, label: str, command_for_port) ->
 
 
 def run_llamacpp(spec: dict, progress: Progress, speculative: bool) -> dict:
-    from specmesh.services.runtime.model_store import source_gguf
+    from specmesh.models.store import source_gguf
 
     peer = spec["llamacpp"]
     binary, threads, context = peer["server"], spec["threads"], spec["context"]
-    with contextlib.ExitStack() as stack:
-        target = stack.enter_context(source_gguf(peer["target"], "target"))
-        draft = stack.enter_context(source_gguf(peer["draft"], "draft")) if speculative else None
+    with contextlib.ExitStack() as stack:  # the default pair's GGUFs exist only while the servers run
+        target = stack.enter_context(source_gguf(spec["target_dir"]))
+        draft = stack.enter_context(source_gguf(spec["draft_dir"])) if speculative else None
         if target is None or (speculative and draft is None):
             raise RuntimeError("llama.cpp needs GGUF files: use the default pair or pass --target/--draft *.gguf")
         settings: dict[str, Any] = {"threads": threads, "context": context, "server": binary,

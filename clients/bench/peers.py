@@ -32,7 +32,7 @@ class PeerError(Exception):
 
 
 def llama_cpp_dir(cache_dir: Path | None = None) -> Path:
-    from specmesh.services.runtime.model_store import default_cache_dir
+    from specmesh.models.store import default_cache_dir
 
     return (cache_dir or default_cache_dir()) / "peers" / f"llama.cpp-{LLAMA_CPP_VERSION}"
 
