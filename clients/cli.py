@@ -5,7 +5,7 @@
   specmesh serve <service> ...    run one service (what the Helm chart runs)
   specmesh generate "prompt"      stream a completion from a running router
   specmesh models                 show / prepare the default model pair
-  specmesh bench                  benchmark against transformers (see README)
+  specmesh bench                  benchmark against transformers and llama.cpp (see README)
 """
 from __future__ import annotations
 

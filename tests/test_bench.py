@@ -1,4 +1,6 @@
-"""`specmesh bench`: the pure helpers, and one real `--quick --tiny` run of all five systems (mesh included).
+"""`specmesh bench`: the pure helpers, the llama.cpp peer's command line, lookup and report columns (llama.cpp
+itself is never built or run here: CI has none), and one real `--quick --tiny` run of the five
+transformers/specmesh systems (mesh included; the llama.cpp ones are skipped: the tiny pair has no GGUF).
 
 The end-to-end run checks only that the command works and writes what other tools read: the JSON
 schema (a "systems" list with the five names and numeric figures), the identity fractions (in fp32
@@ -6,6 +8,7 @@ on the tiny pair every system must produce hf_greedy's tokens), and a valid PNG.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -15,9 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from specmesh.clients import bench_cmd
+from specmesh.clients.bench.llamacpp import completion_request, server_command
+from specmesh.clients.bench.peers import PeerError, find_llama_server, llama_server_path
 from specmesh.clients.bench.prompts import DEFAULT_PROMPTS, Prompt, PromptError, load_prompts, select
-from specmesh.clients.bench.report import figures, first_divergence, normalize
-from specmesh.clients.bench.systems import SYSTEMS
+from specmesh.clients.bench.report import build_systems, figures, first_divergence, normalize, table
+from specmesh.clients.bench.systems import LLAMACPP_SYSTEMS, SYSTEMS
+from specmesh.models.store import MARKER_NAME
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -72,6 +79,19 @@ def test_figures_from_records() -> None:
     assert f["acceptance_per_depth"] == pytest.approx([4 / 6, 2 / 6])
     assert f["target_forward_share"] == pytest.approx(2 / 3)
     assert figures([rec], speculative=False)["acceptance_per_depth"] is None
+    # decode only: 5 tokens after the first, in 1.5 s and 0.5 s after it
+    assert f["decode_tokens_per_s"] == pytest.approx(10 / 2.0)
+    assert f["decode_tokens_per_s_median"] == pytest.approx((5 / 1.5 + 5 / 0.5) / 2)
+
+
+def test_figures_from_llamacpp_totals() -> None:
+    """llama.cpp records have no per-round lists: tokens per target forward come from its draft counters."""
+    rec = {"new_tokens": 10, "wall_s": 2.0, "ttft_s": 0.2, "round_accepted": None, "target_forwards": 4,
+           "accepted_draft": 6, "target_forward_s": None, "category": "qa"}
+    f = figures([rec], speculative=True)
+    assert f["mean_accepted"] == pytest.approx(10 / 4) and f["mean_accepted_draft"] == pytest.approx(6 / 4)
+    assert f["acceptance_per_depth"] is None and f["target_forward_share"] is None
+    assert f["decode_tokens_per_s"] == pytest.approx(9 / 1.8)
 
 
 def test_bad_arguments_fail_in_one_line() -> None:
@@ -79,6 +99,143 @@ def test_bad_arguments_fail_in_one_line() -> None:
 
     assert main(["bench", "--tiny", "--systems", "hf_greedy,nope"]) == 2
     assert main(["bench", "--tiny", "--assist-tokens", "2,x"]) == 2
+
+
+# ------------------------------------------------------------------------------------------ llama.cpp peer
+
+def test_llamacpp_server_command_line() -> None:
+    ar = server_command("/bin/llama-server", "/m/t.gguf", 8123, 2, 4096)
+    assert ar[0] == "/bin/llama-server"
+    flags = dict(zip(ar[1::2], ar[2::2]))
+    assert flags["-m"] == "/m/t.gguf" and flags["--host"] == "127.0.0.1" and flags["--port"] == "8123"
+    assert flags["-t"] == flags["-tb"] == "2" and flags["-c"] == "4096" and flags["-np"] == "1"
+    assert "-md" not in ar and "--spec-type" not in ar
+    spec = server_command("/bin/llama-server", "/m/t.gguf", 8123, 2, 4096, draft_gguf="/m/d.gguf", draft_n_max=3)
+    assert spec[:len(ar)] == ar
+    extra = dict(zip(spec[len(ar)::2], spec[len(ar) + 1::2]))
+    # without --spec-type this llama.cpp loads the draft and never speculates
+    assert extra == {"-md": "/m/d.gguf", "--spec-type": "draft-simple", "--spec-draft-n-max": "3", "-td": "2",
+                     "-tbd": "2"}
+    with pytest.raises(ValueError, match="spec-draft-n-max"):
+        server_command("/bin/llama-server", "/m/t.gguf", 8123, 2, 4096, draft_gguf="/m/d.gguf")
+
+
+def test_llamacpp_request_is_greedy_on_our_token_ids() -> None:
+    body = completion_request([151644, 872, 198], 16)
+    assert body["prompt"] == [151644, 872, 198] and body["n_predict"] == 16 and body["temperature"] == 0.0
+    assert body["stream"] and body["return_tokens"] and body["cache_prompt"] is False
+
+
+def _bench_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench_cmd.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv])
+
+
+def test_llama_server_lookup_and_not_installed_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SPECMESH_CACHE", str(tmp_path))
+    with pytest.raises(PeerError, match="specmesh bench --install-peers") as exc:
+        find_llama_server()
+    assert str(llama_server_path()) in str(exc.value) and "AGPL" in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(PeerError, match="--llama-server /nowhere/llama-server"):
+        find_llama_server("/nowhere/llama-server")
+
+    # asked for by name: one line, exit 2, before anything runs
+    from specmesh.clients.cli import main
+
+    assert main(["bench", "--tiny", "--systems", "specmesh_ar,llamacpp_ar"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: llamacpp_ar:") and "--install-peers" in errors[0]
+    # by default: skipped, with one note for both
+    dense = tmp_path / "dense"
+    assert bench_cmd.runnable_systems(list(SYSTEMS), _bench_args(), dense, dense) == \
+        [s for s in SYSTEMS if s not in LLAMACPP_SYSTEMS]
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and note[0].startswith("note: skipping llamacpp_ar, llamacpp_spec:")
+
+    # a build in the cache is found; llama.cpp still needs models that came from GGUF files
+    binary = llama_server_path()
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    assert find_llama_server() == binary.resolve()
+    assert "tiny pair has none" in bench_cmd.llamacpp_problem("llamacpp_ar", _bench_args("--tiny"), dense, dense)
+    default, converted = tmp_path / "default", tmp_path / "converted"
+    gguf = tmp_path / "t.gguf"
+    gguf.write_bytes(b"GGUF")
+    for d, marker in ((default, {"source": "default", "role": "draft"}),
+                      (converted, {"source": "gguf", "gguf_path": str(gguf)})):
+        d.mkdir()
+        (d / MARKER_NAME).write_text(json.dumps(marker))
+    assert bench_cmd.llamacpp_problem("llamacpp_spec", _bench_args(), default, converted) is None
+    assert bench_cmd.llamacpp_problem("llamacpp_ar", _bench_args(), converted, dense) is None  # AR: no draft
+    assert bench_cmd.llamacpp_problem("llamacpp_spec", _bench_args(), converted, dense) == \
+        f"llama.cpp needs GGUF files and the draft {dense} is a dense checkpoint"
+    gguf.unlink()
+    assert bench_cmd.llamacpp_problem("llamacpp_ar", _bench_args(), converted, dense) == \
+        f"llama.cpp needs the target's GGUF {gguf}, which no longer exists"
+    with pytest.raises(ValueError, match="^llamacpp_ar: llama.cpp needs the target's GGUF"):
+        bench_cmd.runnable_systems(["specmesh_ar", "llamacpp_ar"], _bench_args("--systems", "llamacpp_ar"),
+                                   converted, dense)
+
+
+def _rec(qid: str, ids: list[int], wall: float, ttft: float, **extra: object) -> dict:
+    per_token = {"round_tokens": [1] * len(ids), "round_accepted": [0] * len(ids), "target_forward_s": wall / 2}
+    return {"question_id": qid, "category": "qa" if qid == "1" else "math", "prompt_tokens": 5,
+            "output_ids": ids, "new_tokens": len(ids), "wall_s": wall, "ttft_s": ttft, **per_token, **extra}
+
+
+def _llama_rec(qid: str, ids: list[int], wall: float, accepted: int) -> dict:
+    return _rec(qid, ids, wall, 0.1, round_tokens=None, round_accepted=None, target_forward_s=None,
+                target_forwards=len(ids) - accepted, accepted_draft=accepted)
+
+
+def test_report_columns_for_llamacpp_systems() -> None:
+    eos = [99]
+    results = {
+        "specmesh_ar": {"records": [_rec("1", [1, 2, 3, 4], 1.0, 0.25), _rec("2", [5, 6, 7, 99], 1.0, 0.25)],
+                        "process_peak_rss_kb": 2048 * 1024},
+        "llamacpp_ar": {"records": [_llama_rec("1", [1, 2, 3, 4], 0.5, 0), _llama_rec("2", [5, 6, 8, 99], 0.5, 0)],
+                        "peak_rss_kb_server": 1024 * 1024, "process_peak_rss_kb": 100 * 1024},
+        "llamacpp_spec": {"sweep": [
+            {"setting": "n-max=2", "draft_n_max": 2, "peak_rss_kb_server": 1500 * 1024,
+             "records": [_llama_rec("1", [1, 2, 3, 4], 1.0, 2), _llama_rec("2", [5, 6, 7, 99], 1.0, 2)]},
+            {"setting": "n-max=3", "draft_n_max": 3, "peak_rss_kb_server": 1600 * 1024,
+             "records": [_llama_rec("1", [1, 9, 3, 4], 0.4, 3), _llama_rec("2", [5, 6, 7], 0.4, 1)]},
+        ], "process_peak_rss_kb": 100 * 1024},
+    }
+    entries = build_systems(results, eos, max_new=4)
+    assert [e["name"] for e in entries] == ["specmesh_ar", "llamacpp_ar", "llamacpp_spec"]
+    ar, lar, lspec = entries
+    assert ar["identical_to_specmesh_ar"] == 1.0 and ar["first_divergence_vs_specmesh_ar"] is None
+    assert lar["identical_to_specmesh_ar"] == 0.5 and lar["first_divergence_vs_specmesh_ar"] == 2
+    assert [p["first_divergence_vs_specmesh_ar"] for p in lar["prompts"]] == [None, 2]
+    assert lar["peak_rss_mb"] == pytest.approx(1024) and lar["client_peak_rss_mb"] == pytest.approx(100)
+    assert lar["mean_accepted"] == pytest.approx(1.0)
+    assert lar["decode_tokens_per_s"] == pytest.approx(6 / 0.8)
+    # the sweep's fastest setting stands for the system, with its own server's peak and identity
+    assert lspec["setting"] == "n-max=3" and lspec["tokens_per_s"] == pytest.approx(7 / 0.8)
+    assert lspec["peak_rss_mb"] == pytest.approx(1600)
+    assert lspec["mean_accepted"] == pytest.approx(7 / 3)  # 7 tokens over 4 - 3 + 3 - 1 target forwards
+    assert lspec["identical_to_specmesh_ar"] == 0.5 and lspec["first_divergence_vs_specmesh_ar"] == 1
+    assert [s["identical_to_specmesh_ar"] for s in lspec["sweep"]] == [1.0, 0.5]
+    assert lspec["identical_to_hf_greedy"] is None  # no hf_greedy in this run
+
+    text = table(entries).splitlines()
+    assert text[0].split() == ["system", "tok/s", "med", "tok/s", "all", "decode", "tok/s", "TTFT", "s", "tok/round",
+                               "tgt", "share", "x", "greedy", "x", "assisted", "=greedy", "=ar", "ar", "diff@", "RSS",
+                               "MB"]
+    label_width = len(text[1].split()[0])  # the dashes under "system"
+    rows = {line[:label_width].strip(): line[label_width:].split() for line in text[2:]}
+    assert set(rows) == {"specmesh_ar", "llamacpp_ar", "llamacpp_spec n-max=3 (best)", "llamacpp_spec n-max=2",
+                         "llamacpp_spec n-max=3"}
+    assert rows["llamacpp_ar"][-3:] == ["50%", "2", "1024"]
+    assert rows["llamacpp_spec n-max=2"][-3:] == ["100%", "-", "1500"]
+    # without specmesh_ar in the run, the identity columns are empty, not an error
+    alone = build_systems({"llamacpp_ar": results["llamacpp_ar"]}, eos, max_new=4)
+    assert alone[0]["identical_to_specmesh_ar"] is None and alone[0]["first_divergence_vs_specmesh_ar"] is None
+    assert table(alone).splitlines()[2].split()[-3:] == ["-", "-", "1024"]
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -99,7 +256,7 @@ def test_quick_tiny_run_writes_json_and_png(tmp_path: Path) -> None:
 
     doc = json.loads(out_json.read_text())
     systems = doc["systems"]
-    assert [s["name"] for s in systems] == list(SYSTEMS)
+    assert [s["name"] for s in systems] == [s for s in SYSTEMS if s not in LLAMACPP_SYSTEMS]
     n_prompts = len(doc["prompts"])
     assert n_prompts == 3
     for s in systems:

@@ -101,6 +101,16 @@ def test_default_joins_parts_in_numeric_order(fake_default):
     assert not [p for p in (f["cache"] / "models").iterdir() if "staging" in p.name]
 
 
+def test_source_gguf_joins_the_default_for_the_duration(fake_default, tmp_path):
+    f = fake_default
+    model_dir = ms.resolve_model_dir(None, "target", cache_dir=f["cache"], progress=False)
+    with ms.source_gguf(model_dir, cache_dir=f["cache"], progress=False) as path:
+        assert path is not None and path.read_bytes() == f["joined"]
+    assert not path.exists()  # the parts stay installed; the joined copy is not kept
+    with ms.source_gguf(tmp_path, cache_dir=f["cache"]) as none:  # not converted from a GGUF
+        assert none is None
+
+
 def test_default_second_resolve_is_cached(fake_default):
     f = fake_default
     first = ms.resolve_model_dir(None, "target", cache_dir=f["cache"], progress=False)

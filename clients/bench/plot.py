@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 COLORS = {"hf_greedy": "#9e9e9e", "hf_assisted": "#616161", "specmesh_ar": "#90caf9",
-          "specmesh_serial": "#1e88e5", "specmesh_mesh": "#0d47a1"}
+          "specmesh_serial": "#1e88e5", "specmesh_mesh": "#0d47a1", "llamacpp_ar": "#ffb74d",
+          "llamacpp_spec": "#e65100"}
 
 
 def plot(entries: list[dict], path: str | Path, title: str = "") -> None:

@@ -3,23 +3,28 @@
 Definitions (per system, and the same per category):
   tokens_per_s          all new tokens / all request wall time (prompt processing included)
   tokens_per_s_median   median over prompts of new tokens / wall time
+  decode_tokens_per_s   the tokens after the first / the time after the first token (all, and median)
   ttft_s_median         median time from sending the request to the first generated token
   mean_accepted         new tokens per target forward (accepted draft tokens + the bonus token)
   acceptance_per_depth  [d] = fraction of rounds that accepted at least d+1 draft tokens
   target_forward_share  time inside target forwards / wall time (None where not measurable)
   identical_to_X        fraction of prompts whose output equals system X's token for token (both cut
                         at the first EOS, EOS dropped, at most max_new_tokens)
+  first_divergence_vs_X the earliest token position where a prompt's output differs from X's (None if
+                        every prompt is identical); per prompt in prompts[i]
+  peak_rss_mb           peak resident memory of the system's serving processes
 """
 from __future__ import annotations
 
 import statistics
 from typing import Any, Iterable
 
-from .systems import SYSTEMS
+from .systems import LLAMACPP_SYSTEMS, SYSTEMS
 
-SPECULATIVE = {"hf_assisted", "specmesh_serial", "specmesh_mesh"}
+SPECULATIVE = {"hf_assisted", "specmesh_serial", "specmesh_mesh", "llamacpp_spec"}
 REFERENCES = ("hf_greedy", "specmesh_ar")
-NUMERIC_FIELDS = ("tokens_per_s", "tokens_per_s_median", "ttft_s_median", "mean_accepted", "peak_rss_mb")
+NUMERIC_FIELDS = ("tokens_per_s", "tokens_per_s_median", "decode_tokens_per_s", "decode_tokens_per_s_median",
+                  "ttft_s_median", "mean_accepted", "peak_rss_mb")
 
 
 def normalize(ids: Iterable[int], eos: Iterable[int], max_new: int) -> list[int]:
@@ -40,6 +45,10 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def _mb(kb: int | None) -> float | None:
+    return kb / 1024 if kb else None
+
+
 def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
@@ -48,24 +57,36 @@ def figures(records: list[dict], speculative: bool) -> dict[str, Any]:
     """The figures of one set of prompt records (a whole system, or one category of it)."""
     tokens = sum(r["new_tokens"] for r in records)
     wall = sum(r["wall_s"] for r in records)
-    accepted = [a for r in records for a in r["round_accepted"]]
-    rounds = len(accepted)
+    per_round = all(r["round_accepted"] is not None for r in records)
+    if per_round:
+        accepted = [a for r in records for a in r["round_accepted"]]
+        rounds, accepted_total = len(accepted), sum(accepted)
+    else:  # llama.cpp: totals only (see systems.py)
+        accepted = []
+        rounds = sum(r["target_forwards"] for r in records)
+        accepted_total = sum(r["accepted_draft"] for r in records)
     ttfts = [r["ttft_s"] for r in records if r["ttft_s"] is not None]
     forward = [r["target_forward_s"] for r in records]
     per_depth = None
-    if speculative and rounds:
+    if speculative and rounds and per_round:
         per_depth = [sum(a > d for a in accepted) / rounds for d in range(max(accepted, default=0))]
+    # Decode only: from the first token to the last, so prefill (and its first token) is left out.
+    decoding = [(r["new_tokens"] - 1, r["wall_s"] - r["ttft_s"]) for r in records
+                if r["ttft_s"] is not None and r["new_tokens"] > 1 and r["wall_s"] > r["ttft_s"]]
+    decode_time = sum(s for _, s in decoding)
     return {
         "prompts_run": len(records),
         "new_tokens": tokens,
         "wall_s": wall,
         "tokens_per_s": tokens / wall if wall > 0 else 0.0,
         "tokens_per_s_median": _median([r["new_tokens"] / r["wall_s"] for r in records if r["wall_s"] > 0]) or 0.0,
+        "decode_tokens_per_s": sum(n for n, _ in decoding) / decode_time if decode_time > 0 else None,
+        "decode_tokens_per_s_median": _median([n / s for n, s in decoding]),
         "ttft_s_median": _median(ttfts),
         "ttft_s_mean": statistics.fmean(ttfts) if ttfts else None,
         "rounds": rounds,
         "mean_accepted": tokens / rounds if rounds else None,
-        "mean_accepted_draft": sum(accepted) / rounds if rounds else None,
+        "mean_accepted_draft": accepted_total / rounds if rounds else None,
         "acceptance_per_depth": per_depth,
         "target_forward_share": (sum(forward) / wall if wall > 0 and records and None not in forward else None),
     }
@@ -95,15 +116,23 @@ def build_systems(results: dict[str, dict], eos: list[int], max_new: int) -> lis
             entry.update(identical_to_hf_greedy=None, identical_to_specmesh_ar=None, log_tail=res.get("log_tail"))
             entries.append(entry)
             continue
-        if name == "hf_assisted":
+        if "sweep" in res:  # hf_assisted, llamacpp_spec: the best setting stands for the system
             sweep = [{**{k: v for k, v in s.items() if k != "records"}, **summarize(name, s["records"])}
                      for s in res["sweep"]]
+            for s in sweep:
+                if "peak_rss_kb_server" in s:  # llama.cpp: one server per setting
+                    s["peak_rss_mb"] = _mb(s["peak_rss_kb_server"])
             best = max(sweep, key=lambda s: s["tokens_per_s"])
             entry.update({k: v for k, v in best.items()})
             entry["sweep"] = sweep
         else:
             entry.update(summarize(name, res["records"]))
-        if name == "specmesh_mesh":
+        if name in LLAMACPP_SYSTEMS:  # the server's own peak, not the client's
+            entry["peak_rss_mb"] = _mb(entry.get("peak_rss_kb_server", res.get("peak_rss_kb_server")))
+            entry["client_peak_rss_mb"] = res["process_peak_rss_kb"] / 1024
+            entry["notes"].append("peak_rss_mb is llama-server's (VmHWM, which counts the mmapped GGUF pages it "
+                                  "touched); mean_accepted comes from llama.cpp's draft_n_accepted")
+        elif name == "specmesh_mesh":
             services = res.get("peak_rss_kb_services") or {}
             entry["peak_rss_mb"] = sum(services.values()) / 1024 if services else None
             entry["peak_rss_mb_per_service"] = {k: v / 1024 for k, v in services.items()}
@@ -138,9 +167,10 @@ def _identity(entry: dict, refs: dict[str, dict], eos: list[int], max_new: int) 
     for ref, outputs in [(r, refs.get(r)) for r in REFERENCES]:
         key = f"identical_to_{ref}"
         if outputs is None:
-            entry[key] = None
+            entry[key] = entry[f"first_divergence_vs_{ref}"] = None
             continue
         same = 0
+        divergences = []
         for p in entry["prompts"]:
             mine = normalize(p["output_ids"], eos, max_new)
             theirs = outputs.get(p["question_id"])
@@ -148,7 +178,9 @@ def _identity(entry: dict, refs: dict[str, dict], eos: list[int], max_new: int) 
             p[key] = div is None
             p[f"first_divergence_vs_{ref}"] = div
             same += div is None
+            divergences += [] if div is None else [div]
         entry[key] = same / len(entry["prompts"]) if entry["prompts"] else None
+        entry[f"first_divergence_vs_{ref}"] = min(divergences, default=None)
 
 
 # ------------------------------------------------------------------------------------------ table
@@ -162,8 +194,8 @@ def _short(setting: dict) -> str:
 
 
 def table(entries: list[dict]) -> str:
-    head = ["system", "tok/s med", "tok/s all", "TTFT s", "tok/round", "tgt share", "x greedy", "x assisted",
-            "=greedy", "=ar", "RSS MB"]
+    head = ["system", "tok/s med", "tok/s all", "decode tok/s", "TTFT s", "tok/round", "tgt share", "x greedy",
+            "x assisted", "=greedy", "=ar", "ar diff@", "RSS MB"]
     rows = []
     failed = []
     for e in entries:
@@ -172,13 +204,14 @@ def table(entries: list[dict]) -> str:
             continue
         items = [(e["name"] + (f" {_short(e)} (best)" if "sweep" in e else ""), e)]
         if "sweep" in e and len(e["sweep"]) > 1:
-            items += [(f"  hf_assisted {_short(s)}", s) for s in e["sweep"]]
+            items += [(f"  {e['name']} {_short(s)}", s) for s in e["sweep"]]
         for label, s in items:
-            rows.append([label, _f(s["tokens_per_s_median"]), _f(s["tokens_per_s"]), _f(s["ttft_s_median"]),
-                         _f(s["mean_accepted"]), _f(s["target_forward_share"], "{:.0%}"),
+            rows.append([label, _f(s["tokens_per_s_median"]), _f(s["tokens_per_s"]), _f(s["decode_tokens_per_s"]),
+                         _f(s["ttft_s_median"]), _f(s["mean_accepted"]), _f(s["target_forward_share"], "{:.0%}"),
                          _f(s["speedup_vs_hf_greedy"], "{:.2f}x"), _f(s["speedup_vs_hf_assisted"], "{:.2f}x"),
                          _f(s["identical_to_hf_greedy"], "{:.0%}"), _f(s["identical_to_specmesh_ar"], "{:.0%}"),
-                         _f(e.get("peak_rss_mb"), "{:.0f}")])
+                         _f(s["first_divergence_vs_specmesh_ar"], "{}"),
+                         _f(s.get("peak_rss_mb", e["peak_rss_mb"]), "{:.0f}")])
     return "\n".join([_grid(head, rows), *failed])
 
 

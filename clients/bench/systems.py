@@ -1,10 +1,11 @@
-"""The five benchmarked systems. Each runs inside its own worker process (bench/worker.py) and
+"""The benchmarked systems. Each runs inside its own worker process (bench/worker.py) and
 returns one raw record per prompt; all figures are derived later (bench/report.py).
 
 A record: question_id, category, prompt_tokens, output_ids, new_tokens, wall_s (request start to
 last token), ttft_s (to the first generated token), round_tokens / round_accepted (tokens
 delivered and draft tokens accepted per target forward), target_forward_s (time inside target
-forwards, None where it cannot be measured), finish.
+forwards, None where it cannot be measured), finish. llama.cpp's records (bench/llamacpp.py) have
+no per-round lists; they carry target_forwards and accepted_draft totals instead.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-SYSTEMS = ("hf_greedy", "hf_assisted", "specmesh_ar", "specmesh_serial", "specmesh_mesh")
+SYSTEMS = ("hf_greedy", "hf_assisted", "specmesh_ar", "specmesh_serial", "specmesh_mesh", "llamacpp_ar",
+           "llamacpp_spec")
+LLAMACPP_SYSTEMS = ("llamacpp_ar", "llamacpp_spec")
 SERIAL_DEFAULT_DEPTH = 3  # `specmesh run`'s default; the mesh's default (0) times it at start-up
 
 Progress = Callable[[str, str], None]  # (kind: "tick" | "phase", text)
@@ -175,19 +178,30 @@ def run_hf(spec: dict, progress: Progress, assisted: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------ our runner
 
+# How the specmesh systems load their models: these two functions are the only places that read the
+# loading options (in-process, and as `specmesh up` flags for the mesh).
+
+def load_specmesh_model(spec: dict, role: str) -> Any:
+    from specmesh.services.runtime.loader import load_transformer, parse_dtype
+
+    return load_transformer(spec[f"{role}_dir"], parse_dtype(spec["dtype"]), max_positions=spec["context"] + 256)
+
+
+def specmesh_model_flags(spec: dict) -> list[str]:
+    return ["--target", spec["target_dir"], "--draft", spec["draft_dir"], "--dtype", spec["dtype"]]
+
+
 def run_specmesh_inprocess(spec: dict, progress: Progress, serial: bool) -> dict:
     from specmesh.services.runtime.tree_params import TreeParams
     from specmesh.services.runtime.engines import DecodeStats, generate_ar, generate_serial
     from specmesh.services.runtime.request import Request
-    from specmesh.services.runtime.loader import load_transformer, parse_dtype
     from specmesh.services.runtime.sampling import SamplingParams
 
     threads = _set_threads(spec)
-    dtype = parse_dtype(spec["dtype"])
     context = spec["context"]
     t_load = time.perf_counter()
-    target = load_transformer(spec["target_dir"], dtype, max_positions=context + 256)
-    draft = load_transformer(spec["draft_dir"], dtype, max_positions=context + 256) if serial else None
+    target = load_specmesh_model(spec, "target")
+    draft = load_specmesh_model(spec, "draft") if serial else None
     load_s = time.perf_counter() - t_load
     t = spec["tree"]
     tree = TreeParams(width=t["width"], subtree_size=t["subtree_size"], depth=t["depth"] or SERIAL_DEFAULT_DEPTH) \
@@ -252,8 +266,8 @@ def _peak_rss_kb(pid: int) -> int | None:
 def mesh_command(spec: dict, ready_file: str) -> list[str]:
     """`specmesh up` exactly as a user starts it, on free ports, without HTTP."""
     t, m = spec["tree"], spec["mesh"]
-    return [sys.executable, "-m", "specmesh.clients.cli", "up", "--target", spec["target_dir"],
-            "--draft", spec["draft_dir"], "--dtype", spec["dtype"], "--port", "0", "--http-port", "-1",
+    return [sys.executable, "-m", "specmesh.clients.cli", "up", *specmesh_model_flags(spec), "--port", "0",
+            "--http-port", "-1",
             "--ready-file", ready_file, "--log-level", m.get("log_level", "WARNING"),
             "--target-threads", str(m["target_threads"]), "--draft-threads", str(m["draft_threads"]),
             "--width", str(t["width"]), "--subtree-size", str(t["subtree_size"]), "--depth", str(t["depth"] or 0),
@@ -342,4 +356,8 @@ def run_system(spec: dict, progress: Progress) -> dict:
         return run_specmesh_inprocess(spec, progress, serial=True)
     if name == "specmesh_mesh":
         return run_mesh(spec, progress)
+    if name in LLAMACPP_SYSTEMS:
+        from .llamacpp import run_llamacpp
+
+        return run_llamacpp(spec, progress, speculative=name == "llamacpp_spec")
     raise ValueError(f"unknown system {name!r}")
