@@ -35,7 +35,7 @@ from .layout import Int4Packed
 log = logging.getLogger(__name__)
 
 EXTENSION_NAME = "specmesh_int4_gemm"
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 
 CPP_SOURCE = r"""
 #include <torch/extension.h>
