@@ -13,7 +13,9 @@ Compares ATen's ``_weight_int4pack_mm_for_cpu`` (int4, g32), specmesh's AVX-512 
   realistic figure).
 
 Every figure is the median of ``--repeats`` timed runs after one warm-up; the machine may be
-shared and noisy, so compare ratios (printed beside the times) rather than absolute values.
+shared and noisy, so compare ratios (printed beside the times) rather than absolute values. On a
+busy machine ``--clock thread`` (one thread only) times the calling thread's CPU time instead of
+the wall clock, which leaves out the time the scheduler gave to other processes.
 """
 from __future__ import annotations
 
@@ -49,13 +51,13 @@ def make_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> Callable[[tor
     return lambda x: k4.int4_gemm_cpu(x, packed4)
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
+def median_ms(fn: Callable[[], object], repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times) * 1e3
 
 
@@ -78,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="distinct copies of each layer's weights in the whole forward (4 x 26 MB "
                              "of int4 per layer exceeds a 32 MB L3)")
     parser.add_argument("--skip-shapes", action="store_true", help="only the whole-forward table")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="thread: CPU time of the calling thread (needs --threads 1)")
     args = parser.parse_args(argv)
+    if args.clock == "thread" and args.threads != [1]:
+        parser.error("--clock thread measures one thread's CPU time: use it with --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     if not k4.available():
         print(f"specmesh int4 kernel unavailable: {k4.unavailable_reason()}", file=sys.stderr)
         return 1
@@ -86,14 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     all_shapes = {**SHAPES, "lm_head": LM_HEAD}
     weights = {f: {name: [make_weight(f, *shape, gen) for _ in range(1 if name == "lm_head" else args.copies)]
                    for name, shape in all_shapes.items()} for f in FORMATS}
-    print(f"torch {torch.__version__}; rows M = {args.rows}; median of {args.repeats} runs; ms per matmul\n")
+    print(f"torch {torch.__version__}; rows M = {args.rows}; median of {args.repeats} runs ({args.clock} clock); "
+          "ms per matmul\n")
     for threads in args.threads:
         torch.set_num_threads(threads)
         xs = {m: {k: torch.randn(m, k, generator=gen).to(torch.bfloat16) for k in {s[1] for s in all_shapes.values()}}
               for m in args.rows}
         if not args.skip_shapes:
             for name, (n, k) in all_shapes.items():
-                times = {(f, m): median_ms(lambda: weights[f][name][0](xs[m][k]), args.repeats)
+                times = {(f, m): median_ms(lambda: weights[f][name][0](xs[m][k]), args.repeats, clock)
                          for f in FORMATS for m in args.rows}
                 print(table(f"{name} {n} x {k}, {threads} thread(s)", args.rows, times), "\n", flush=True)
 
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     weights[f][name][layer % args.copies](xs[m][k])
             weights[f]["lm_head"][0](xs[m][LM_HEAD[1]])
 
-        times = {(f, m): median_ms(lambda: forward(f, m), args.repeats) for f in FORMATS for m in args.rows}
+        times = {(f, m): median_ms(lambda: forward(f, m), args.repeats, clock) for f in FORMATS for m in args.rows}
         print(table(f"whole forward ({LAYERS} layers + LM head), {threads} thread(s)", args.rows, times),
               "\n", flush=True)
     return 0
