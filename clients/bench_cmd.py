@@ -34,7 +34,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from .common import fail
+from .common import add_weights_argument, fail
 
 NAME = "bench"
 QUICK_PROMPTS = 3
@@ -63,6 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
     m.add_argument("--draft", default=None, help="draft model: directory or .gguf (default: the default pair)")
     m.add_argument("--tiny", action="store_true", help="tiny random model pair (smoke tests, CI)")
     m.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="one dtype for every system")
+    add_weights_argument(m)
     m.add_argument("--threads", type=int, default=0,
                    help="torch threads of the in-process systems (0 = every core of this machine)")
     m.add_argument("--context", type=int, default=4096, help="context length (prompt + new tokens)")
@@ -231,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     threads = args.threads or os.cpu_count() or 1
     base = {
         "target_dir": str(target_dir), "draft_dir": str(draft_dir), "dtype": args.dtype, "threads": threads,
-        "context": args.context, "max_new_tokens": max_new, "warmup_tokens": min(args.warmup_tokens, max_new),
+        "weights": args.weights, "context": args.context, "max_new_tokens": max_new, "warmup_tokens": min(args.warmup_tokens, max_new),
         "eos_ids": eos, "pad_id": pad, "prompts": encoded, "assist_tokens": assist,
         "tree": {"width": args.width, "subtree_size": args.subtree_size, "depth": args.depth},
         "mesh": {"target_threads": args.mesh_target_threads, "draft_threads": args.mesh_draft_threads},
@@ -268,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
         "config": {
             "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
             "systems": systems, "target": str(target_dir), "draft": str(draft_dir), "tiny": args.tiny,
-            "dtype": args.dtype, "threads": threads, "max_new_tokens": max_new,
+            "dtype": args.dtype, "weights": args.weights, "threads": threads, "max_new_tokens": max_new,
             "warmup_tokens": base["warmup_tokens"], "context": args.context, "greedy": True,
             "prompts_file": str(args.prompts or "(default set)"), "quick": args.quick,
             "assist_tokens": assist, "tree": base["tree"], "mesh_threads": base["mesh"], "eos_ids": eos,

@@ -25,7 +25,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_weights_argument(p: argparse.ArgumentParser) -> None:
-    from specmesh.services.runtime.quant import WEIGHT_FORMATS
+    from specmesh.services.runtime.weight_formats import WEIGHT_FORMATS
 
     p.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS,
                    help="projection weights: gguf (the GGUF's own quantization), bf16, int8, int4; "

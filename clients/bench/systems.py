@@ -182,13 +182,19 @@ def run_hf(spec: dict, progress: Progress, assisted: bool) -> dict:
 # loading options (in-process, and as `specmesh up` flags for the mesh).
 
 def load_specmesh_model(spec: dict, role: str) -> Any:
-    from specmesh.services.runtime.loader import load_transformer, parse_dtype
+    from specmesh.models.weight_cache import load_runner
+    from specmesh.services.runtime.loader import parse_dtype
+    from specmesh.services.runtime.model_worker import calibrate_weights
 
-    return load_transformer(spec[f"{role}_dir"], parse_dtype(spec["dtype"]), max_positions=spec["context"] + 256)
+    model = load_runner(Path(spec[f"{role}_dir"]), spec.get("weights", "auto"), parse_dtype(spec["dtype"]),
+                        max_positions=spec["context"] + 256)
+    calibrate_weights(model)
+    return model
 
 
 def specmesh_model_flags(spec: dict) -> list[str]:
-    return ["--target", spec["target_dir"], "--draft", spec["draft_dir"], "--dtype", spec["dtype"]]
+    return ["--target", spec["target_dir"], "--draft", spec["draft_dir"], "--dtype", spec["dtype"],
+            "--weights", spec.get("weights", "auto")]
 
 
 def run_specmesh_inprocess(spec: dict, progress: Progress, serial: bool) -> dict:

@@ -12,7 +12,8 @@ import torch
 from .errors import ModelError
 from .model import LayerWeights, Transformer
 from .model_config import ModelConfig
-from .quant import (WEIGHT_FORMATS, Int4Groups, Weight, int4_groups_from_dense, int4_supported, pack_int4,
+from .weight_formats import WEIGHT_FORMATS
+from .quant import (Int4Groups, Weight, int4_groups_from_dense, int4_supported, pack_int4,
                     quantize_int8, weight_from_tensors, weight_tensors)
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}

@@ -24,9 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-#: Formats `--weights` accepts. gguf = each GGUF tensor's own type (4-bit family -> int4, 8-bit and
-#: 6-bit -> int8, float -> dense); auto = gguf for GGUF models on CPU, else bf16 (dense).
-WEIGHT_FORMATS = ("auto", "gguf", "bf16", "int8", "int4")
 INT4_GROUP = 32  # the group of Q4_0 / Q4_1 / Q4_K sub-blocks
 INT4_ROW_ALIGN = 16  # the ATen CPU int4 packer needs N % 16 == 0
 
