@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from specmesh.kernels import int4_gemm
 from specmesh.services.runtime.errors import ModelError
 from specmesh.services.runtime.loader import (load_transformer, read_model_config, runner_state,
                                               transformer_from_runner_state)
@@ -109,7 +110,9 @@ def _key(model_dir: Path, weights: str, dtype: torch.dtype, tp_rank: int, tp_siz
     # The directory's config and weight files (path, size, mtime) identify the model without hashing gigabytes.
     files = sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]
     ident = "\0".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    ident += f"\0{weights}\0{dtype}\0{tp_rank}/{tp_size}\0{keep_dense}\0{torch.__version__}\0{CACHE_FORMAT}"
+    # The int4 layout depends on whether specmesh's kernel builds here (else ATen's, per torch version).
+    layout = "tiles" if int4_gemm.available() else f"aten-{torch.__version__}"
+    ident += f"\0{weights}\0{dtype}\0{tp_rank}/{tp_size}\0{keep_dense}\0{layout}\0{CACHE_FORMAT}"
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
     dt = str(dtype).removeprefix("torch.")
     return f"{store._slug(model_dir.name)}-{weights}-{dt}-tp{tp_rank}of{tp_size}{'-dense' if keep_dense else ''}-{digest}"

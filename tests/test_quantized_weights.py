@@ -92,7 +92,8 @@ def test_kernels_match_a_dense_matmul_of_the_same_values(dtype: torch.dtype) -> 
         for rows in (1, 2, w.kernel_max_rows, w.kernel_max_rows + 1, 40):
             x = torch.randn(rows, 256).to(dtype)
             ref = x.float() @ values.t()
-            tol = 1e-4 if dtype == torch.float32 else 0.05 * ref.abs().max()
+            # fp32: specmesh's int4 kernel multiplies fp32 activations as two bf16 halves (~16 bits)
+            tol = (3e-5 if dtype == torch.float32 else 0.05) * ref.abs().max()
             assert (linear(x, w).float() - ref).abs().max() <= tol, (type(w).__name__, rows)
 
 

@@ -91,7 +91,13 @@ class LeasedPool:
 
 
 def calibrate_weights(model: Transformer) -> dict[str, int]:
-    """Measure, per quantized shape, up to how many rows its kernel beats its dense copy (quant.py)."""
+    """Measure, per quantized shape, up to how many rows its kernel beats its dense copy (quant.py).
+
+    Only in bf16: fp32 is the exactness mode of the tests, where every process must pick the same
+    paths as the in-process reference it is compared with (the defaults), not a timing's.
+    """
+    if model.dtype != torch.bfloat16:
+        return {}
     weights = [w for layer in model.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
     chosen = calibrate_kernel_rows([*weights, model.lm_head])
     if chosen:

@@ -7,8 +7,9 @@ keeps weights in the layout of the fastest kernel this torch has:
 - `torch.Tensor`: dense (bf16 / fp32), `F.linear`.
 - `Int8Weight`: per-output-channel symmetric int8, `torch._weight_int8pack_mm`.
 - `Int4Weight`: groupwise asymmetric 4-bit (w = (q - 8) * scale + zero per group of `group_size`
-  input columns), packed for `aten._weight_int4pack_mm_for_cpu`. GGUF's Q4_0 / Q4_1 / Q4_K blocks
-  are exactly of this form, so they repack without loss (see specmesh.services.models.gguf_weights).
+  input columns), packed for specmesh's AVX-512 kernel (kernels/int4_gemm) or, where that does not
+  build, `aten._weight_int4pack_mm_for_cpu`. GGUF's Q4_0 / Q4_1 / Q4_K blocks are exactly of this
+  form, so they repack without loss (see specmesh.models.gguf_weights).
 
 The weight-only kernels win at few rows and lose at many (they dequantize per row block and become
 compute-bound): on the 2-core EPYC of PERF.md int4 is 4x faster than bf16 at 1 row, even at 8 and
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from specmesh.kernels import int4_gemm
+from specmesh.kernels.int4_gemm import Int4Packed
 
 INT4_GROUP = 32  # the group of Q4_0 / Q4_1 / Q4_K sub-blocks
 INT4_ROW_ALIGN = 16  # the ATen CPU int4 packer needs N % 16 == 0
@@ -46,18 +50,25 @@ class Int8Weight:
 
 @dataclass
 class Int4Weight:
-    """Groupwise 4-bit in the ATen CPU int4 layout."""
+    """Groupwise 4-bit in the layout of the fastest int4 kernel here.
 
-    packed: torch.Tensor  # [N, K / 2] uint8, aten._convert_weight_to_int4pack_for_cpu's layout
-    scales_zeros: torch.Tensor  # [K / group, N, 2] activation dtype: (scale, zero) per group
-    group_size: int
+    `tiles`: specmesh's AVX-512 BF16 kernel (kernels/int4_gemm), where it builds: it unpacks each
+    weight tile once for all rows (tree verification) and every output row is bit-identical
+    whatever the other rows are. Else `packed` + `scales_zeros`: ATen's CPU int4 kernel.
+    """
+
     in_features: int
+    out_features: int
+    group_size: int = INT4_GROUP
+    packed: torch.Tensor | None = None  # [N, K / 2] uint8, aten._convert_weight_to_int4pack_for_cpu's layout
+    scales_zeros: torch.Tensor | None = None  # [K / group, N, 2] activation dtype: (scale, zero) per group
+    tiles: Int4Packed | None = None
     dense: torch.Tensor | None = None
     kernel_max_rows: int = 12  # as for Int8Weight: int4 wins to about 12 rows there
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((self.packed.shape[0], self.in_features))
+        return torch.Size((self.out_features, self.in_features))
 
 
 Weight = torch.Tensor | Int8Weight | Int4Weight
@@ -128,10 +139,14 @@ def int4_supported(shape: torch.Size | tuple[int, int], group_size: int = INT4_G
 
 
 def pack_int4(groups: Int4Groups, dtype: torch.dtype, keep_dense: bool) -> Int4Weight:
+    """Pack for specmesh's int4 kernel where it builds (scales in the activation dtype), else ATen's."""
     n, k = groups.q.shape
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.q.to(torch.int32).contiguous(), 1)
-    scales_zeros = torch.stack([groups.scale, groups.zero], dim=-1).transpose(0, 1).to(dtype).contiguous()
-    w = Int4Weight(packed, scales_zeros, groups.group_size, k)
+    if int4_gemm.available() and dtype in (torch.bfloat16, torch.float32):
+        w = Int4Weight(k, n, groups.group_size, tiles=int4_gemm.pack(groups, scale_dtype=dtype))
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.q.to(torch.int32).contiguous(), 1)
+        scales_zeros = torch.stack([groups.scale, groups.zero], dim=-1).transpose(0, 1).to(dtype).contiguous()
+        w = Int4Weight(k, n, groups.group_size, packed, scales_zeros)
     if keep_dense:
         w.dense = dequantize(w)
     return w
@@ -151,8 +166,10 @@ def dequantize(w: Weight) -> torch.Tensor:
     """The dense values a quantized weight's kernel computes with (in its scales' dtype)."""
     if isinstance(w, Int8Weight):
         return w.q.to(w.scale.dtype) * w.scale[:, None]
+    if isinstance(w, Int4Weight) and w.tiles is not None:
+        return int4_gemm.dequantize(w.tiles).to(w.tiles.scale_dtype)
     if isinstance(w, Int4Weight):
-        n, k, g = w.packed.shape[0], w.in_features, w.group_size
+        n, k, g = w.out_features, w.in_features, w.group_size
         # The CPU layout: per 64-row block and input column, 32 bytes; low nibble = row i, high = row i + 32.
         blocks = w.packed.view(n // 64, k, 32) if n % 64 == 0 else None
         if blocks is not None:
@@ -170,6 +187,8 @@ def weight_bytes(w: Weight) -> int:
     """Bytes a forward reads for this weight (the dense copy is only read by many-row forwards)."""
     if isinstance(w, Int8Weight):
         return w.q.numel() + w.scale.numel() * w.scale.element_size()
+    if isinstance(w, Int4Weight) and w.tiles is not None:
+        return w.tiles.nbytes()
     if isinstance(w, Int4Weight):
         return w.packed.numel() + w.scales_zeros.numel() * w.scales_zeros.element_size()
     return w.numel() * w.element_size()
@@ -183,6 +202,8 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
         return F.linear(x, w.dense if w.dense is not None else dequantize(w), bias)
     if isinstance(w, Int8Weight):
         y = torch._weight_int8pack_mm(x.contiguous(), w.q, w.scale)
+    elif w.tiles is not None:
+        return int4_gemm.int4_gemm_cpu(x.contiguous(), w.tiles, bias)
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w.packed, w.group_size, w.scales_zeros)
     return y if bias is None else y + bias
@@ -194,9 +215,14 @@ def weight_tensors(name: str, w: Weight) -> tuple[dict[str, torch.Tensor], dict]
         return {name: w}, {"format": "dense"}
     if isinstance(w, Int8Weight):
         tensors, meta = {f"{name}.q": w.q, f"{name}.scale": w.scale}, {"format": "int8"}
+    elif w.tiles is not None:
+        tensors = {f"{name}.tiles": w.tiles.data}
+        meta = {"format": "int4", "layout": "tiles", "in_features": w.in_features, "out_features": w.out_features,
+                "scale_dtype": str(w.tiles.scale_dtype).removeprefix("torch.")}
     else:
         tensors = {f"{name}.packed": w.packed, f"{name}.scales_zeros": w.scales_zeros}
-        meta = {"format": "int4", "group_size": w.group_size, "in_features": w.in_features}
+        meta = {"format": "int4", "layout": "aten", "group_size": w.group_size, "in_features": w.in_features,
+                "out_features": w.out_features}
     if w.dense is not None:
         tensors[f"{name}.dense"] = w.dense
     return tensors, meta
@@ -209,8 +235,14 @@ def weight_from_tensors(name: str, tensors: dict[str, torch.Tensor], meta: dict)
     dense = tensors.get(f"{name}.dense")
     if meta["format"] == "int8":
         return Int8Weight(tensors[f"{name}.q"], tensors[f"{name}.scale"], dense)
-    return Int4Weight(tensors[f"{name}.packed"], tensors[f"{name}.scales_zeros"], meta["group_size"],
-                      meta["in_features"], dense)
+    if meta["layout"] == "tiles":
+        data = tensors[f"{name}.tiles"]
+        if data.data_ptr() % 64:  # the kernel streams 64-byte records
+            data = data.clone()
+        tiles = Int4Packed(data, meta["out_features"], meta["in_features"], getattr(torch, meta["scale_dtype"]))
+        return Int4Weight(meta["in_features"], meta["out_features"], tiles=tiles, dense=dense)
+    return Int4Weight(meta["in_features"], meta["out_features"], meta["group_size"], tensors[f"{name}.packed"],
+                      tensors[f"{name}.scales_zeros"], dense=dense)
 
 
 def calibrate_kernel_rows(weights: list[Weight], rows: tuple[int, ...] = (8, 12, 16, 24, 32),
