@@ -211,7 +211,8 @@ class DraftSession:
         """Sampling: `width` draws without replacement from q (Gumbel-top-k), in draw order."""
         logp = probs.log()
         w = min(self.params.width, logp.shape[-1])
-        gumbel = -torch.log(-torch.log(torch.rand(logp.shape, generator=self.generator, device=logp.device).clamp_(1e-20, 1.0)))
+        uniform = torch.rand(logp.shape, generator=self.generator, device=logp.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0)))
         ids = torch.topk(logp + gumbel, w, dim=-1).indices.tolist()
         # Scores by draw rank, not by the drawn token (see the module docstring): the j-th draw scores
         # as the j-th largest probability. A -inf score (fewer than j tokens possible) ends the list.
