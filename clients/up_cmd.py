@@ -1,4 +1,11 @@
-"""`specmesh up`: the whole mesh on this machine — treekv, target, draft, router — until Ctrl-C."""
+"""`specmesh up`: the whole mesh on this machine — treekv, target, draft, router — until Ctrl-C.
+
+It supervises them: a draft or treekv that dies is named on the console and started again on its
+old port (the router re-pairs a new draft by itself; a new treekv restores the leases its
+predecessor granted from the lease file). Running streams do not need either, so they go on. A
+dead router or target stops the mesh. SIGTERM / Ctrl-C drains: every service refuses new work and
+gives the streams in flight up to --shutdown-grace-s to finish.
+"""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
     p.add_argument("--metrics", action="store_true", help="serve Prometheus /metrics on free ports")
     p.add_argument("--ready-file", default="", help="write the router's ports here (JSON) once it is up")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--shutdown-grace-s", type=float, default=30.0,
+                   help="on Ctrl-C / SIGTERM: seconds in-flight streams get to finish")
     p.add_argument("--extra-draft-args", default="", help=argparse.SUPPRESS)  # tests: e.g. delays
     p.add_argument("--extra-target-args", default="", help=argparse.SUPPRESS)
     return NAME
@@ -48,13 +57,30 @@ class Mesh:
     """The four child processes and the folder holding their ready files."""
 
     workdir: Path
+    grace_s: float = 30.0
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     ready: dict[str, dict] = field(default_factory=dict)
+    args: dict[str, list[str]] = field(default_factory=dict)
+    restarts: dict[str, list[float]] = field(default_factory=dict)  # when each service was restarted
 
     def start(self, service: str, args: list[str]) -> None:
         ready = self.workdir / f"{service}.ready"
-        cmd = [sys.executable, "-m", f"specmesh.services.{service}.server", "--ready-file", str(ready), *args]
+        ready.unlink(missing_ok=True)
+        self.args[service] = args
+        cmd = [sys.executable, "-m", f"specmesh.services.{service}.server", "--ready-file", str(ready),
+               "--shutdown-grace-s", str(self.grace_s), *args]
         self.procs[service] = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+
+    def restart(self, service: str, timeout: float) -> dict:
+        """Start a dead service again on the port it had: its peers keep dialing that address.
+        Raises RuntimeError when it keeps dying (MAX_RESTARTS within a minute)."""
+        now = time.monotonic()
+        recent = [t for t in self.restarts.get(service, []) if now - t < 60]
+        if len(recent) >= MAX_RESTARTS:
+            raise RuntimeError(f"{service} died {len(recent) + 1} times within a minute; stopping")
+        self.restarts[service] = [*recent, now]
+        self.start(service, _with_port(self.args[service], self.ready[service]["port"]))
+        return self.wait(service, timeout)
 
     def wait(self, service: str, timeout: float) -> dict:
         ready = self.workdir / f"{service}.ready"
@@ -75,7 +101,7 @@ class Mesh:
         for proc in self.procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + self.grace_s + 10  # the services drain first
         for proc in self.procs.values():
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
@@ -87,6 +113,16 @@ class Mesh:
         return next((name for name, p in self.procs.items() if p.poll() is not None), None)
 
 
+MAX_RESTARTS = 5  # per service and minute; more means it cannot run here
+
+
+def _with_port(args: list[str], port: int) -> list[str]:
+    """args with the value of --port replaced."""
+    out = list(args)
+    out[out.index("--port") + 1] = str(port)
+    return out
+
+
 def _die_with_parent() -> None:
     """Linux: SIGTERM the service if `specmesh up` itself is killed (no orphans holding ports)."""
     try:
@@ -95,6 +131,15 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def _write_ready(path: str, router: dict, mesh: Mesh) -> None:
+    """The router's ports plus every service's ready info and pid (JSON, replaced atomically)."""
+    if path:
+        tmp = path + ".tmp"
+        Path(tmp).write_text(json.dumps({**router, "services": mesh.ready,
+                                         "pids": {k: p.pid for k, p in mesh.procs.items()}}))
+        os.replace(tmp, path)
 
 
 def thread_split(target_threads: int, draft_threads: int) -> tuple[int, int]:
@@ -113,14 +158,15 @@ def run(args: argparse.Namespace) -> int:
     except SpecmeshError as exc:
         return fail(str(exc))
     target_threads, draft_threads = thread_split(args.target_threads, args.draft_threads)
-    mesh = Mesh(Path(tempfile.mkdtemp(prefix="specmesh-up-")))
+    mesh = Mesh(Path(tempfile.mkdtemp(prefix="specmesh-up-")), grace_s=args.shutdown_grace_s)
     common = ["--host", args.host, "--log-level", args.log_level]
     metrics = ["--metrics-port", "0"] if args.metrics else []
     pools = ["--pool-blocks", str(args.pool_blocks), "--block-size", str(args.block_size),
              "--max-context", str(args.max_context), "--dtype", args.dtype, "--weights", args.weights]
     try:
         mesh.start("treekv", [*common, *metrics, "--port", "0", "--draft-blocks", str(args.pool_blocks),
-                              "--target-blocks", str(args.pool_blocks), "--block-size", str(args.block_size)])
+                              "--target-blocks", str(args.pool_blocks), "--block-size", str(args.block_size),
+                              "--state-file", str(mesh.workdir / "treekv.leases")])
         mesh.start("target", [*common, *metrics, *pools, "--port", "0", "--tensor-port", "0", "--model", str(target_dir),
                               "--threads", str(target_threads), "--calibrate-tokens", str(args.subtree_size),
                               *args.extra_target_args.split()])
@@ -137,17 +183,20 @@ def run(args: argparse.Namespace) -> int:
         router_addr = f"{args.host}:{router['port']}"
         http = f", HTTP http://{args.host}:{router['http_port']}/v1" if router.get("http_port") else ""
         print(f"specmesh is up: router {router_addr}{http} (Ctrl-C stops all four services)", flush=True)
-        if args.ready_file:
-            tmp = args.ready_file + ".tmp"
-            Path(tmp).write_text(json.dumps({**router, "addr": router_addr, "services": mesh.ready,
-                                             "pids": {k: p.pid for k, p in mesh.procs.items()}}))
-            os.replace(tmp, args.ready_file)
+        publish = lambda: _write_ready(args.ready_file, {**router, "addr": router_addr}, mesh)  # noqa: E731
+        publish()
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while True:
             dead = mesh.any_dead()
-            if dead in ("router", "target", "treekv"):
+            if dead in ("router", "target"):
                 print(f"error: {dead} exited with status {mesh.procs[dead].returncode}; stopping", file=sys.stderr)
                 return 1
+            if dead is not None:  # draft or treekv: nothing running depends on them
+                print(f"warning: {dead} exited with status {mesh.procs[dead].returncode}; restarting it",
+                      file=sys.stderr, flush=True)
+                mesh.restart(dead, 600)
+                print(f"{dead} is back on {args.host}:{mesh.ready[dead]['port']}", file=sys.stderr, flush=True)
+                publish()  # its new pid
             time.sleep(0.5)
     except KeyboardInterrupt:
         return 0

@@ -343,6 +343,34 @@ def test_args(helm):
     assert router["--max-context"] == draft["--max-context"] == target["--max-context"] == str(v["maxContext"])
 
 
+@pytest.mark.parametrize("sets, grace, pre_stop, period", [
+    ((), 30, 5, {c: 45 for c in COMPONENTS}),
+    (("shutdown.graceSeconds=120", "shutdown.preStopSeconds=0"), 120, 0, {c: 130 for c in COMPONENTS}),
+    (("router.terminationGracePeriodSeconds=300",), 30, 5, {**{c: 45 for c in COMPONENTS}, "router": 300}),
+], ids=["default", "long-grace-no-prestop", "router-override"])
+def test_graceful_shutdown_agrees_with_the_pod(helm, sets, grace, pre_stop, period):
+    """Kubernetes waits terminationGracePeriodSeconds in all (preStop included) before SIGKILL: it
+    must cover the preStop sleep plus the services' drain (--shutdown-grace-s)."""
+    m = render(helm, *[a for s in sets for a in ("--set", s)])
+    for comp in COMPONENTS:
+        c = m.container(comp)
+        assert flag_values(c["args"])["--shutdown-grace-s"] == str(grace)
+        hook = c.get("lifecycle", {}).get("preStop")
+        assert hook == ({"exec": {"command": ["sleep", str(pre_stop)]}} if pre_stop else None)
+        assert m.pod(comp)["spec"]["terminationGracePeriodSeconds"] == period[comp]
+    # treekv keeps its leases where a restarted container finds them: the pod's /tmp emptyDir.
+    treekv = m.container("treekv")
+    assert flag_values(treekv["args"])["--state-file"].startswith("/tmp/")
+    assert {"name": "tmp", "mountPath": "/tmp"} in treekv["volumeMounts"]
+
+
+def test_termination_grace_shorter_than_the_drain_fails(helm):
+    proc = run_helm(helm, "template", RELEASE, str(CHART), "--set", "target.terminationGracePeriodSeconds=30")
+    assert proc.returncode != 0
+    assert ("target.terminationGracePeriodSeconds (30) must be at least shutdown.preStopSeconds + "
+            "shutdown.graceSeconds + 10 = 45") in proc.stderr
+
+
 def test_tree_shape(helm):
     m = render(helm)
     t = values()["tree"]

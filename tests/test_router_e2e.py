@@ -21,7 +21,7 @@ from specmesh.v1 import generation_pb2 as pb
 from specmesh.v1 import generation_pb2_grpc as pb_grpc
 from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-from router_testing import DRAFT, FullMesh, serve_mesh, wait_kv_idle
+from router_testing import DRAFT, FullMesh, kv_stats, serve_mesh, wait_kv_idle
 from service_helpers import start_service
 
 MAX_CONCURRENT = 4
@@ -113,11 +113,14 @@ def test_abort_ends_stream_with_abort_and_frees_kv(mesh: FullMesh, client: Clien
     stream = client.generate("abort me", max_tokens=LONG, ignore_eos=True, request_id="to-abort")
     first = next(stream)
     assert not first.is_final
-    # The committed tokens reach treekv's log in the background, in order.
+    # The committed tokens reach treekv's log in the background, in order. The session id is the
+    # router's own (unique per attempt), not the request id: this is the only live session.
+    (session,) = kv_stats(mesh.treekv.addr).sessions
     deadline = time.monotonic() + 5
     while True:
         with grpc.insecure_channel(mesh.treekv.addr) as ch:
-            log = mesh_pb2_grpc.TreeKVStub(ch).GetCommitted(mesh_pb2.SessionRef(session_id="to-abort"), timeout=5)
+            log = mesh_pb2_grpc.TreeKVStub(ch).GetCommitted(mesh_pb2.SessionRef(session_id=session.session_id),
+                                                            timeout=5)
         if len(log.committed_ids) >= len(first.token_ids) or time.monotonic() > deadline:
             break
         time.sleep(0.02)

@@ -332,3 +332,24 @@ def test_sampling_params_validation() -> None:
                 dict(top_k=-1)):
         with pytest.raises(InvalidRequest):
             SamplingParams(**bad)
+
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampling_runs_on_the_models_device(tiny_pair: Any, device: str) -> None:
+    """Sampled serial speculation draws with generators on the model's device (torch refuses a CPU
+    generator for CUDA tensors), and a seed gives the same tokens twice. The CUDA case runs only
+    where a GPU is present."""
+    from specmesh.services.runtime.draft_session import DraftSession
+    from specmesh.services.runtime.loader import load_transformer
+
+    target = load_transformer(tiny_pair[0], torch.float32, device)
+    draft = load_transformer(tiny_pair[1], torch.float32, device)
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, seed=7)
+    tree = TreeParams(width=3, subtree_size=6, depth=2)
+    runs = [sum(generate_serial(target, draft, Request([1, 2, 3], 24, sampling), 64, tree), []) for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) == 24
+    session = DraftSession(draft.new_cache(64), tree, sampling, draft.vocab_size, draft.device)
+    assert session.generator.device.type == torch.device(device).type

@@ -11,5 +11,9 @@ from specmesh.services.runtime.service_config import CommonConfig
 class DraftConfig(CommonConfig, ModelServiceConfig):
     port: int = 50052
     tree_width: int = dataclasses.field(default=4, metadata={"help": "w: leaves per expansion (timed at start-up)"})
+    session_idle_s: float = dataclasses.field(default=30.0, metadata={"help": "give a session up (free its KV) "
+                                                                            "when the target sent nothing for it "
+                                                                            "this long (0 = never); keep it below "
+                                                                            "treekv's lease TTL"})
     expand_delay_ms: float = dataclasses.field(default=0.0, metadata={"help": "testing: random extra delay per "
                                                                                "expansion, uniform in [0, x] ms"})

@@ -8,29 +8,40 @@ just before its verified tokens are due, so the draft is idle, not mid-forward, 
 On verified tokens a session re-roots its evolving tree cache and, as soon as its tree holds
 `subtree_size` nodes, sends the best subtree to the target. The draft is only waited for when a
 tree is smaller than that.
+
+Failures follow the runtime's one policy (session_failure.py): whatever goes wrong in a session's
+work gives that session up (its KV freed, the target told to continue alone). A CloseSession that
+overtakes its OpenSession leaves a tombstone the late open honours, and a session that hears
+nothing from the target for `session_idle_s` is given up too (its router or target is gone), so
+no lease outlives its request.
 """
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from specmesh.services.runtime import telemetry
 from specmesh.services.runtime.actor import ChannelUp, EngineActor
 from specmesh.services.runtime.channel import TensorChannel, Verified
 from specmesh.services.runtime.draft_session import DraftSession
+from specmesh.services.runtime.errors import SessionClosed
+from specmesh.services.runtime.expiring_ids import ExpiringIds
 from specmesh.services.runtime.forward_batch import Runner, SeqRows
 from specmesh.services.runtime.model_worker import LeasedPool
 from specmesh.services.runtime.sampling import SamplingParams
+from specmesh.services.runtime.session_failure import FAILED, SessionFailure, describe
 from specmesh.services.runtime.tree_params import TreeParams
 
 from . import metrics
 
 log = logging.getLogger("specmesh.draft")
 _TRACER = telemetry.tracer("specmesh.draft")
+IDLE_CHECK_S = 1.0  # how often the worker looks for sessions nobody talks to any more
 
 
 @dataclass
@@ -53,6 +64,7 @@ class DraftState:
     trace_ctx: Any = None  # the OpenSession span's context: round spans are its children
     cache: Any = None  # the KVCache view of the lease, claimed by open()
     sent_at: float | None = None  # when the last subtree went to the target
+    heard_at: float = field(default_factory=time.monotonic)  # opened, or verified tokens arrived
 
 
 # -- inbox messages ------------------------------------------------------------------------------
@@ -82,11 +94,19 @@ class DraftEngine(EngineActor):
     name = "draft"
 
     def __init__(self, runner: Runner, pool: LeasedPool, expand_delay_ms: float = 0.0,
-                 prefill_chunk: int = 256) -> None:
+                 prefill_chunk: int = 256, session_idle_s: float = 0.0) -> None:
         super().__init__()
         self.runner, self.pool = runner, pool
         self.model = runner.model
         self.sessions: dict[int, DraftState] = {}
+        self.session_idle_s = session_idle_s  # 0 = never give idle sessions up
+        self.tick_s = IDLE_CHECK_S if session_idle_s else None
+        self._idle_checked_at = 0.0
+        # Session ids with a lease claimed here (gRPC side adds, worker removes) and the ids closed
+        # before they opened; both under _ids_lock so an open and a close cannot interleave.
+        self._open_ids: set[str] = set()
+        self._closed_early = ExpiringIds()
+        self._ids_lock = threading.Lock()
         self.vocab_width = self.model.vocab_size
         self.expand_delay_ms = expand_delay_ms
         self.prefill_chunk = prefill_chunk
@@ -103,13 +123,24 @@ class DraftEngine(EngineActor):
 
     # -- called from the gRPC side -----------------------------------------------------------
     def open(self, state: DraftState) -> None:
-        """Claim the session's lease now (so a bad lease fails the caller's RPC), prefill on the worker."""
-        state.cache = self.pool.open(*state.lease)
+        """Claim the session's lease now (so a bad lease fails the caller's RPC), prefill on the worker.
+
+        Raises SessionClosed if the session was closed before this open arrived."""
+        with self._ids_lock:
+            if self._closed_early.take(state.session_id):
+                raise SessionClosed(f"session {state.session_id!r} was closed before it opened")
+            state.cache = self.pool.open(*state.lease)
+            self._open_ids.add(state.session_id)
         self.post(Open(state))
 
     def close(self, session_id: str) -> Future:
         """Resolves once the session's blocks are back in the pool (safe for treekv to re-lease them)."""
         done: Future = Future()
+        with self._ids_lock:
+            if session_id not in self._open_ids:  # never opened (yet), or already freed
+                self._closed_early.add(session_id)
+                done.set_result(None)
+                return done
         self.post(Close(session_id, done))
         return done
 
@@ -123,6 +154,26 @@ class DraftEngine(EngineActor):
     # -- messages ------------------------------------------------------------------------------
     def receive(self, channel: TensorChannel) -> object:
         return VerifiedIn(channel.recv_verified())
+
+    def session_of(self, message: object) -> DraftState | None:
+        if isinstance(message, Open):
+            return message.state
+        if isinstance(message, VerifiedIn):
+            return self.sessions.get(message.verified.channel_id)
+        return None
+
+    def end_session(self, state: DraftState, failure: SessionFailure) -> None:
+        self._abandon(state, failure)
+
+    def tick(self) -> None:
+        """Give up the sessions the target has not talked about for session_idle_s."""
+        now = time.monotonic()
+        if not self.session_idle_s or now - self._idle_checked_at < IDLE_CHECK_S:
+            return
+        self._idle_checked_at = now
+        for state in [s for s in self.sessions.values() if now - s.heard_at > self.session_idle_s]:
+            self._abandon(state, SessionFailure("DEADLINE_EXCEEDED",
+                                                f"nothing from the target for {self.session_idle_s:.0f}s"))
 
     def on_channel_lost(self, why: str) -> None:
         log.warning("dropping %d sessions (%s)", len(self.sessions), why)
@@ -140,10 +191,7 @@ class DraftEngine(EngineActor):
         state.round_started = time.perf_counter()
         state.session = DraftSession(state.cache, state.tree_params, state.sampling, self.vocab_width,
                                      self.model.device, key=state.channel_id)
-        try:
-            state.session.start(state.prompt)
-        except Exception as exc:
-            self._abandon(state, exc)
+        state.session.start(state.prompt)
 
     def _on_verified(self, message: VerifiedIn) -> None:
         verified = message.verified
@@ -154,17 +202,14 @@ class DraftEngine(EngineActor):
             self._free(verified.channel_id)
             return
         now = time.perf_counter()
+        state.heard_at = time.monotonic()
         if state.sent_at is not None:
             trip = now - state.sent_at
             self.round_trip_s = trip if not self.round_trip_s else 0.7 * self.round_trip_s + 0.3 * trip
         state.round_idle_s = now - state.idle_since if state.idle_since is not None else 0.0
         metrics.IDLE.inc(state.round_idle_s)
         state.idle_since = None
-        try:
-            result = state.session.reroot(verified.tokens)
-        except Exception as exc:
-            self._abandon(state, exc)
-            return
+        result = state.session.reroot(verified.tokens)
         metrics.REROOT.observe(time.perf_counter() - now)
         metrics.REROOTS.labels("hit" if result.hit else "new_tree").inc()
         state.round, state.owed, state.reroot_hit = verified.round, True, result.hit
@@ -204,12 +249,8 @@ class DraftEngine(EngineActor):
         for state in candidates:
             if budget <= 0:
                 break
-            try:
-                rows = state.session.next_rows(min(budget, self.prefill_chunk))
-            except Exception as exc:
-                self._abandon(state, exc)
-                continue
-            if rows is not None:
+            rows = self.for_session(state, state.session.next_rows, min(budget, self.prefill_chunk))
+            if rows is not None and rows is not FAILED:
                 jobs.append((state, rows))
                 budget -= rows.n
         if not jobs:  # time ran out since the loop looked: verified tokens are due
@@ -219,23 +260,20 @@ class DraftEngine(EngineActor):
         t0 = time.perf_counter()
         try:
             logits = self.runner.forward([rows for _, rows in jobs])
-        except Exception as exc:
+        except Exception as exc:  # nothing of this step ran: its sessions are given up
+            log.exception("a forward of %d sessions failed; the draft gives them up", len(jobs))
             for state, _ in jobs:
-                self._abandon(state, exc)
+                self._abandon(state, describe(exc))
             return
         took = time.perf_counter() - t0
         self.expand_s = took if not self.expand_s else 0.7 * self.expand_s + 0.3 * took
         metrics.EXPAND.observe(took)
         metrics.STEP_SESSIONS.observe(len(jobs))
         for state, rows in jobs:
-            self._commit(state, rows, logits.pop(0))
+            self.for_session(state, self._commit, state, rows, logits.pop(0))
 
     def _commit(self, state: DraftState, rows: SeqRows, logits: Any) -> None:
-        try:
-            leaves = state.session.commit(rows, logits)
-        except Exception as exc:
-            self._abandon(state, exc)
-            return
+        leaves = state.session.commit(rows, logits)
         if leaves:
             metrics.EXPANSIONS.inc()
             state.grown += 1
@@ -278,10 +316,10 @@ class DraftEngine(EngineActor):
         span.end()
         return telemetry.span_ids(span)
 
-    def _abandon(self, state: DraftState, exc: BaseException) -> None:
+    def _abandon(self, state: DraftState, failure: SessionFailure) -> None:
         """Give up on one session without stalling it: an empty subtree tells the target to go on alone."""
         log.warning("session %s: draft gives up (%s); the target continues without it", state.session_id,
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                    failure.message)
         if state.channel_id not in self.sessions:
             return
         self._free(state.channel_id)
@@ -296,3 +334,5 @@ class DraftEngine(EngineActor):
         metrics.SESSIONS.set(len(self.sessions))
         if state is not None:
             self.pool.close(*state.lease)
+            with self._ids_lock:
+                self._open_ids.discard(state.session_id)

@@ -5,9 +5,11 @@ import asyncio
 import logging
 
 import grpc
+from grpc_health.v1 import health
 
 from specmesh.services.runtime import rpc, telemetry
 from specmesh.services.runtime.channel import DRAFT_RANK, TensorChannel, join_store
+from specmesh.services.runtime.drain import STOP_GRACE_S, Drain
 from specmesh.services.runtime.errors import InvalidRequest, ServiceUnavailable
 from specmesh.services.runtime.forward_batch import Runner
 from specmesh.services.runtime.model_worker import (LeasedPool, instance_id, load_service_model,
@@ -26,6 +28,7 @@ class DraftServicer(mesh_pb2_grpc.DraftServicer):
     def __init__(self, config: DraftConfig, engine: DraftEngine, forward_ms: float) -> None:
         self.config, self.engine, self.forward_ms = config, engine, forward_ms
         self.instance = instance_id()
+        self.drain = Drain("draft-service")
 
     @rpc.rpc_errors
     async def ConnectChannel(self, request: mesh_pb2.ChannelEndpoint, context: grpc.aio.ServicerContext) -> mesh_pb2.Empty:
@@ -48,6 +51,7 @@ class DraftServicer(mesh_pb2_grpc.DraftServicer):
 
     @rpc.rpc_errors
     async def OpenSession(self, request: mesh_pb2.DraftOpenRequest, context: grpc.aio.ServicerContext) -> mesh_pb2.Empty:
+        self.drain.refuse_new()
         if not request.prompt_ids:
             raise InvalidRequest("prompt is empty")
         if request.lease.num_blocks <= 0:
@@ -89,15 +93,17 @@ async def serve(config: DraftConfig) -> None:
     forward_ms = await asyncio.to_thread(time_tree_forward, model, config.tree_width)
     log.info("one expansion of %d leaves takes %.1f ms", config.tree_width, forward_ms)
     engine = DraftEngine(Runner(model, config.step_rows), LeasedPool(model, config), config.expand_delay_ms,
-                         config.prefill_chunk)
+                         config.prefill_chunk, config.session_idle_s)
     servicer = DraftServicer(config, engine, forward_ms)
     metrics_port = start_metrics(config.host, config.metrics_port)
+    health_servicer = health.aio.HealthServicer()
     server, port = await rpc.start_internal_server(config, [(mesh_pb2_grpc.add_DraftServicer_to_server, servicer)],
-                                                   ["specmesh.v1.Draft"])
+                                                   ["specmesh.v1.Draft"], health_servicer)
     log.info("draft-service serving on %s:%d", config.host, port)
     write_ready_file(config.ready_file, {"port": port, "metrics_port": metrics_port})
     await wait_for_stop_signal()
-    await server.stop(grace=2)
+    await servicer.drain.run(health_servicer, lambda: engine.active_sessions, config.shutdown_grace_s)
+    await server.stop(STOP_GRACE_S)
     engine.stop()
     telemetry.shutdown_tracing()
 

@@ -46,8 +46,9 @@ class RouterConfig(CommonConfig):
                                                                           "with RESOURCE_EXHAUSTED (HTTP 429)"})
     rpc_timeout_s: float = dataclasses.field(default=10.0, metadata={"help": "deadline of unary calls to the "
                                                                              "mesh services"})
-    shutdown_grace_s: float = dataclasses.field(default=5.0, metadata={"help": "seconds in-flight requests get "
-                                                                               "on SIGTERM/SIGINT"})
+    lease_renew_s: float = dataclasses.field(default=5.0, metadata={"help": "how often the treekv leases of live "
+                                                                           "sessions are renewed (well below "
+                                                                           "treekv's lease TTL)"})
 
     def validate(self) -> None:
         """Reject settings the router cannot work with (ValueError naming the flag)."""
@@ -64,5 +65,7 @@ class RouterConfig(CommonConfig):
             raise ValueError("--target-addr is required")
         if not self.treekv_addr:
             raise ValueError("--treekv-addr is required")
+        if self.lease_renew_s <= 0:
+            raise ValueError(f"--lease-renew-s must be positive, got {self.lease_renew_s}")
         if self.rpc_timeout_s <= 0:
             raise ValueError(f"--rpc-timeout-s must be positive, got {self.rpc_timeout_s}")

@@ -132,6 +132,9 @@ class HttpApi:
         return model
 
     async def health(self, request: web.Request) -> web.Response:
+        if self.router.drain.draining:  # load balancers stop sending; running streams finish
+            return web.json_response({"status": "draining", "draft_connected": self.router.pairing.connected},
+                                     status=503)
         return web.json_response({"status": "ok", "draft_connected": self.router.pairing.connected})
 
     async def _generate(self, request: web.Request, kind: _Kind,

@@ -1,7 +1,8 @@
 """The one path every request takes, for both front doors (gRPC and HTTP).
 
     prepare()  validate + tokenize                       (InvalidRequest)
-    generate() treekv.OpenSession -> draft.OpenSession -> target.Generate stream
+    generate() a fresh session id, then
+               treekv.OpenSession -> draft.OpenSession -> target.Generate stream
                -> OutputProcessor per round -> ChunkEvent ... FinalEvent
                finally: Target.Abort (unless it finished) and wait for its last update,
                         Draft.CloseSession, then TreeKV.CloseSession
@@ -10,6 +11,13 @@ Committed tokens go to treekv.AppendCommitted from a background task (never awai
 chunk is delivered). Cleanup always runs, also when the client goes away or its deadline passes,
 so no KV block outlives its request, and treekv frees a session's blocks only after the target
 confirmed it no longer uses them.
+
+Session ids are unique per request attempt (not the client's request_id, which may be reused): an
+end that overtakes an open anywhere (the request was cancelled while an OpenSession or Generate
+was in flight) leaves a tombstone under that id, and the late open honours it. Each session is
+marked for closing *before* its open is sent, so a cancel at any instant still closes it. The
+treekv leases of live sessions are renewed in one call every `lease_renew_s`; a router that dies
+stops renewing, and treekv frees its blocks.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import contextlib
 import itertools
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncGenerator
 
@@ -25,6 +34,7 @@ import grpc
 
 from specmesh.v1 import generation_pb2, mesh_pb2
 
+from ..runtime.drain import Drain
 from ..runtime.errors import InvalidRequest, PermissionDenied, ResourceExhausted, SpecmeshError
 from ..runtime.protocol import FINISH_NAMES, sampling_to_proto
 from ..runtime.security import MeshSecurity, read_api_keys
@@ -83,9 +93,14 @@ class Router:
         self.live: dict[str, LiveRequest] = {}
         self._slots = itertools.count(1)
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._leased: set[str] = set()  # session ids that may hold treekv leases (renewed)
+        self._unclosed: set[str] = set()  # ended, but treekv was unreachable: CloseSession retried
+        self._renewer: asyncio.Task[None] | None = None
+        self.drain = Drain("router")  # SIGTERM: new requests get UNAVAILABLE, running ones finish
 
     async def start(self) -> None:
         self.pairing.start()
+        self._renewer = asyncio.create_task(self._renew_leases(), name="router-lease-renewal")
 
     async def close(self) -> None:
         """Stop pairing, let running cleanups finish (so KV is freed), close the channels."""
@@ -94,7 +109,29 @@ class Router:
         await self.pairing.stop()
         if self._cleanups:
             await asyncio.wait(list(self._cleanups), timeout=CLEANUP_TIMEOUT_S)
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
         await self.mesh.close()
+
+    async def _renew_leases(self) -> None:
+        """Keep the treekv leases of live sessions from expiring (one call for all of them), and
+        close the ones whose CloseSession found treekv down (a restarted treekv restores them)."""
+        while True:
+            await asyncio.sleep(self.config.lease_renew_s)
+            for session_id in list(self._unclosed):
+                await self._close_lease(session_id)
+            if not self._leased:
+                continue
+            try:
+                reply = await self.mesh.treekv.call("Renew", mesh_pb2.RenewRequest(session_ids=sorted(self._leased)))
+            except SpecmeshError as exc:
+                log.warning("cannot renew %d treekv leases: %s", len(self._leased), exc)
+                continue
+            lost = [i for i in reply.unknown_ids if i in self._leased]
+            if lost:
+                log.warning("treekv no longer holds the leases of %d live sessions (%s...)", len(lost), lost[0])
 
     # ---------------------------------------------------------------- public operations
 
@@ -138,6 +175,7 @@ class Router:
         Use with `contextlib.aclosing` so an abandoned stream is cleaned up at once. Client
         deadlines need nothing here: gRPC cancels the handler, and the cleanup runs.
         """
+        self.drain.refuse_new()
         if p.request_id in self.live:
             raise InvalidRequest(f"request_id {p.request_id!r} is already running")
         if len(self.live) >= self.config.max_concurrent:
@@ -145,7 +183,7 @@ class Router:
             raise ResourceExhausted(f"router is at its limit of {self.config.max_concurrent} concurrent requests")
         live = LiveRequest(p.request_id, owner=p.owner)
         self.live[p.request_id] = live
-        session = Session(p, slot=next(self._slots) % SLOT_LIMIT or 1)
+        session = Session(p, session_id=uuid.uuid4().hex, slot=next(self._slots) % SLOT_LIMIT or 1)
         out = OutputProcessor(self.meta.tokenizer, p.prompt_ids, p.max_tokens, p.stop, p.user_stop_ids, p.eos_ids)
         t0 = last = time.perf_counter()
         metrics.LIVE.inc()
@@ -180,10 +218,10 @@ class Router:
         target = self.mesh.target
         if not live.aborted:
             s.stream = live.stream = TargetStream(target, mesh_pb2.TargetGenerateRequest(
-                session_id=p.request_id, prompt_ids=p.prompt_ids, sampling=sampling_to_proto(p.sampling),
+                session_id=s.session_id, prompt_ids=p.prompt_ids, sampling=sampling_to_proto(p.sampling),
                 max_tokens=p.max_tokens, stop_token_ids=p.stop_token_ids, lease=s.target_lease,
                 speculate=s.speculate, channel_slot=s.slot))
-            s.log = CommittedLog(self.mesh.treekv, p.request_id)
+            s.log = CommittedLog(self.mesh.treekv, s.session_id)
         while True:
             if live.aborted:
                 metrics.FINISHED.labels(ABORT).inc()
@@ -212,22 +250,26 @@ class Router:
         p = s.prepared
         n = len(p.prompt_ids)
         cfg = self.config
+        # Marked before the call: if we are cancelled while it is in flight, the cleanup still
+        # closes whatever it opened (or leaves the tombstone that refuses it).
+        s.kv_open = True
+        self._leased.add(s.session_id)
         reply = await self.mesh.treekv.call("OpenSession", mesh_pb2.KVOpenRequest(
-            session_id=p.request_id, prompt_ids=p.prompt_ids,
+            session_id=s.session_id, prompt_ids=p.prompt_ids,
             draft_slots=n + p.max_tokens + cfg.max_tree + cfg.subtree_size,
             target_slots=n + p.max_tokens + cfg.subtree_size))
-        s.kv_open = True
         s.target_lease = reply.target
         draft = self.mesh.draft
         if draft is None or not self.pairing.connected:
             return
+        s.draft_close = True  # as above
         try:
             await draft.call("OpenSession", mesh_pb2.DraftOpenRequest(
-                session_id=p.request_id, prompt_ids=p.prompt_ids, sampling=sampling_to_proto(p.sampling),
+                session_id=s.session_id, prompt_ids=p.prompt_ids, sampling=sampling_to_proto(p.sampling),
                 tree=mesh_pb2.TreeOptions(width=cfg.tree_width, subtree_size=cfg.subtree_size,
                                           depth=self.pairing.depth, max_tree=cfg.max_tree),
                 lease=reply.draft, channel_slot=s.slot))
-            s.speculate = s.draft_close = True
+            s.speculate = True
         except SpecmeshError as exc:
             log.warning("request %s: no draft session, generating target-only: %s", p.request_id, exc)
             # Unless the draft was unreachable, it may hold part of the session: close it anyway
@@ -236,7 +278,7 @@ class Router:
 
     async def _release(self, s: Session) -> None:
         """Free everything the session holds; shielded so a second cancellation cannot skip it."""
-        task = asyncio.create_task(self._cleanup(s), name=f"cleanup-{s.prepared.request_id}")
+        task = asyncio.create_task(self._cleanup(s), name=f"cleanup-{s.session_id}")
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
         await asyncio.shield(task)  # if we are cancelled here, the cleanup task still runs to the end
@@ -250,7 +292,7 @@ class Router:
             self.live.pop(s.prepared.request_id, None)
 
     async def _free(self, s: Session) -> None:
-        ref = mesh_pb2.SessionRef(session_id=s.prepared.request_id)
+        ref = mesh_pb2.SessionRef(session_id=s.session_id)
         steps = []
         if s.stream is not None:
             steps.append(s.stream.stop())
@@ -261,7 +303,23 @@ class Router:
         if steps:
             await asyncio.gather(*steps)
         if s.kv_open:
-            await self._quiet(self.mesh.treekv, "CloseSession", ref)
+            await self._close_lease(s.session_id)
+
+    async def _close_lease(self, session_id: str) -> None:
+        """treekv.CloseSession; while treekv is unreachable the renewal loop retries it."""
+        self._leased.discard(session_id)
+        try:
+            await self.mesh.treekv.call("CloseSession", mesh_pb2.SessionRef(session_id=session_id))
+        except SpecmeshError as exc:
+            if exc.grpc_code_name == "UNAVAILABLE":
+                if session_id not in self._unclosed:
+                    log.warning("cleanup: %s; closing session %s again later", exc, session_id)
+                self._unclosed.add(session_id)
+            else:
+                log.warning("cleanup: %s.CloseSession(%s) failed: %s", self.mesh.treekv.name, session_id, exc)
+                self._unclosed.discard(session_id)
+        else:
+            self._unclosed.discard(session_id)
 
     @staticmethod
     async def _quiet(peer: Peer, method: str, request: Any) -> None:

@@ -17,10 +17,12 @@ import sys
 from typing import AsyncIterator
 
 import grpc
+from grpc_health.v1 import health
 
 from specmesh.v1 import generation_pb2, generation_pb2_grpc
 
 from ..runtime import rpc, telemetry
+from ..runtime.drain import STOP_GRACE_S
 from ..runtime.errors import SpecmeshError
 from ..runtime.guard import Access, bearer_token
 from ..runtime.security import MeshSecurity, http_ssl_context
@@ -104,15 +106,17 @@ async def serve(config: RouterConfig) -> None:
         metrics_port = start_metrics(config.host, config.metrics_port)
         # The public port: API keys (if any) instead of the mesh secret; TLS without client certificates.
         security = MeshSecurity.from_config(config)
+        health_servicer = health.aio.HealthServicer()
         server, port = await rpc.start_server(config.host, config.port,
                                               [(generation_pb2_grpc.add_GenerationServicer_to_server,
                                                 GenerationServicer(router))], [SERVICE_NAME],
                                               access=Access(api_keys=router.api_keys),
                                               credentials=security.server_credentials(client_certificates=False),
-                                              on_refused=lambda code: metrics.ERRORS.labels(code).inc())
+                                              on_refused=lambda code: metrics.ERRORS.labels(code).inc(),
+                                              health_servicer=health_servicer)
         http_port = None
         if config.http_port >= 0:
-            http, http_port = await start_http(router, config.host, config.http_port, config.shutdown_grace_s,
+            http, http_port = await start_http(router, config.host, config.http_port, STOP_GRACE_S,
                                                http_ssl_context(config))
         scheme = "https" if security.tls else "http"
         log.info("router serving gRPC on %s:%d%s (treekv %s, target %s, draft %s)", config.host, port,
@@ -121,12 +125,14 @@ async def serve(config: RouterConfig) -> None:
         write_ready_file(config.ready_file, {"port": port, "http_port": http_port, "metrics_port": metrics_port})
         await wait_for_stop_signal()
         log.info("stopping (grace %.1fs)", config.shutdown_grace_s)
+        # New requests are refused (UNAVAILABLE / 503) while running ones finish and free their KV.
+        await router.drain.run(health_servicer, lambda: len(router.live), config.shutdown_grace_s)
     finally:
-        # Front doors first (running requests get the grace period), then the mesh sessions.
+        # Front doors first, then the mesh sessions (whatever outlived the grace period is aborted).
         if http is not None:
             await http.cleanup()
         if server is not None:
-            await server.stop(config.shutdown_grace_s)
+            await server.stop(STOP_GRACE_S)
         await router.close()
         _remove(config.ready_file)
         telemetry.shutdown_tracing()

@@ -136,6 +136,7 @@ class Session:
     """What a request holds in the mesh (the cleanup gives all of it back)."""
 
     prepared: Prepared
+    session_id: str  # unique per attempt, unlike the client's request_id (see pipeline.py)
     slot: int  # channel_slot: the session's number on the draft-target tensor channel
     kv_open: bool = False
     target_lease: mesh_pb2.BlockLease | None = None

@@ -5,6 +5,10 @@ tokens from the tensor channel), then runs one batched step over all sessions th
 blocks on its inbox only when none has. Messages are plain dataclasses dispatched by type; a
 receiver thread turns what arrives on the tensor channel into messages, and a channel that fails
 or is replaced is handled here once for both services.
+
+Failures follow one policy (session_failure.py): an exception in the handling of a message that
+concerns a session (`session_of`), or in a session's part of a step (`for_session`), ends that
+session alone through `end_session`, which frees its KV; the worker and every other session go on.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .channel import TensorChannel
+from .session_failure import SessionFailure, run_session_step
 
 log = logging.getLogger("specmesh.actor")
 
@@ -39,6 +44,7 @@ class EngineActor:
     """Subclasses register a handler per message type and implement has_work / step / receive."""
 
     name = "engine"
+    tick_s: float | None = None  # when set, tick() runs at least this often, work or not
 
     def __init__(self) -> None:
         self.inbox: queue.Queue = queue.Queue()
@@ -76,21 +82,47 @@ class EngineActor:
         """The pairing is gone (peer died or was replaced): what happens to the sessions."""
         raise NotImplementedError
 
+    def session_of(self, message: object) -> Any | None:
+        """The session a message concerns (a failure handling it ends only that session); None for
+        engine-wide messages."""
+        return None
+
+    def end_session(self, session: Any, failure: SessionFailure) -> None:
+        """End one session after a failure in its work, freeing its KV."""
+        raise NotImplementedError
+
+    def tick(self) -> None:
+        """Housekeeping between messages and steps (see tick_s)."""
+
+    # -- the failure policy ------------------------------------------------------------------------
+    def for_session(self, session: Any, work: Callable[..., Any], *args: Any) -> Any:
+        """work(*args) on behalf of one session: its result, or FAILED after ending the session."""
+        return run_session_step(lambda: work(*args), lambda failure: self.end_session(session, failure),
+                                session.session_id)
+
     # -- the loop ----------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
+            self.tick()
+            busy = self.has_work()
             try:
-                message = self.inbox.get_nowait() if self.has_work() else self.inbox.get()
+                message = self.inbox.get_nowait() if busy else self.inbox.get(timeout=self.tick_s)
             except queue.Empty:  # everything that arrived is handled: run a step
-                try:
-                    self.step()
-                except Exception:
-                    log.exception("%s step failed", self.name)
+                if busy:
+                    try:
+                        self.step()
+                    except Exception:
+                        log.exception("%s step failed", self.name)
                 continue
             if isinstance(message, Stop):
                 return
+            handler = self._handlers[type(message)]
+            session = self.session_of(message)
+            if session is not None:
+                self.for_session(session, handler, message)
+                continue
             try:
-                self._handlers[type(message)](message)
+                handler(message)
             except Exception:
                 log.exception("%s failed on %s", self.name, type(message).__name__)
 

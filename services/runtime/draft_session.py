@@ -115,12 +115,12 @@ class DraftSession:
         self.vocab_width = vocab_width
         self.device = torch.device(device)
         self.key = key
-        self.generator = sampling.generator(salt=2) if not sampling.greedy else None
+        self.generator = sampling.generator(salt=2, device=self.device) if not sampling.greedy else None
         self.tree = TokenTree()
         self.forwarded = 0  # tree slots in use
         self._anc = torch.zeros(params.max_tree, params.max_tree, dtype=torch.bool, device=self.device)
         # Draft distributions of forwarded nodes, only needed (and only allocated) when sampling.
-        self._q = None if sampling.greedy else torch.zeros(params.max_tree, self.vocab_width)
+        self._q = None if sampling.greedy else torch.zeros(params.max_tree, self.vocab_width, device=self.device)
         self._chosen_at: int | None = None  # forwarded slots when the last subtree was chosen
         self._to_run: list[int] = []  # tokens to catch up on before the next tree exists
         self._inflight: _CatchUp | _Expansion | None = None
@@ -211,7 +211,8 @@ class DraftSession:
         """Sampling: `width` draws without replacement from q (Gumbel-top-k), in draw order."""
         logp = probs.log()
         w = min(self.params.width, logp.shape[-1])
-        gumbel = -torch.log(-torch.log(torch.rand(logp.shape, generator=self.generator).clamp_(1e-20, 1.0)))
+        uniform = torch.rand(logp.shape, generator=self.generator, device=logp.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0)))
         ids = torch.topk(logp + gumbel, w, dim=-1).indices.tolist()
         # Scores by draw rank, not by the drawn token (see the module docstring): the j-th draw scores
         # as the j-th largest probability. A -inf score (fewer than j tokens possible) ends the list.
@@ -249,7 +250,7 @@ class DraftSession:
         parents = [local[t.parents[i]] if i else -1 for i in chosen]
         q = None
         if self._q is not None:
-            q = torch.zeros(len(chosen), self.vocab_width)
+            q = torch.zeros(len(chosen), self.vocab_width, device=self._q.device)
             fwd = [i for i, node in enumerate(chosen) if t.kv_slot[node] >= 0]
             q[fwd] = self._q[[t.kv_slot[chosen[i]] for i in fwd]]
         return tokens, parents, q

@@ -42,3 +42,9 @@ class NotFound(SpecmeshError):
     """A session (or other named object) that does not exist or was already closed."""
 
     grpc_code_name = "NOT_FOUND"
+
+
+class SessionClosed(SpecmeshError):
+    """The session was ended (Abort / CloseSession) before its open arrived: the open is refused."""
+
+    grpc_code_name = "ABORTED"

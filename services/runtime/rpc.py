@@ -20,24 +20,30 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 0),
+    # A restarted peer (specmesh up restarts a dead draft or treekv) is dialed again within a second,
+    # not after gRPC's default backoff of up to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 
 async def start_server(host: str, port: int, register: Iterable[tuple[Callable[[Any, Any], None], Any]],
                        service_names: Iterable[str], access: Access = Access(),
                        credentials: grpc.ServerCredentials | None = None,
-                       on_refused: Callable[[str], None] | None = None) -> tuple[grpc.aio.Server, int]:
+                       on_refused: Callable[[str], None] | None = None,
+                       health_servicer: health.aio.HealthServicer | None = None) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server with our servicers, standard health checking and reflection.
 
     Every request passes the Guard first (undecodable messages and callers `access` does not let
     in are refused; `on_refused` hears of each). With `credentials` the port speaks TLS only.
     Returns the server and the bound port (pass port 0 for a free one). Health reports SERVING for
-    the overall server ("") and each named service.
+    the overall server ("") and each named service; pass your own `health_servicer` to change that
+    later (draining sets NOT_SERVING).
     """
     server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[Guard(access, on_refused)])
     for add, servicer in register:
         add(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
     reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -52,12 +58,13 @@ async def start_server(host: str, port: int, register: Iterable[tuple[Callable[[
 
 
 async def start_internal_server(config: Any, register: Iterable[tuple[Callable[[Any, Any], None], Any]],
-                                service_names: Iterable[str]) -> tuple[grpc.aio.Server, int]:
+                                service_names: Iterable[str],
+                                health_servicer: health.aio.HealthServicer | None = None) -> tuple[grpc.aio.Server, int]:
     """start_server for a mesh service (draft, target, treekv) on config.host:config.port: callers
     must carry the shared secret, and with a CA present a certificate it signed."""
     security = MeshSecurity.from_config(config)
     return await start_server(config.host, config.port, register, service_names, access=Access(secret=security.secret),
-                              credentials=security.server_credentials())
+                              credentials=security.server_credentials(), health_servicer=health_servicer)
 
 
 def _with_secret(d: grpc.aio.ClientCallDetails, secret: str) -> grpc.aio.ClientCallDetails:

@@ -30,9 +30,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def generator(self, salt: int = 0) -> torch.Generator:
-        """A private RNG stream; draft and target use different salts so their draws are independent."""
-        g = torch.Generator()
+    def generator(self, salt: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+        """A private RNG stream on the model's device (torch refuses a CPU generator for CUDA
+        tensors); draft and target use different salts so their draws are independent."""
+        g = torch.Generator(device=device)
         if self.seed is None:
             g.seed()
         else:

@@ -37,6 +37,9 @@ class CommonConfig:
     tls_ca: str = dataclasses.field(default="", metadata={"help": "PEM CA of the mesh: internal ports then require "
                                                                    "client certificates it signed (mutual TLS) and "
                                                                    "the router verifies the services with it"})
+    shutdown_grace_s: float = dataclasses.field(default=30.0, metadata={"help": "on SIGTERM/SIGINT: seconds "
+                                                                                "in-flight sessions get to finish "
+                                                                                "(new ones are refused meanwhile)"})
 
 
 def env_name(field: str) -> str:

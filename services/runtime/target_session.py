@@ -53,7 +53,7 @@ class TargetSession:
         self.sampling = sampling
         self.device = torch.device(device)
         self.key = key
-        self.generator = sampling.generator(salt=1) if not sampling.greedy else None
+        self.generator = sampling.generator(salt=1, device=self.device) if not sampling.greedy else None
         self.root: int | None = None  # last committed token; its KV is computed by the next round
         self._prompt: list[int] = []
         self._unprefilled = 0  # prompt tokens still to run

@@ -60,7 +60,7 @@ def speculative_sampling_accept(p: torch.Tensor, q: torch.Tensor, tokens: list[i
         for child in children[node]:
             tok = tokens[child]
             qt, pt = float(draft[tok]), float(residual[tok])
-            if qt > 0.0 and float(torch.rand((), generator=generator)) * qt < pt:
+            if qt > 0.0 and float(torch.rand((), generator=generator, device=generator.device)) * qt < pt:
                 accepted = child
                 break
             residual = (residual - draft).clamp_(min=0.0)

@@ -7,7 +7,9 @@ the step's row budget, the next chunk of each newly arrived prompt; all of it ru
 the draft first (it is what the next round waits on), then hand them to the session's gRPC
 stream. Sessions join and leave between steps; a long prompt never stalls running sessions for
 more than one chunk. Sessions whose draft is gone (never paired, or it died mid-stream) continue
-target-only: same session, one-node trees.
+target-only: same session, one-node trees. Any exception in a session's work (its message, its part
+of a step) ends that session alone, with its error, and frees its KV (runtime/session_failure.py,
+the policy the draft follows too); a failed forward ends the sessions of that step.
 """
 from __future__ import annotations
 
@@ -25,15 +27,18 @@ import torch
 from specmesh.services.runtime import telemetry
 from specmesh.services.runtime.actor import ChannelUp, EngineActor
 from specmesh.services.runtime.channel import Subtree, TensorChannel
-from specmesh.services.runtime.errors import InvalidRequest, SpecmeshError
+from specmesh.services.runtime.errors import InvalidRequest
+from specmesh.services.runtime.expiring_ids import ExpiringIds
 from specmesh.services.runtime.forward_batch import Runner, SeqRows
 from specmesh.services.runtime.model_worker import LeasedPool
 from specmesh.services.runtime.request import Request, clip_chunk
+from specmesh.services.runtime.session_failure import FAILED, SessionFailure, describe
 from specmesh.services.runtime.target_session import Decision, TargetSession, Tree
 
 from . import metrics
 
 log = logging.getLogger("specmesh.target")
+ORPHAN_TTL_S = 60.0  # a session opens within the router's RPC deadlines of its draft's open, or never
 _TRACER = telemetry.tracer("specmesh.target")
 
 
@@ -48,7 +53,8 @@ class RoundOut:
     finish: str | None  # "length", "stop", "abort", or None
     verify_ms: float
     speculative: bool
-    error: str | None = None
+    error: str | None = None  # the session failed: this message, with gRPC status error_code
+    error_code: str = "INTERNAL"
 
 
 @dataclass
@@ -113,7 +119,10 @@ class TargetEngine(EngineActor):
         self.prefill_threads = prefill_threads  # None: prefill steps keep the process's threads
         self.tp = tp  # TPLeader when the target is tensor parallel: broadcasts batches and decisions
         self.sessions: dict[int, SessionState] = {}
-        self.orphans: dict[int, list[Subtree]] = {}  # subtrees that beat their session's open
+        # Subtrees that beat their session's open, with when the first arrived: a session that
+        # never opens (its router gave up in between) must not keep them forever.
+        self.orphans: dict[int, tuple[float, list[Subtree]]] = {}
+        self.ended = ExpiringIds()  # channel ids of ended sessions: a subtree still in flight is dropped
         self._turn = 0  # rotates which session goes first when a step's row budget runs out
         self.handle(Open, self._on_open)
         self.handle(Abort, self._on_abort)
@@ -138,6 +147,20 @@ class TargetEngine(EngineActor):
     def receive(self, channel: TensorChannel) -> object:
         return SubtreeIn(channel.recv_subtree())
 
+    def session_of(self, message: object) -> SessionState | None:
+        if isinstance(message, Open):
+            return message.state
+        if isinstance(message, Abort):
+            return self.sessions.get(message.channel_id)
+        if isinstance(message, SubtreeIn):
+            return self.sessions.get(message.subtree.channel_id)
+        return None
+
+    def end_session(self, state: SessionState, failure: SessionFailure) -> None:
+        if not state.done:
+            self._finish(state, RoundOut([], 0, 0, state.rounds, "abort", 0.0, state.speculative,
+                                         error=failure.message, error_code=failure.code))
+
     def on_channel_lost(self, why: str) -> None:
         log.warning("running sessions continue target-only (%s)", why)
         for state in self.sessions.values():
@@ -146,32 +169,28 @@ class TargetEngine(EngineActor):
 
     def _on_open(self, message: Open) -> None:
         state = message.state
+        cache = self.pool.open(*state.lease)
         try:
-            cache = self.pool.open(*state.lease)
-        except SpecmeshError as exc:
-            state.emit(RoundOut([], 0, 0, 0, "abort", 0.0, False, error=str(exc)))
-            return
-        state.session = TargetSession(cache, state.request.sampling, self.model.device, key=state.channel_id)
-        try:
+            state.session = TargetSession(cache, state.request.sampling, self.model.device, key=state.channel_id)
             state.session.begin(state.request.prompt)
-        except SpecmeshError as exc:
+        except BaseException:  # not registered yet, so _finish would not release the lease
             self.pool.close(*state.lease)
-            state.emit(RoundOut([], 0, 0, 0, "abort", 0.0, False, error=str(exc)))
-            return
+            raise
         self.sessions[state.channel_id] = state
         metrics.SESSIONS.set(len(self.sessions))
         if self.tp is not None:
             self.tp.open(state.channel_id, state.lease, state.request)
         if state.speculative and self.channel is None:
             state.speculative = False
-        for subtree in self.orphans.pop(state.channel_id, []):
+        for subtree in self.orphans.pop(state.channel_id, (0.0, []))[1]:
             self._on_subtree(SubtreeIn(subtree))
 
     def _on_subtree(self, message: SubtreeIn) -> None:
         subtree = message.subtree
         state = self.sessions.get(subtree.channel_id)
         if state is None:
-            self.orphans.setdefault(subtree.channel_id, []).append(subtree)
+            if str(subtree.channel_id) not in self.ended:
+                self._keep_orphan(subtree)
             return
         if state.done or not state.speculative:
             return
@@ -180,6 +199,12 @@ class TargetEngine(EngineActor):
             state.trees.clear()
             return
         state.trees.append((subtree, time.perf_counter()))
+
+    def _keep_orphan(self, subtree: Subtree) -> None:
+        now = time.monotonic()
+        for channel_id in [c for c, (since, _) in self.orphans.items() if now - since > ORPHAN_TTL_S]:
+            del self.orphans[channel_id]
+        self.orphans.setdefault(subtree.channel_id, (now, []))[1].append(subtree)
 
     def _on_abort(self, message: Abort) -> None:
         state = self.sessions.get(message.channel_id)
@@ -204,22 +229,24 @@ class TargetEngine(EngineActor):
         try:
             with self._threads_for(jobs):
                 logits = self.runner.forward([job.rows for job in jobs])
-        except SpecmeshError as exc:  # nothing of this step ran: every session in it ends
+        except Exception as exc:  # nothing of this step ran: every session in it ends
+            log.exception("a forward of %d sessions failed; they end", len(jobs))
             for job in jobs:
-                self._finish(job.state, RoundOut([], 0, len(job.tree or ()), job.state.rounds, "abort", 0.0,
-                                                 job.state.speculative, error=str(exc)))
+                self.end_session(job.state, describe(exc))
             return
-        decisions = [self._decide(job, out) for job, out in zip(jobs, logits)]
+        decided = []
+        for job, out in zip(jobs, logits):
+            decision = self.for_session(job.state, self._decide, job, out)
+            if decision is not FAILED:
+                decided.append((job, decision))
         if self.tp is not None:
-            self.tp.commit([(job.state.channel_id, d) for job, d in zip(jobs, decisions)])
+            self.tp.commit([(job.state.channel_id, d) for job, d in decided])
         t1 = time.perf_counter()
         metrics.STEP_ROWS.observe(sum(job.rows.n for job in jobs))
         metrics.STEP_SESSIONS.observe(len(jobs))
-        for job, decision in zip(jobs, decisions):
-            if job.tree is None:
-                self._commit_prefill(job, decision, t0, t1)
-            else:
-                self._commit_round(job, decision, t0, t1)
+        for job, decision in decided:
+            commit = self._commit_prefill if job.tree is None else self._commit_round
+            self.for_session(job.state, commit, job, decision, t0, t1)
 
     @contextlib.contextmanager
     def _threads_for(self, jobs: list["_Job"]) -> Iterator[None]:
@@ -245,16 +272,17 @@ class TargetEngine(EngineActor):
         for state in states:
             if state.done or not self._has_round(state):
                 continue
-            job = self._round_job(state, budget)
-            if job is not None:
+            job = self.for_session(state, self._round_job, state, budget)
+            if job is not None and job is not FAILED:
                 jobs.append(job)
                 budget -= job.rows.n
         for state in states:
             if state.done or not state.session.prefilling or budget <= 0:
                 continue
-            rows = state.session.prefill_rows(min(self.prefill_chunk, budget))
-            jobs.append(_Job(state, rows))
-            budget -= rows.n
+            rows = self.for_session(state, state.session.prefill_rows, min(self.prefill_chunk, budget))
+            if rows is not FAILED:
+                jobs.append(_Job(state, rows))
+                budget -= rows.n
         return jobs
 
     def _round_job(self, state: SessionState, budget: int) -> _Job | None:
@@ -265,14 +293,9 @@ class TargetEngine(EngineActor):
             span = subtree.trace
         else:
             tree, skipped, span, received = session.decode_tree(), [], (0, 0, 0), time.perf_counter()
-        try:
-            rows = session.verify_rows(tree)
-            if rows.n > self.runner.max_rows:
-                raise InvalidRequest(f"a tree of {rows.n} nodes exceeds --step-rows ({self.runner.max_rows})")
-        except SpecmeshError as exc:
-            self._finish(state, RoundOut([], 0, len(tree), state.rounds, "abort", 0.0, state.speculative,
-                                         error=str(exc)))
-            return None
+        rows = session.verify_rows(tree)
+        if rows.n > self.runner.max_rows:
+            raise InvalidRequest(f"a tree of {rows.n} nodes exceeds --step-rows ({self.runner.max_rows})")
         if rows.n > budget:  # waits for the next step (adopting a tree changes nothing until it commits)
             return None
         if state.trees:
@@ -341,14 +364,18 @@ class TargetEngine(EngineActor):
 
     def _finish(self, state: SessionState, out: RoundOut, notify_draft: bool = True) -> None:
         state.done = True
-        if notify_draft and state.speculative and self.channel is not None:
-            try:
-                self.channel.send_verified(state.channel_id, state.rounds, [], end=True)
-            except Exception as exc:
-                self.channel_failed(exc)
-        if self.sessions.pop(state.channel_id, None) is not None:
-            self.pool.close(*state.lease)
-            if self.tp is not None:
-                self.tp.close(state.channel_id)
-        metrics.SESSIONS.set(len(self.sessions))
-        state.emit(out)
+        try:
+            if notify_draft and state.speculative and self.channel is not None:
+                try:
+                    self.channel.send_verified(state.channel_id, state.rounds, [], end=True)
+                except Exception as exc:
+                    self.channel_failed(exc)
+            self.orphans.pop(state.channel_id, None)
+            self.ended.add(str(state.channel_id))
+            if self.sessions.pop(state.channel_id, None) is not None:
+                self.pool.close(*state.lease)
+                if self.tp is not None:
+                    self.tp.close(state.channel_id)
+            metrics.SESSIONS.set(len(self.sessions))
+        finally:  # the stream always gets its last update, whatever failed above
+            state.emit(out)

@@ -8,10 +8,13 @@ import threading
 import uuid
 
 import grpc
+from grpc_health.v1 import health
 
 from specmesh.services.runtime import rpc, telemetry
 from specmesh.services.runtime.channel import TARGET_RANK, TensorChannel, host_store
+from specmesh.services.runtime.drain import STOP_GRACE_S, Drain
 from specmesh.services.runtime.errors import InvalidRequest, SpecmeshError
+from specmesh.services.runtime.expiring_ids import ExpiringIds
 from specmesh.services.runtime.forward_batch import Runner
 from specmesh.services.runtime.model_worker import (LeasedPool, instance_id, load_service_model,
                                                      time_tree_forward)
@@ -36,6 +39,11 @@ class TargetServicer(mesh_pb2_grpc.TargetServicer):
         self.store = store
         self.backend = "nccl" if config.device.startswith("cuda") else "gloo"
         self._pairing_lock = threading.Lock()
+        # Both only touched on the event loop: session id -> its stream's state, and the ids whose
+        # Abort arrived before their Generate (the late Generate ends at once).
+        self.streams: dict[str, SessionState] = {}
+        self.aborted_early = ExpiringIds()
+        self.drain = Drain("target-service")
 
     @rpc.rpc_errors
     async def PrepareChannel(self, request: mesh_pb2.Empty, context: grpc.aio.ServicerContext) -> mesh_pb2.ChannelEndpoint:
@@ -68,31 +76,42 @@ class TargetServicer(mesh_pb2_grpc.TargetServicer):
                 raise InvalidRequest("no KV lease given")
             if request.channel_slot in self.engine.sessions:
                 raise InvalidRequest(f"channel slot {request.channel_slot} is already in use")
+            self.drain.refuse_new()
         except SpecmeshError as exc:
             await context.abort(rpc.status_code(exc), str(exc))
+        if self.aborted_early.take(request.session_id):
+            yield mesh_pb2.RoundUpdate(finish_reason=FINISH_REASONS["abort"])
+            return
+        if request.session_id in self.streams:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session {request.session_id!r} is already running")
         state = SessionState(channel_id=request.channel_slot, session_id=request.session_id, request=req,
                              lease=(request.lease.first_block, request.lease.num_blocks),
                              speculative=request.speculate, out=asyncio.Queue(), loop=asyncio.get_running_loop(),
                              trace_ctx=telemetry.current_context())
+        self.streams[state.session_id] = state
         self.engine.open(state)
         try:
             while True:
                 item: RoundOut = await state.out.get()
                 if item.error:
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, item.error)
+                    await context.abort(getattr(grpc.StatusCode, item.error_code, grpc.StatusCode.INTERNAL),
+                                        item.error)
                 yield mesh_pb2.RoundUpdate(token_ids=item.tokens, accepted=item.accepted, tree_size=item.tree_size,
                                            round=item.round, finish_reason=FINISH_REASONS[item.finish],
                                            verify_ms=item.verify_ms, speculative=item.speculative)
                 if item.finish:
                     return
         finally:
+            del self.streams[state.session_id]
             if not state.done:  # the router cancelled (stop string, client gone, deadline)
                 self.engine.abort(state.channel_id)
 
     async def Abort(self, request: mesh_pb2.SessionRef, context: grpc.aio.ServicerContext) -> mesh_pb2.Empty:
-        for state in list(self.engine.sessions.values()):
-            if state.session_id == request.session_id:
-                self.engine.abort(state.channel_id)
+        state = self.streams.get(request.session_id)
+        if state is None:  # its Generate has not arrived (yet): leave a tombstone
+            self.aborted_early.add(request.session_id)
+        else:  # queued behind the session's open on the worker, so it always finds the session
+            self.engine.abort(state.channel_id)
         return mesh_pb2.Empty()
 
     async def Info(self, request: mesh_pb2.Empty, context: grpc.aio.ServicerContext) -> mesh_pb2.ServiceTiming:
@@ -128,12 +147,14 @@ async def serve(config: TargetConfig) -> None:
                           prefill_threads=(config.prefill_threads or os.cpu_count() or 1) if config.tp == 1 else None)
     servicer = TargetServicer(config, engine, forward_ms, store)
     metrics_port = start_metrics(config.host, config.metrics_port)
+    health_servicer = health.aio.HealthServicer()
     server, port = await rpc.start_internal_server(config, [(mesh_pb2_grpc.add_TargetServicer_to_server, servicer)],
-                                                   ["specmesh.v1.Target"])
+                                                   ["specmesh.v1.Target"], health_servicer)
     log.info("target-service serving on %s:%d (tensor channel port %d)", config.host, port, servicer.store.port)
     write_ready_file(config.ready_file, {"port": port, "tensor_port": servicer.store.port, "metrics_port": metrics_port})
     await wait_for_stop_signal()
-    await server.stop(grace=2)
+    await servicer.drain.run(health_servicer, lambda: len(servicer.streams), config.shutdown_grace_s)
+    await server.stop(STOP_GRACE_S)
     engine.stop()
     if tp is not None:
         tp.stop()

@@ -4,16 +4,29 @@ Plain Python with no gRPC and no tensors, so it is unit-tested directly; server.
 
 Concurrency: the gRPC servicer calls it from a single asyncio loop and no method awaits, so each
 call is atomic with respect to the others without a lock (open's "both leases or neither" included).
+
+Leases are bounded in time: each session expires `lease_ttl_s` after it was opened or last renewed
+(`renew`, which the router sends for all its live sessions about every second or so), so a router
+that dies cannot strand blocks. A CloseSession that overtakes its OpenSession (the router gave up
+while the open was in flight) leaves a tombstone, and the late open is refused.
+
+`leases()` / `restore()` let a restarted treekv rebuild exactly the leases its predecessor had
+granted (server.py keeps them in --state-file), so blocks that running sessions still use on the
+draft and target are never leased twice. Committed-token logs are not kept across a restart: a
+restored session's log reads as lost.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+import time
+from typing import Callable, Iterable
 
 from ..runtime.block_allocator import BlockAllocator
-from ..runtime.errors import InvalidRequest, NotFound, ResourceExhausted
+from ..runtime.errors import InvalidRequest, NotFound, ResourceExhausted, SessionClosed
+from ..runtime.expiring_ids import ExpiringIds
 
 MAX_SESSION_ID_CHARS = 256  # ids are router-made (uuid-like); the cap keeps Stats and logs bounded
+DEFAULT_LEASE_TTL_S = 60.0
 
 DRAFT = "draft"
 TARGET = "target"
@@ -36,7 +49,9 @@ class SessionRecord:
     draft: Lease
     target: Lease
     prompt_ids: list[int]
+    expires_at: float  # on the ledger's clock; pushed back by renew()
     committed_ids: list[int] = dataclasses.field(default_factory=list)
+    log_lost: bool = False  # restored after a restart: its prompt and committed log are unknown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +78,17 @@ class LedgerStats:
 class KVLedger:
     """Grants per-session leases in the draft and target pools and records committed tokens."""
 
-    def __init__(self, draft_blocks: int, target_blocks: int, block_size: int) -> None:
+    def __init__(self, draft_blocks: int, target_blocks: int, block_size: int,
+                 lease_ttl_s: float = DEFAULT_LEASE_TTL_S, clock: Callable[[], float] = time.monotonic) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if lease_ttl_s <= 0:
+            raise ValueError(f"lease_ttl_s must be positive, got {lease_ttl_s}")
         self.block_size = block_size
+        self.lease_ttl_s = lease_ttl_s
+        self.clock = clock
+        self._tombstones = ExpiringIds(clock=clock)  # closed before they opened
+        self._closed = ExpiringIds(clock=clock)  # closed after they opened: a repeated close is no tombstone
         self.pools: dict[str, BlockAllocator] = {
             DRAFT: BlockAllocator(draft_blocks, name="draft pool"),
             TARGET: BlockAllocator(target_blocks, name="target pool"),
@@ -102,6 +124,8 @@ class KVLedger:
         _check_session_id(session_id)
         if session_id in self._sessions:
             raise InvalidRequest(f"session {session_id!r} is already open")
+        if self._tombstones.take(session_id):
+            raise SessionClosed(f"session {session_id!r} was closed before it opened")
         if draft_slots <= 0 or target_slots <= 0:
             raise InvalidRequest(f"slot counts must be positive, got draft_slots={draft_slots} "
                                  f"target_slots={target_slots}")
@@ -119,7 +143,8 @@ class KVLedger:
             draft_pool.release(draft_first, draft_n)  # all or nothing: never strand a draft lease
             self.rejections[TARGET] += 1
             raise
-        record = SessionRecord(session_id, Lease(draft_first, draft_n), Lease(target_first, target_n), prompt)
+        record = SessionRecord(session_id, Lease(draft_first, draft_n), Lease(target_first, target_n), prompt,
+                               expires_at=self.clock() + self.lease_ttl_s)
         self._sessions[session_id] = record
         return record
 
@@ -133,16 +158,69 @@ class KVLedger:
     def get_committed(self, session_id: str) -> tuple[list[int], list[int]]:
         """Copies of (prompt_ids, committed_ids) for a live session (NotFound otherwise)."""
         record = self.session(session_id)
+        if record.log_lost:
+            raise NotFound(f"the committed log of session {session_id!r} was lost when treekv restarted")
         return list(record.prompt_ids), list(record.committed_ids)
 
+    def leases(self) -> list[dict[str, int | str]]:
+        """Every open session's leases, JSON-ready (what a restarted ledger needs to `restore`)."""
+        return [{"session_id": r.session_id, "draft_first": r.draft.first_block, "draft_blocks": r.draft.num_blocks,
+                 "target_first": r.target.first_block, "target_blocks": r.target.num_blocks}
+                for r in self._sessions.values()]
+
+    def restore(self, leases: Iterable[dict[str, int | str]]) -> int:
+        """Re-grant exactly these leases (from `leases()` of the ledger this one replaces); each
+        gets a full TTL, so sessions whose router is gone expire as usual. Returns how many."""
+        count = 0
+        for item in leases:
+            draft, target = (Lease(int(item["draft_first"]), int(item["draft_blocks"])),
+                             Lease(int(item["target_first"]), int(item["target_blocks"])))
+            self.pools[DRAFT].claim(draft.first_block, draft.num_blocks)
+            self.pools[TARGET].claim(target.first_block, target.num_blocks)
+            session_id = str(item["session_id"])
+            self._sessions[session_id] = SessionRecord(session_id, draft, target, [],
+                                                       expires_at=self.clock() + self.lease_ttl_s, log_lost=True)
+            count += 1
+        return count
+
     def close_session(self, session_id: str) -> bool:
-        """Free both leases and drop the log. Idempotent: returns False if the session was not open."""
+        """Free both leases and drop the log. Idempotent: returns False if the session was not open.
+
+        Closing an id that was never opened leaves a tombstone: its open, should it still arrive, is
+        refused (SessionClosed) instead of leasing blocks nobody will free.
+        """
         record = self._sessions.pop(session_id, None)
         if record is None:
+            if session_id and session_id not in self._closed:
+                self._tombstones.add(session_id)
             return False
+        self._release(record)
+        self._closed.add(session_id)
+        return True
+
+    def renew(self, session_ids: Iterable[str]) -> list[str]:
+        """Push back the expiry of these sessions; returns the ids that are not open here."""
+        expires_at = self.clock() + self.lease_ttl_s
+        unknown = []
+        for session_id in session_ids:
+            record = self._sessions.get(session_id)
+            if record is None:
+                unknown.append(session_id)
+            else:
+                record.expires_at = expires_at
+        return unknown
+
+    def expire(self) -> list[str]:
+        """Close every session whose lease ran out (nobody renewed it); returns their ids."""
+        now = self.clock()
+        gone = [r.session_id for r in self._sessions.values() if r.expires_at <= now]
+        for session_id in gone:
+            self.close_session(session_id)
+        return gone
+
+    def _release(self, record: SessionRecord) -> None:
         self.pools[DRAFT].release(record.draft.first_block, record.draft.num_blocks)
         self.pools[TARGET].release(record.target.first_block, record.target.num_blocks)
-        return True
 
     def stats(self) -> LedgerStats:
         """Totals, used blocks per pool, block size and each session's blocks (in opening order)."""

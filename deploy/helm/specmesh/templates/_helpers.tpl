@@ -156,7 +156,7 @@ The pod template of a component. Arguments (dict):
 {{- $grpcPort := int $c.port -}}
 {{- /* extraArgs may add flags, never repeat one the chart sets (argparse keeps the last: a repeated
 --pool-blocks would split the KV pools from treekv's, a repeated --port from the probes). */ -}}
-{{- $chartFlags := list "--host" "--port" "--metrics-port" "--log-level" "--tls-cert" "--tls-key" "--tls-ca" "--api-key-file" -}}
+{{- $chartFlags := list "--host" "--port" "--metrics-port" "--log-level" "--tls-cert" "--tls-key" "--tls-ca" "--api-key-file" "--shutdown-grace-s" -}}
 {{- range .args }}{{ if hasPrefix "--" (toString .) }}{{ $chartFlags = append $chartFlags (toString .) }}{{ end }}{{ end -}}
 {{- range $c.extraArgs }}
 {{- $flag := regexReplaceAll "=.*$" (toString .) "" -}}
@@ -195,7 +195,16 @@ spec:
   {{- with $c.runtimeClassName }}
   runtimeClassName: {{ . }}
   {{- end }}
-  terminationGracePeriodSeconds: {{ int $c.terminationGracePeriodSeconds }}
+  {{- /* Long enough for the preStop sleep plus the drain, or Kubernetes kills streams mid-drain. */}}
+  {{- $drainSeconds := add (int $v.shutdown.preStopSeconds) (int $v.shutdown.graceSeconds) 10 }}
+  {{- $terminationGrace := $drainSeconds }}
+  {{- if not (kindIs "invalid" $c.terminationGracePeriodSeconds) }}
+  {{- if lt (int $c.terminationGracePeriodSeconds) (int $drainSeconds) }}
+  {{- fail (printf "%s.terminationGracePeriodSeconds (%d) must be at least shutdown.preStopSeconds + shutdown.graceSeconds + 10 = %d" $name (int $c.terminationGracePeriodSeconds) (int $drainSeconds)) }}
+  {{- end }}
+  {{- $terminationGrace = int $c.terminationGracePeriodSeconds }}
+  {{- end }}
+  terminationGracePeriodSeconds: {{ $terminationGrace }}
   {{- with $v.podSecurityContext }}
   securityContext:
     {{- toYaml . | nindent 4 }}
@@ -240,6 +249,8 @@ spec:
         - --api-key-file
         - /etc/specmesh/api-keys/keys
         {{- end }}
+        - --shutdown-grace-s
+        - {{ int $v.shutdown.graceSeconds | quote }}
         {{- range .args }}
         - {{ . | quote }}
         {{- end }}
@@ -312,6 +323,12 @@ spec:
         {{- with $c.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+      {{- if gt (int $v.shutdown.preStopSeconds) 0 }}
+      lifecycle:
+        preStop:
+          exec:
+            command: ["sleep", {{ int $v.shutdown.preStopSeconds | quote }}]
+      {{- end }}
       {{- range $kind, $field := dict "startup" "startupProbe" "readiness" "readinessProbe" "liveness" "livenessProbe" }}
       {{- $p := get $probes $kind }}
       {{- if and $p (ne (toString (get $p "enabled")) "false") }}
