@@ -16,3 +16,9 @@ TREE_NODES = Histogram("specmesh_draft_tree_nodes", "nodes in the tree when its 
 SESSIONS = Gauge("specmesh_draft_sessions_active", "sessions on the draft")
 STEP_SESSIONS = Histogram("specmesh_draft_step_sessions", "sessions in one batched draft forward",
                           buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
+PLANNED_SIZE = Histogram("specmesh_draft_planned_subtree_size", "subtree size the planner chose (1 = plain decoding)",
+                         buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64))
+PREDICTED_TOKENS = Gauge("specmesh_draft_predicted_tokens_per_round",
+                         "tokens the last planned subtree is expected to commit (accepted + bonus)")
+PREDICTED_STEP_MS = Gauge("specmesh_draft_predicted_step_ms",
+                          "target step time the planner predicted for its last choice (all sessions' rows)")

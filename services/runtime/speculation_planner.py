@@ -59,11 +59,11 @@ class CostCurve:
         return cls(list(range(1, len(ms) + 1)), list(ms))
 
 
-def measure_cost_curve(runner: Runner, rows: tuple[int, ...] = MEASURED_ROWS, context: int = 128,
+def measure_cost_curve(model: "Transformer", rows: tuple[int, ...] = MEASURED_ROWS, context: int = 128,  # noqa: F821
                        repeats: int = 3) -> CostCurve:
     """Median forward time of a chain of M tree rows after `context` committed tokens, per M."""
-    model = runner.model
     top = max(rows)
+    runner = Runner(model, max_rows=max(context, top))
     cache = model.new_cache(context + top)
     tokens = torch.randint(0, model.vocab_size, (context + top,)).tolist()
     runner.forward_one(SeqRows(cache, tokens[:context], list(range(context)), 0, 0, causal(context, model.device),
@@ -177,20 +177,19 @@ def reach_of(depths: list[int], probs: list[float]) -> dict[int, float]:
 class SpeculationPlanner:
     """One session group's planner: the target's cost curve plus the online acceptance calibration."""
 
-    def __init__(self, curve: CostCurve, max_subtree: int, fixed_ms: float = 0.0) -> None:
+    def __init__(self, curve: CostCurve, fixed_ms: float = 0.0) -> None:
         self.curve = curve
-        self.max_subtree = max_subtree
         self.fixed_ms = fixed_ms
         self.acceptance = Acceptance()
         self.last: Plan | None = None
 
     def subtree_size(self, session: int, depth: list[int], score: list[float], best: list[int],
                      other_rows: int = 0, other_tokens: float = 0.0) -> tuple[int, dict[int, float]]:
-        """How many of the session's `best` nodes (best first, root included) to send, and the
-        predicted reach of that subtree (to `record` once it is verified)."""
-        cands = tree_candidates(session, depth, score, best[:self.max_subtree])
+        """How many of the session's `best` nodes (best first, root included: at most len(best))
+        to send, and the predicted reach of that subtree (to `record` once it is verified)."""
+        cands = tree_candidates(session, depth, score, best)
         chosen = plan(cands, [session], self.curve, self.acceptance, other_rows, other_tokens,
-                      max_rows=other_rows + self.max_subtree, fixed_ms=self.fixed_ms)
+                      max_rows=other_rows + len(best), fixed_ms=self.fixed_ms)
         self.last = chosen
         size = chosen.sizes[session]
         sent = sorted(best[:size])
