@@ -73,7 +73,7 @@ def test_acceptance_calibration_learns_an_overconfident_draft() -> None:
 
 def test_serial_with_the_planner_is_lossless_and_adapts(tiny_target: Any, tiny_draft: Any) -> None:
     curve = measure_cost_curve(tiny_target, rows=(1, 8, 32), context=16, repeats=1)
-    assert len(curve.ms) == 3 and all(ms > 0 for ms in curve.ms)
+    assert len(curve.ms) == 3 and all(ms > 0 for ms in curve.ms) and curve.ms == sorted(curve.ms)
     tree = TreeParams(width=3, subtree_size=24, depth=4)
     for curve in (FLAT, CostCurve([1, 2], [10.0, 30.0])):  # rows free / each row costs two forwards
         planner = SpeculationPlanner(curve)
