@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-EXPANSIONS = Counter("specmesh_draft_expansions", "batched expansion forwards")
-EXPAND = Histogram("specmesh_draft_expand_seconds", "one expansion forward (w leaves)",
+EXPANSIONS = Counter("specmesh_draft_expansions", "session expansions (w leaves each; several per batched forward)")
+EXPAND = Histogram("specmesh_draft_expand_seconds", "one batched draft forward (every session's expansion or catch-up)",
                    buckets=(0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5))
 REROOTS = Counter("specmesh_draft_reroots", "re-roots on verified tokens", ["result"])  # hit | new_tree
-REROOT = Histogram("specmesh_draft_reroot_seconds", "re-root + compaction (+ catch-up forward on a miss)",
+REROOT = Histogram("specmesh_draft_reroot_seconds", "re-root + compaction (a miss's catch-up runs in the next step)",
                    buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.2))
 IDLE = Counter("specmesh_draft_idle_seconds", "time a session's tree was done growing before its verified tokens came")
 SUBTREE = Histogram("specmesh_draft_subtree_size", "nodes per subtree sent", buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64))
