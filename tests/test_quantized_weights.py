@@ -234,7 +234,7 @@ def gguf_mesh(gguf_pair: dict[str, Any]) -> Iterator[Any]:
     fp32 = ["--dtype", "fp32", "--weights", "gguf"]
     yield from serve_mesh(gguf_pair["base"] / "mesh", pair=(gguf_pair["files"]["target"], gguf_pair["files"]["llama"]),
                           target_args=[*fp32, "--tp", "2", "--verify-delay-ms", "10"],
-                          draft_args=[*fp32, "--expand-delay-ms", "5"],
+                          draft_args=[*fp32, "--expand-delay-ms", "5", "--no-plan"],  # send trees it rejects
                           env=env)
 
 

@@ -99,7 +99,7 @@ class DraftEngine(EngineActor):
     name = "draft"
 
     def __init__(self, runner: Runner, pool: LeasedPool, expand_delay_ms: float = 0.0,
-                 prefill_chunk: int = 256, session_idle_s: float = 0.0) -> None:
+                 prefill_chunk: int = 256, session_idle_s: float = 0.0, plan: bool = True) -> None:
         super().__init__()
         self.runner, self.pool = runner, pool
         self.model = runner.model
@@ -120,6 +120,7 @@ class DraftEngine(EngineActor):
         # it re-roots at once instead of finishing a step the target would wait for.
         self.expand_s = 0.0
         self.round_trip_s = 0.0
+        self.plan = plan
         self.planner: SpeculationPlanner | None = None  # set on pairing, from the target's cost curve
         self.handle(Open, self._on_open)
         self.handle(Close, self._on_close)
@@ -188,7 +189,7 @@ class DraftEngine(EngineActor):
 
     def _on_attach(self, message: AttachChannel) -> None:
         self.vocab_width = message.vocab_width
-        self.planner = SpeculationPlanner(message.target_cost) if message.target_cost is not None else None
+        self.planner = SpeculationPlanner(message.target_cost) if self.plan and message.target_cost else None
         self._on_channel_up(ChannelUp(message.channel))
 
     def _on_open(self, message: Open) -> None:
