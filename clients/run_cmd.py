@@ -18,6 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
     p.add_argument("--width", type=int, default=4, help="w: leaves per expansion")
     p.add_argument("--subtree-size", type=int, default=16, help="bs: tree nodes the target verifies per round")
     p.add_argument("--depth", type=int, default=3, help="d: expansions per round")
+    p.add_argument("--plan", action="store_true",
+                   help="serial: size each round's subtree (at most --subtree-size) by expected tokens per second, "
+                        "from the target's cost curve measured at start (greedy only)")
     return NAME
 
 
@@ -34,18 +37,21 @@ def run(args: argparse.Namespace) -> int:
         ids = prompt_ids(pair.tokenizer, args.prompt, raw=args.raw)
         request = Request(ids, args.max_tokens, sampling, () if args.ignore_eos else pair.eos_ids)
         modes = ["ar", "serial"] if args.mode == "both" else [args.mode]
+        planner = _planner(pair, tree) if args.plan and "serial" in modes else None
         for mode in modes:
             stats = DecodeStats()
             if mode == "ar":
                 chunks = generate_ar(pair.target, request, args.context, stats)
             else:
-                chunks = generate_serial(pair.target, pair.draft, request, args.context, tree, stats)
+                chunks = generate_serial(pair.target, pair.draft, request, args.context, tree, stats, planner)
             print(f"--- {mode} ---", file=sys.stderr)
             text = _stream(pair.tokenizer, chunks)
             line = (f"[{mode}] {stats.tokens} tokens in {stats.elapsed_s:.2f}s = {stats.tokens_per_s:.2f} tok/s, "
                     f"first token {stats.first_token_s or 0:.2f}s, {stats.mean_accepted:.2f} tokens per target forward")
             if mode == "serial":
                 line += f", re-root hits {stats.reroot_hits}/{stats.reroot_hits + stats.new_trees}"
+                if stats.subtree_sizes:
+                    line += f", mean subtree {sum(stats.subtree_sizes) / len(stats.subtree_sizes):.1f} nodes"
             print(line, file=sys.stderr)
             del text
     except SpecmeshError as exc:
@@ -53,6 +59,17 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _planner(pair, tree):  # type: ignore[no-untyped-def]
+    """A planner for serial rounds: target cost by rows, plus `depth` draft expansions per round."""
+    from specmesh.services.runtime.speculation_planner import SpeculationPlanner, measure_cost_curve
+
+    curve = measure_cost_curve(pair.target)
+    expand_ms = measure_cost_curve(pair.draft, (tree.width,)).ms[0]
+    print("target verify ms by rows: " + ", ".join(f"{r}: {ms:.1f}" for r, ms in zip(curve.rows, curve.ms))
+          + f"; one draft expansion {expand_ms:.1f} ms", file=sys.stderr)
+    return SpeculationPlanner(curve, fixed_ms=tree.depth * expand_ms)
 
 
 def _stream(tokenizer, chunks) -> str:

@@ -149,6 +149,8 @@ def test_eight_sessions_joining_and_leaving_at_random_are_lossless(batching_mesh
     assert_all_blocks_free(batching_mesh)
     buckets = scrape(batching_mesh.target, "specmesh_target_step_sessions")
     assert buckets["+Inf"] > buckets["1.0"], "no target step ever held more than one session"
+    # Greedy sessions' subtrees were sized by the planner, from the cost curve the target sent.
+    assert scrape(batching_mesh.draft, "specmesh_draft_planned_subtree_size")["+Inf"] > 0
 
 
 def test_seeded_target_only_sessions_batched_equal_single_stream(batching_mesh: FullMesh,
@@ -223,3 +225,35 @@ def test_speculative_sampling_through_the_mesh_is_distributed_as_the_target(batc
     pvalue = chi2_pvalue(counts, exact_joint(target_model, prompt, k, params))
     assert pvalue > 1e-3, f"p = {pvalue}: {counts}"
     assert_all_blocks_free(batching_mesh)
+
+
+def test_loadtest_command_on_the_tiny_pair(batching_mesh: FullMesh, tmp_path: Path) -> None:
+    """`specmesh loadtest` against the mesh and a draft-less router on the same target (no timings
+    asserted): every stream of every level completes, JSON and PNG are written, the target alone
+    never verifies more than the root."""
+    from specmesh.clients.cli import main
+
+    from router_testing import ROUTER
+    from service_helpers import start_service
+
+    alone = start_service(ROUTER, ["--model", str(batching_mesh.target_dir), "--http-port", "0",
+                                   "--treekv-addr", batching_mesh.treekv.addr,
+                                   "--target-addr", batching_mesh.target.addr, "--draft-addr", ""])
+    try:
+        out = tmp_path / "lt"
+        code = main(["loadtest", "--addr", batching_mesh.router.addr, "--target-only-addr", alone.addr,
+                     "--concurrency", "1,3", "--limit", "3", "--max-tokens", "6", "--raw", "--out", str(out)])
+    finally:
+        alone.stop()
+    assert code == 0
+    import json
+
+    report = json.loads((out / "loadtest.json").read_text())
+    levels = {(r["system"], r["concurrency"]): r for r in report["levels"]}
+    assert set(levels) == {("mesh", 1), ("mesh", 3), ("target_alone", 1), ("target_alone", 3)}
+    for r in levels.values():
+        assert r["streams"] == 3 and r["tokens"] == 18 and not r["errors"]
+        assert r["tokens_per_s"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] > 0
+    assert levels[("target_alone", 3)]["mean_tree_size"] == 1.0
+    assert (out / "loadtest.png").stat().st_size > 0
+    assert main(["loadtest", "--concurrency", "0,2"]) == 2  # bad input: one line, exit 2

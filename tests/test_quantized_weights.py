@@ -21,12 +21,15 @@ from specmesh.models import weight_cache
 from specmesh.models.gguf_weights import GGUFWeights, decode_int4
 from specmesh.models.store import resolve_model_dir
 from specmesh.models.tiny import make_tiny_pair, write_tiny_gguf
-from specmesh.services.runtime.draft_session import TreeParams
-from specmesh.services.runtime.engines import DecodeStats, Request, generate_ar, generate_serial
+from specmesh.services.runtime.engines import DecodeStats, generate_ar, generate_serial
+from specmesh.services.runtime.request import Request
 from specmesh.services.runtime.errors import ModelError
 from specmesh.services.runtime.loader import load_transformer, read_model_config
 from specmesh.services.runtime.quant import (Int4Groups, Int4Weight, Int8Weight, calibrate_kernel_rows, dequantize,
                                              int4_groups_from_dense, linear, pack_int4, quantize_int8)
+from specmesh.services.runtime.tree_params import TreeParams
+
+from runner_testing import run_rows
 
 from runner_testing import run_rows
 
@@ -231,7 +234,7 @@ def gguf_mesh(gguf_pair: dict[str, Any]) -> Iterator[Any]:
     fp32 = ["--dtype", "fp32", "--weights", "gguf"]
     yield from serve_mesh(gguf_pair["base"] / "mesh", pair=(gguf_pair["files"]["target"], gguf_pair["files"]["llama"]),
                           target_args=[*fp32, "--tp", "2", "--verify-delay-ms", "10"],
-                          draft_args=[*fp32, "--expand-delay-ms", "5"],
+                          draft_args=[*fp32, "--expand-delay-ms", "5", "--no-plan"],  # send trees it rejects
                           env=env)
 
 

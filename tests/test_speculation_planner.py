@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 
 from specmesh.services.runtime.engines import DecodeStats, generate_ar, generate_serial
-from specmesh.services.runtime.forward_batch import Runner
 from specmesh.services.runtime.request import Request
 from specmesh.services.runtime.speculation_planner import (Acceptance, Candidate, CostCurve, SpeculationPlanner,
                                                            measure_cost_curve, plan, reach_of)
@@ -73,11 +72,11 @@ def test_acceptance_calibration_learns_an_overconfident_draft() -> None:
 
 
 def test_serial_with_the_planner_is_lossless_and_adapts(tiny_target: Any, tiny_draft: Any) -> None:
-    curve = measure_cost_curve(Runner(tiny_target, max_rows=64), rows=(1, 8, 32), context=16, repeats=1)
-    assert len(curve.ms) == 3 and all(ms > 0 for ms in curve.ms)
+    curve = measure_cost_curve(tiny_target, rows=(1, 8, 32), context=16, repeats=1)
+    assert len(curve.ms) == 3 and all(ms > 0 for ms in curve.ms) and curve.ms == sorted(curve.ms)
     tree = TreeParams(width=3, subtree_size=24, depth=4)
     for curve in (FLAT, CostCurve([1, 2], [10.0, 30.0])):  # rows free / each row costs two forwards
-        planner = SpeculationPlanner(curve, tree.subtree_size)
+        planner = SpeculationPlanner(curve)
         sizes = []
         for prompt in ([5, 6, 7], [100, 3, 45, 200], [42]):
             request = Request(prompt, 30)

@@ -15,5 +15,8 @@ class DraftConfig(CommonConfig, ModelServiceConfig):
                                                                             "when the target sent nothing for it "
                                                                             "this long (0 = never); keep it below "
                                                                             "treekv's lease TTL"})
+    plan: bool = dataclasses.field(default=True, metadata={"help": "size each greedy subtree by expected tokens "
+                                                                   "per second (--no-plan: always the router's "
+                                                                   "subtree size)"})
     expand_delay_ms: float = dataclasses.field(default=0.0, metadata={"help": "testing: random extra delay per "
                                                                                "expansion, uniform in [0, x] ms"})

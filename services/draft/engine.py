@@ -35,6 +35,7 @@ from specmesh.services.runtime.forward_batch import Runner, SeqRows
 from specmesh.services.runtime.model_worker import LeasedPool
 from specmesh.services.runtime.sampling import SamplingParams
 from specmesh.services.runtime.session_failure import FAILED, SessionFailure, describe
+from specmesh.services.runtime.speculation_planner import CostCurve, SpeculationPlanner
 from specmesh.services.runtime.tree_params import TreeParams
 
 from . import metrics
@@ -65,6 +66,9 @@ class DraftState:
     cache: Any = None  # the KVCache view of the lease, claimed by open()
     sent_at: float | None = None  # when the last subtree went to the target
     heard_at: float = field(default_factory=time.monotonic)  # opened, or verified tokens arrived
+    sent_size: int = 0  # nodes in the last subtree sent
+    sent_tokens: float = 0.0  # tokens the planner expected that subtree to commit
+    sent_reach: dict | None = None  # its predicted acceptance per depth (planned sends only)
 
 
 # -- inbox messages ------------------------------------------------------------------------------
@@ -88,13 +92,14 @@ class VerifiedIn:
 class AttachChannel:
     channel: TensorChannel
     vocab_width: int
+    target_cost: CostCurve | None  # the target's verify time by rows, for the planner
 
 
 class DraftEngine(EngineActor):
     name = "draft"
 
     def __init__(self, runner: Runner, pool: LeasedPool, expand_delay_ms: float = 0.0,
-                 prefill_chunk: int = 256, session_idle_s: float = 0.0) -> None:
+                 prefill_chunk: int = 256, session_idle_s: float = 0.0, plan: bool = True) -> None:
         super().__init__()
         self.runner, self.pool = runner, pool
         self.model = runner.model
@@ -115,6 +120,8 @@ class DraftEngine(EngineActor):
         # it re-roots at once instead of finishing a step the target would wait for.
         self.expand_s = 0.0
         self.round_trip_s = 0.0
+        self.plan = plan
+        self.planner: SpeculationPlanner | None = None  # set on pairing, from the target's cost curve
         self.handle(Open, self._on_open)
         self.handle(Close, self._on_close)
         self.handle(VerifiedIn, self._on_verified)
@@ -144,8 +151,8 @@ class DraftEngine(EngineActor):
         self.post(Close(session_id, done))
         return done
 
-    def attach_channel(self, channel: TensorChannel, vocab_width: int) -> None:
-        self.post(AttachChannel(channel, vocab_width))
+    def attach_channel(self, channel: TensorChannel, vocab_width: int, target_cost: CostCurve | None = None) -> None:
+        self.post(AttachChannel(channel, vocab_width, target_cost))
 
     @property
     def active_sessions(self) -> int:
@@ -182,6 +189,7 @@ class DraftEngine(EngineActor):
 
     def _on_attach(self, message: AttachChannel) -> None:
         self.vocab_width = message.vocab_width
+        self.planner = SpeculationPlanner(message.target_cost) if self.plan and message.target_cost else None
         self._on_channel_up(ChannelUp(message.channel))
 
     def _on_open(self, message: Open) -> None:
@@ -209,6 +217,8 @@ class DraftEngine(EngineActor):
         state.round_idle_s = now - state.idle_since if state.idle_since is not None else 0.0
         metrics.IDLE.inc(state.round_idle_s)
         state.idle_since = None
+        if state.sent_reach is not None and self.planner is not None:
+            self.planner.record(state.sent_reach, len(verified.tokens) - 1)
         result = state.session.reroot(verified.tokens)
         metrics.REROOT.observe(time.perf_counter() - now)
         metrics.REROOTS.labels("hit" if result.hit else "new_tree").inc()
@@ -288,7 +298,8 @@ class DraftEngine(EngineActor):
             return
         if len(session.tree) < state.tree_params.subtree_size and session.can_expand():
             return  # too small to be worth a target forward; grow first
-        tokens, parents, q = session.select_subtree(state.tree_params.subtree_size)
+        size, state.sent_reach = self._plan_size(state)
+        tokens, parents, q = session.select_subtree(size)
         trace_ids = self._trace_round(state, len(tokens)) if telemetry.trace_round() else (0, 0, 0)
         metrics.SUBTREE.observe(len(tokens))
         metrics.TREE_NODES.observe(len(session.tree))
@@ -300,6 +311,26 @@ class DraftEngine(EngineActor):
         state.owed, state.grown, state.sent_at = False, 0, time.perf_counter()
         if not self._wants_forward(state):
             state.idle_since = time.perf_counter()
+
+    def _plan_size(self, state: DraftState) -> tuple[int, dict | None]:
+        """The subtree size for this send: the planner's choice for greedy sessions (given what the
+        other sessions have at the target), else the fixed subtree_size. Sampling keeps the fixed
+        size: how many nodes are sent must not depend on what the draft drew."""
+        cap = state.tree_params.subtree_size
+        if self.planner is None or not state.sampling.greedy or state.round == 0:
+            state.sent_size, state.sent_tokens = cap, 0.0
+            return cap, None  # round 0: the first tree is re-rooted by the target, its depths shift
+        others = [s for s in self.sessions.values() if s is not state and not s.owed and s.sent_at is not None]
+        t = state.session.tree
+        size, reach = self.planner.subtree_size(state.channel_id, t.depth, t.score, t.best(cap),
+                                                sum(s.sent_size for s in others),
+                                                sum(s.sent_tokens for s in others))
+        chosen = self.planner.last
+        state.sent_size, state.sent_tokens = size, chosen.tokens_per_round
+        metrics.PLANNED_SIZE.observe(size)
+        metrics.PREDICTED_TOKENS.set(chosen.tokens_per_round)
+        metrics.PREDICTED_STEP_MS.set(chosen.step_ms)
+        return size, reach
 
     def _trace_round(self, state: DraftState, size: int) -> tuple[int, int, int]:
         """The draft's work for one round as a span; its ids ride in the subtree header."""

@@ -12,9 +12,9 @@ from specmesh.services.runtime.channel import DRAFT_RANK, TensorChannel, join_st
 from specmesh.services.runtime.drain import STOP_GRACE_S, Drain
 from specmesh.services.runtime.errors import InvalidRequest, ServiceUnavailable
 from specmesh.services.runtime.forward_batch import Runner
-from specmesh.services.runtime.model_worker import (LeasedPool, instance_id, load_service_model,
-                                                     time_tree_forward)
+from specmesh.services.runtime.model_worker import LeasedPool, instance_id, load_service_model
 from specmesh.services.runtime.protocol import sampling_from_proto, tree_from_proto
+from specmesh.services.runtime.speculation_planner import CostCurve, measure_cost_curve
 from specmesh.services.runtime.service_main import service_main, start_metrics, wait_for_stop_signal, write_ready_file
 from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
@@ -46,7 +46,8 @@ class DraftServicer(mesh_pb2_grpc.DraftServicer):
         except Exception as exc:
             raise ServiceUnavailable(f"cannot join the tensor channel at {request.host}:{request.port}: "
                                      f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        self.engine.attach_channel(channel, request.vocab_size)
+        curve = CostCurve.from_by_rows(list(request.verify_ms_by_rows)) if request.verify_ms_by_rows else None
+        self.engine.attach_channel(channel, request.vocab_size, curve)
         return mesh_pb2.Empty()
 
     @rpc.rpc_errors
@@ -90,10 +91,11 @@ def _local_host(peer_host: str) -> str:
 async def serve(config: DraftConfig) -> None:
     telemetry.setup_tracing("specmesh-draft")  # before any gRPC server or channel exists
     model, _ = await asyncio.to_thread(load_service_model, config, "draft")
-    forward_ms = await asyncio.to_thread(time_tree_forward, model, config.tree_width)
+    runner = Runner(model, config.step_rows)
+    forward_ms = (await asyncio.to_thread(measure_cost_curve, model, (config.tree_width,))).ms[0]
     log.info("one expansion of %d leaves takes %.1f ms", config.tree_width, forward_ms)
-    engine = DraftEngine(Runner(model, config.step_rows), LeasedPool(model, config), config.expand_delay_ms,
-                         config.prefill_chunk, config.session_idle_s)
+    engine = DraftEngine(runner, LeasedPool(model, config), config.expand_delay_ms, config.prefill_chunk,
+                         config.session_idle_s, config.plan)
     servicer = DraftServicer(config, engine, forward_ms)
     metrics_port = start_metrics(config.host, config.metrics_port)
     health_servicer = health.aio.HealthServicer()

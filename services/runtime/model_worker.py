@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -13,7 +12,6 @@ import torch
 
 from .errors import InvalidRequest
 from .kv_cache import KVCache, KVPool
-from .forward_batch import Logits, Runner, SeqRows, causal
 from .loader import parse_dtype
 from .model import Transformer
 from .quant import calibrate_kernel_rows
@@ -103,24 +101,6 @@ def calibrate_weights(model: Transformer) -> dict[str, int]:
     if chosen:
         log.info("weight-only kernels serve up to %s rows (dense copies above)", chosen)
     return chosen
-
-
-def time_tree_forward(model: Transformer, n: int, context: int = 128, repeats: int = 3) -> float:
-    """Median ms of one forward of n tree tokens after `context` committed ones (start-up calibration)."""
-    runner = Runner(model, max_rows=max(context, n))
-    cache = model.new_cache(context + n)
-    tokens = torch.randint(0, model.vocab_size, (context,)).tolist()
-    runner.forward_one(SeqRows(cache, tokens, list(range(context)), 0, 0, causal(context, model.device),
-                               Logits.NONE))
-    # A chain is as costly as any tree of n nodes.
-    chain = SeqRows(cache, tokens[:n], list(range(context, context + n)), context, context,
-                    causal(n, model.device), Logits.ALL)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        runner.forward_one(chain)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def instance_id() -> str:

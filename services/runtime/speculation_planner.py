@@ -20,7 +20,6 @@ goodput: expected committed tokens per second of target time.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -59,11 +58,15 @@ class CostCurve:
         return cls(list(range(1, len(ms) + 1)), list(ms))
 
 
-def measure_cost_curve(runner: Runner, rows: tuple[int, ...] = MEASURED_ROWS, context: int = 128,
+def measure_cost_curve(model: "Transformer", rows: tuple[int, ...] = MEASURED_ROWS, context: int = 128,  # noqa: F821
                        repeats: int = 3) -> CostCurve:
-    """Median forward time of a chain of M tree rows after `context` committed tokens, per M."""
-    model = runner.model
+    """Fastest of `repeats` forwards of a chain of M tree rows after `context` committed tokens, per M.
+
+    The minimum, not the median: interference from other processes only ever adds time. The curve
+    is then made non-decreasing (more rows never cost less), which also absorbs leftover noise.
+    """
     top = max(rows)
+    runner = Runner(model, max_rows=max(context, top))
     cache = model.new_cache(context + top)
     tokens = torch.randint(0, model.vocab_size, (context + top,)).tolist()
     runner.forward_one(SeqRows(cache, tokens[:context], list(range(context)), 0, 0, causal(context, model.device),
@@ -77,7 +80,7 @@ def measure_cost_curve(runner: Runner, rows: tuple[int, ...] = MEASURED_ROWS, co
             t0 = time.perf_counter()
             runner.forward_one(chain)
             times.append((time.perf_counter() - t0) * 1000)
-        ms.append(statistics.median(times))
+        ms.append(max(min(times), ms[-1] if ms else 0.0))
     return CostCurve(list(rows), ms)
 
 
@@ -177,20 +180,19 @@ def reach_of(depths: list[int], probs: list[float]) -> dict[int, float]:
 class SpeculationPlanner:
     """One session group's planner: the target's cost curve plus the online acceptance calibration."""
 
-    def __init__(self, curve: CostCurve, max_subtree: int, fixed_ms: float = 0.0) -> None:
+    def __init__(self, curve: CostCurve, fixed_ms: float = 0.0) -> None:
         self.curve = curve
-        self.max_subtree = max_subtree
         self.fixed_ms = fixed_ms
         self.acceptance = Acceptance()
         self.last: Plan | None = None
 
     def subtree_size(self, session: int, depth: list[int], score: list[float], best: list[int],
                      other_rows: int = 0, other_tokens: float = 0.0) -> tuple[int, dict[int, float]]:
-        """How many of the session's `best` nodes (best first, root included) to send, and the
-        predicted reach of that subtree (to `record` once it is verified)."""
-        cands = tree_candidates(session, depth, score, best[:self.max_subtree])
+        """How many of the session's `best` nodes (best first, root included: at most len(best))
+        to send, and the predicted reach of that subtree (to `record` once it is verified)."""
+        cands = tree_candidates(session, depth, score, best)
         chosen = plan(cands, [session], self.curve, self.acceptance, other_rows, other_tokens,
-                      max_rows=other_rows + self.max_subtree, fixed_ms=self.fixed_ms)
+                      max_rows=other_rows + len(best), fixed_ms=self.fixed_ms)
         self.last = chosen
         size = chosen.sizes[session]
         sent = sorted(best[:size])

@@ -11,7 +11,7 @@ ACCEPTED_PER_POS = Counter("specmesh_spec_decode_num_accepted_tokens_per_pos",
 ROUNDS = Counter("specmesh_target_rounds", "target forwards per session step", ["mode"])
 TOKENS = Counter("specmesh_target_generated_tokens", "tokens committed (accepted + bonus)")
 TREE_SIZE = Histogram("specmesh_tree_size", "nodes per verified tree", buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64))
-VERIFY = Histogram("specmesh_target_verify_seconds", "one tree verification forward",
+VERIFY = Histogram("specmesh_target_verify_seconds", "the batched forward a round was verified in",
                    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2))
 WAIT = Histogram("specmesh_target_wait_for_draft_seconds",
                  "from sending verified tokens to receiving the next subtree (draft re-root + channel)",

@@ -16,10 +16,10 @@ from specmesh.services.runtime.drain import STOP_GRACE_S, Drain
 from specmesh.services.runtime.errors import InvalidRequest, SpecmeshError
 from specmesh.services.runtime.expiring_ids import ExpiringIds
 from specmesh.services.runtime.forward_batch import Runner
-from specmesh.services.runtime.model_worker import (LeasedPool, instance_id, load_service_model,
-                                                     time_tree_forward)
+from specmesh.services.runtime.model_worker import LeasedPool, instance_id, load_service_model
 from specmesh.services.runtime.protocol import FINISH_REASONS, sampling_from_proto
 from specmesh.services.runtime.request import Request
+from specmesh.services.runtime.speculation_planner import CostCurve, measure_cost_curve
 from specmesh.services.runtime.service_main import service_main, start_metrics, wait_for_stop_signal, write_ready_file
 from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
@@ -31,10 +31,11 @@ log = logging.getLogger("specmesh.target")
 
 
 class TargetServicer(mesh_pb2_grpc.TargetServicer):
-    def __init__(self, config: TargetConfig, engine: TargetEngine, forward_ms: float, store: object) -> None:
+    def __init__(self, config: TargetConfig, engine: TargetEngine, curve: CostCurve, store: object) -> None:
         self.config = config
         self.engine = engine
-        self.forward_ms = forward_ms
+        self.curve = curve
+        self.forward_ms = curve.at(config.calibrate_tokens)
         self.instance = instance_id()
         self.store = store
         self.backend = "nccl" if config.device.startswith("cuda") else "gloo"
@@ -51,7 +52,8 @@ class TargetServicer(mesh_pb2_grpc.TargetServicer):
         model = self.engine.model
         endpoint = mesh_pb2.ChannelEndpoint(host=self.config.advertise_host or self.config.host, port=self.store.port,
                                             epoch=epoch, subtree_capacity=self.config.subtree_capacity,
-                                            vocab_size=model.vocab_size, backend=self.backend)
+                                            vocab_size=model.vocab_size, backend=self.backend,
+                                            verify_ms_by_rows=self.curve.by_rows())
 
         def pair() -> None:  # blocks until the draft joins with the same epoch
             with self._pairing_lock:
@@ -135,9 +137,11 @@ async def serve(config: TargetConfig) -> None:
         log.info("tensor-parallel group of %d ranks is up", config.tp)
     model, _ = await asyncio.to_thread(load_service_model, config, "target", 0, config.tp)
     if tp is not None:
-        tp.calibrate(config.calibrate_tokens)
-    forward_ms = await asyncio.to_thread(time_tree_forward, model, config.calibrate_tokens)
-    log.info("one verify of %d tree tokens takes %.1f ms", config.calibrate_tokens, forward_ms)
+        tp.calibrate()
+    # The cost curve the planner sizes trees by (the draft gets it on pairing); tensor-parallel
+    # followers run the same forwards in lockstep.
+    curve = await asyncio.to_thread(measure_cost_curve, model)
+    log.info("verify cost by rows: %s", ", ".join(f"{r}: {ms:.1f} ms" for r, ms in zip(curve.rows, curve.ms)))
     runner = Runner(model, config.step_rows)
     if tp is not None:
         tp.attach(runner)
@@ -145,7 +149,7 @@ async def serve(config: TargetConfig) -> None:
                           prefill_chunk=config.prefill_chunk,
                           # tensor-parallel ranks already share the cores: their prefill keeps --threads
                           prefill_threads=(config.prefill_threads or os.cpu_count() or 1) if config.tp == 1 else None)
-    servicer = TargetServicer(config, engine, forward_ms, store)
+    servicer = TargetServicer(config, engine, curve, store)
     metrics_port = start_metrics(config.host, config.metrics_port)
     health_servicer = health.aio.HealthServicer()
     server, port = await rpc.start_internal_server(config, [(mesh_pb2_grpc.add_TargetServicer_to_server, servicer)],

@@ -29,9 +29,10 @@ import torch.distributed as dist
 from specmesh.services.runtime.channel import join_store
 from specmesh.services.runtime.errors import SpecmeshError
 from specmesh.services.runtime.forward_batch import Logits, Runner, SeqRows
-from specmesh.services.runtime.model_worker import LeasedPool, load_service_model, time_tree_forward
+from specmesh.services.runtime.model_worker import LeasedPool, load_service_model
 from specmesh.services.runtime.request import Request
 from specmesh.services.runtime.sampling import SamplingParams
+from specmesh.services.runtime.speculation_planner import measure_cost_curve
 from specmesh.services.runtime.target_session import Decision, TargetSession, Tree
 
 from .config import TargetConfig
@@ -86,8 +87,8 @@ class TPLeader:
     def close(self, key: int) -> None:
         _broadcast(("close", key))
 
-    def calibrate(self, n: int) -> None:
-        _broadcast(("calibrate", n))
+    def calibrate(self) -> None:
+        _broadcast(("calibrate",))
 
     def stop(self) -> None:
         try:
@@ -144,7 +145,7 @@ class _Follower:
             _session, lease = self.sessions.pop(key)
             self.pool.close(*lease)
         elif op == "calibrate":
-            time_tree_forward(self.runner.model, rest[0])
+            measure_cost_curve(self.runner.model)
 
 
 def worker_main(argv: list[str] | None = None) -> int:
