@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -31,7 +30,6 @@ from specmesh.services.runtime.tree_params import TreeParams
 
 from runner_testing import run_rows
 
-from runner_testing import run_rows
 
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize  # noqa: E402
