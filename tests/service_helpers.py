@@ -1,6 +1,6 @@
 """Start specmesh services as real subprocesses for tests, and always clean them up.
 
-    proc = start_service("specmesh.services.treekv.server", ["--draft-blocks", "8"])
+    proc = start_service("specmesh.services.treekv.server", ["--lease-ttl-s", "30"])
     try:
         channel = grpc.insecure_channel(proc.addr)
         ...

@@ -16,10 +16,10 @@ import torch
 from specmesh.services.runtime.errors import NotFound, ResourceExhausted, SessionClosed
 from specmesh.services.runtime.expiring_ids import ExpiringIds
 from specmesh.services.runtime.session_failure import describe
-from specmesh.services.treekv.ledger import KVLedger
 from specmesh.v1 import generation_pb2 as gen_pb
 from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
+from ledger_testing import registered_ledger, used_blocks
 from router_testing import DRAFT, TARGET, TREEKV, kv_stats, tiny_pair
 from service_helpers import ServiceProcess, start_service
 
@@ -50,51 +50,50 @@ def test_expiring_ids_forget_after_ttl_and_beyond_the_cap() -> None:
 
 
 def test_ledger_close_before_open_leaves_a_tombstone() -> None:
-    ledger = KVLedger(draft_blocks=4, target_blocks=4, block_size=16)
+    ledger = registered_ledger()
     ledger.close_session("late")  # the router gave up while its OpenSession was in flight
     with pytest.raises(SessionClosed, match="'late' was closed before it opened"):
-        ledger.open_session("late", 16, 16)
-    assert ledger.stats().draft_blocks_used == 0 and ledger.active_sessions == 0
-    ledger.open_session("late", 16, 16)  # a tombstone is honoured once
-    ledger.open_session("normal", 16, 16)
+        ledger.open_session("late", [1], 15)
+    assert set(used_blocks(ledger).values()) == {0} and ledger.active_sessions == 0
+    ledger.open_session("late", [1], 15)  # a tombstone is honoured once
+    ledger.open_session("normal", [1], 15)
     ledger.close_session("normal")
     ledger.close_session("normal")  # a repeated close of a session that did open is no tombstone
-    ledger.open_session("normal", 16, 16)
+    ledger.open_session("normal", [1], 15)
 
 
 def test_ledger_leases_expire_unless_renewed() -> None:
     clock = Clock()
-    ledger = KVLedger(draft_blocks=4, target_blocks=4, block_size=16, lease_ttl_s=30, clock=clock)
-    ledger.open_session("kept", 16, 16)
-    ledger.open_session("orphan", 16, 16)
+    ledger = registered_ledger(lease_ttl_s=30, clock=clock)
+    ledger.open_session("kept", [1], 15)
+    ledger.open_session("orphan", [1], 15)
     clock.now += 20
     assert ledger.renew(["kept", "gone"]) == ["gone"]
     assert ledger.expire() == []
     clock.now += 15  # orphan: 35 s without renewal; kept: 15 s since its renewal
     assert ledger.expire() == ["orphan"]
-    s = ledger.stats()
-    assert [u.session_id for u in s.sessions] == ["kept"] and (s.draft_blocks_used, s.target_blocks_used) == (1, 1)
+    assert [u.session_id for u in ledger.session_usage()] == ["kept"]
+    assert used_blocks(ledger) == {("p0", "draft"): 1, ("p0", "target"): 1}
     clock.now += 31
-    assert ledger.expire() == ["kept"] and ledger.stats().draft_blocks_used == 0
+    assert ledger.expire() == ["kept"] and set(used_blocks(ledger).values()) == {0}
 
 
-def test_restored_ledger_never_leases_a_block_twice() -> None:
-    old = KVLedger(draft_blocks=8, target_blocks=8, block_size=16)
-    old.open_session("a", 32, 48)
-    old.open_session("b", 16, 16)
-    old.close_session("a")  # a hole at the front, b behind it
-    old.open_session("c", 16, 16)
-    new = KVLedger(draft_blocks=8, target_blocks=8, block_size=16)  # the restarted treekv
+def test_restored_ledger_keeps_counting_running_sessions() -> None:
+    old = registered_ledger(draft=8, target=8)
+    old.open_session("a", [1], 47)
+    old.open_session("b", [1], 15)
+    old.close_session("a")
+    old.open_session("c", [1], 31)
+    new = registered_ledger(draft=8, target=8)  # the restarted treekv, its pools registered again
     assert new.restore(old.leases()) == 2
-    assert new.stats() == old.stats()
+    assert used_blocks(new) == used_blocks(old) == {("p0", "draft"): 3, ("p0", "target"): 3}
     with pytest.raises(NotFound, match="lost when treekv restarted"):
         new.get_committed("b")
-    taken = {(r["draft_first"], r["target_first"]) for r in old.leases()}
-    record = new.open_session("d", 16, 16)
-    assert (record.draft.first_block, record.target.first_block) not in taken
-    for item in old.leases():  # and every block is held exactly once
-        with pytest.raises(ResourceExhausted):
-            new.pools["draft"].claim(int(item["draft_first"]), int(item["draft_blocks"]))
+    new.open_session("d", [1], 16 * 5 - 1)  # exactly the 5 blocks left
+    with pytest.raises(ResourceExhausted):
+        new.open_session("e", [1], 1)
+    new.close_session("b")
+    new.open_session("e", [1], 1)
 
 
 def test_failure_policy_names_the_error() -> None:
@@ -107,11 +106,12 @@ def test_failure_policy_names_the_error() -> None:
 # ---------------------------------------------------------------- treekv service
 
 def test_treekv_frees_leases_nobody_renews() -> None:
-    with start_service(TREEKV, ["--draft-blocks", "8", "--target-blocks", "8", "--lease-ttl-s", "1"]) as kv, \
-            grpc.insecure_channel(kv.addr) as ch:
+    with start_service(TREEKV, ["--lease-ttl-s", "1"]) as kv, grpc.insecure_channel(kv.addr) as ch:
         stub = mesh_pb2_grpc.TreeKVStub(ch)
+        stub.RegisterPool(mesh_pb2.PoolRegistration(pair="p0", model="target", instance_id="t", pool=mesh_pb2.PoolReport(
+            num_blocks=8, block_size=16)), timeout=5)
         for sid in ("renewed", "orphan"):
-            stub.OpenSession(mesh_pb2.KVOpenRequest(session_id=sid, draft_slots=16, target_slots=16), timeout=5)
+            stub.OpenSession(mesh_pb2.KVOpenRequest(session_id=sid, prompt_ids=[1], max_tokens=15), timeout=5)
         deadline = time.monotonic() + 10
         while len(kv_stats(kv.addr).sessions) == 2:
             assert time.monotonic() < deadline, "the unrenewed lease never expired"
@@ -119,11 +119,11 @@ def test_treekv_frees_leases_nobody_renews() -> None:
             time.sleep(0.1)
         stats = kv_stats(kv.addr)
         assert [s.session_id for s in stats.sessions] == ["renewed"]
-        assert (stats.draft_blocks_used, stats.target_blocks_used) == (1, 1)
+        assert [p.blocks_used for p in stats.pools] == [1]
         assert list(stub.Renew(mesh_pb2.RenewRequest(session_ids=["orphan"]), timeout=5).unknown_ids) == ["orphan"]
-        stub.CloseSession(mesh_pb2.SessionRef(session_id="early"), timeout=5)
+        stub.CloseSession(mesh_pb2.KVCloseRequest(session_id="early"), timeout=5)
         with pytest.raises(grpc.RpcError) as info:
-            stub.OpenSession(mesh_pb2.KVOpenRequest(session_id="early", draft_slots=16, target_slots=16), timeout=5)
+            stub.OpenSession(mesh_pb2.KVOpenRequest(session_id="early", prompt_ids=[1], max_tokens=15), timeout=5)
         assert info.value.code() == grpc.StatusCode.ABORTED and "closed before it opened" in info.value.details()
 
 

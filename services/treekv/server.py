@@ -2,8 +2,9 @@
 
     python -m specmesh.services.treekv.server --port 0 --ready-file /tmp/treekv.port
 
-It is off the critical path: the router calls it once at session open (admission), once at close,
-and the committed-token stream is appended asynchronously. The state lives in a KVLedger
+It is off the critical path: the router calls it once at session open (placement, admission and
+the prefix-cache hint), once at close, registers the pools it reaches about once a second, and the
+committed-token stream is appended asynchronously. The state lives in a KVLedger
 (ledger.py); this module only translates protobuf <-> ledger calls, errors -> gRPC status
 (rpc_errors), and runs the process (signals, ready file, Prometheus metrics).
 """
@@ -31,7 +32,7 @@ from ..runtime.errors import ResourceExhausted
 from ..runtime.rpc import rpc_errors, start_internal_server
 from ..runtime.service_main import service_main, write_ready_file
 from .config import TreekvConfig
-from .ledger import POOLS, KVLedger, Lease
+from .ledger import Admission, KVLedger, PoolReport
 
 log = logging.getLogger("specmesh.treekv")
 
@@ -66,26 +67,44 @@ class TreeKVServicer(mesh_pb2_grpc.TreeKVServicer):
         self.drain = drain or Drain("treekv-service")
         self.lease_file = lease_file or LeaseFile("")
 
-    def _lease(self, lease: Lease) -> mesh_pb2.BlockLease:
-        return mesh_pb2.BlockLease(first_block=lease.first_block, num_blocks=lease.num_blocks,
-                                   block_size=self.ledger.block_size)
+    @staticmethod
+    def _lease(admission: Admission | None) -> mesh_pb2.BlockLease | None:
+        if admission is None:
+            return None
+        lease = mesh_pb2.BlockLease(num_blocks=admission.num_blocks, block_size=admission.block_size)
+        if admission.prefix is not None:
+            lease.prefix.entry_id, lease.prefix.num_tokens = admission.prefix.entry_id, admission.prefix.num_tokens
+        return lease
+
+    @rpc_errors
+    async def RegisterPool(self, request: mesh_pb2.PoolRegistration,
+                           context: grpc.aio.ServicerContext) -> mesh_pb2.Empty:
+        r = request.pool
+        known = self.ledger.pools.get((request.pair, request.model))
+        pool = self.ledger.register_pool(request.pair, request.model, request.instance_id, PoolReport(
+            r.num_blocks, r.block_size, r.reserve_slots, tuple(r.cached_entries), r.cached_blocks))
+        if known is None or known.instance_id != request.instance_id:
+            log.info("registered the %s: %d blocks of %d slots, %d scratch slots per session (instance %s)",
+                     pool.name, r.num_blocks, r.block_size, r.reserve_slots, request.instance_id)
+        return mesh_pb2.Empty()
 
     @rpc_errors
     async def OpenSession(self, request: mesh_pb2.KVOpenRequest,
                           context: grpc.aio.ServicerContext) -> mesh_pb2.KVOpenResponse:
         self.drain.refuse_new()
         try:
-            record = self.ledger.open_session(request.session_id, request.draft_slots, request.target_slots,
-                                              request.prompt_ids)
+            record = self.ledger.open_session(request.session_id, request.prompt_ids, request.max_tokens,
+                                              request.pairs)
         except ResourceExhausted as exc:
             # Worth a warning: refusals are how an undersized pool shows up in the logs.
             log.warning("refused session %r: %s", request.session_id, exc)
             raise
-        self.lease_file.save(self.ledger)  # before the lease is answered: a crash cannot forget it
-        log.info("opened %r: draft blocks [%d,+%d) target blocks [%d,+%d), prompt %d tokens",
-                 record.session_id, record.draft.first_block, record.draft.num_blocks,
-                 record.target.first_block, record.target.num_blocks, len(record.prompt_ids))
-        return mesh_pb2.KVOpenResponse(draft=self._lease(record.draft), target=self._lease(record.target))
+        self.lease_file.save(self.ledger)  # before the admission is answered: a crash cannot forget it
+        log.info("opened %r on pair %s: %d target blocks, %s draft blocks, prompt %d tokens, %d cached",
+                 record.session_id, record.pair, record.target.num_blocks,
+                 record.draft.num_blocks if record.draft else "no", len(record.prompt_ids), record.cached_tokens)
+        return mesh_pb2.KVOpenResponse(draft=self._lease(record.draft), target=self._lease(record.target),
+                                       pair=record.pair)
 
     @rpc_errors
     async def AppendCommitted(self, request: mesh_pb2.AppendCommittedRequest,
@@ -100,11 +119,12 @@ class TreeKVServicer(mesh_pb2_grpc.TreeKVServicer):
         return mesh_pb2.CommittedLog(prompt_ids=prompt, committed_ids=committed)
 
     @rpc_errors
-    async def CloseSession(self, request: mesh_pb2.SessionRef,
+    async def CloseSession(self, request: mesh_pb2.KVCloseRequest,
                            context: grpc.aio.ServicerContext) -> mesh_pb2.Empty:
-        if self.ledger.close_session(request.session_id):
+        if self.ledger.close_session(request.session_id, request.draft_kv_tokens, request.target_kv_tokens):
             self.lease_file.save(self.ledger)
-            log.info("closed %r", request.session_id)
+            log.info("closed %r (KV of %d draft / %d target tokens stays cached)", request.session_id,
+                     request.draft_kv_tokens, request.target_kv_tokens)
         return mesh_pb2.Empty()
 
     @rpc_errors
@@ -113,13 +133,15 @@ class TreeKVServicer(mesh_pb2_grpc.TreeKVServicer):
 
     @rpc_errors
     async def Stats(self, request: mesh_pb2.Empty, context: grpc.aio.ServicerContext) -> mesh_pb2.KVStats:
-        s = self.ledger.stats()
+        pools = self.ledger.pool_stats()
         return mesh_pb2.KVStats(
-            draft_blocks_total=s.draft_blocks_total, draft_blocks_used=s.draft_blocks_used,
-            target_blocks_total=s.target_blocks_total, target_blocks_used=s.target_blocks_used,
-            block_size=s.block_size,
-            sessions=[mesh_pb2.SessionBlocks(session_id=u.session_id, draft_blocks=u.draft_blocks,
-                                             target_blocks=u.target_blocks) for u in s.sessions])
+            block_size=pools[0].block_size if pools else 0,
+            sessions=[mesh_pb2.SessionBlocks(session_id=u.session_id, pair=u.pair, draft_blocks=u.draft_blocks,
+                                             target_blocks=u.target_blocks) for u in self.ledger.session_usage()],
+            pools=[mesh_pb2.PoolStats(pair=p.pair, model=p.model, blocks_total=p.blocks_total,
+                                      blocks_used=p.blocks_used, cached_blocks=p.cached_blocks,
+                                      cached_entries=p.cached_entries, hit_tokens=p.hit_tokens,
+                                      miss_tokens=p.miss_tokens) for p in pools])
 
 
 class LedgerCollector(Collector):
@@ -133,18 +155,28 @@ class LedgerCollector(Collector):
         self.ledger = ledger
 
     def collect(self) -> Iterator[Any]:
-        used = GaugeMetricFamily("specmesh_kv_blocks_used", "KV blocks leased to sessions", labels=["pool"])
-        total = GaugeMetricFamily("specmesh_kv_blocks_total", "KV blocks in the pool", labels=["pool"])
-        rejected = CounterMetricFamily("specmesh_kv_admission_rejections",
-                                       "sessions refused because a pool had no contiguous room", labels=["pool"])
-        for pool in POOLS:
-            allocator = self.ledger.pools[pool]
-            used.add_metric([pool], allocator.used_blocks)
-            total.add_metric([pool], allocator.num_blocks)
-            rejected.add_metric([pool], self.ledger.rejections[pool])
-        yield used
-        yield total
-        yield rejected
+        labels = ["pair", "pool"]
+        families = {
+            "used": GaugeMetricFamily("specmesh_kv_blocks_used", "KV blocks admitted to live sessions", labels=labels),
+            "total": GaugeMetricFamily("specmesh_kv_blocks_total", "KV blocks in the pool", labels=labels),
+            "cached": GaugeMetricFamily("specmesh_kv_cached_blocks", "KV blocks holding finished sessions' cached "
+                                        "prefixes (reclaimable), as the service reports", labels=labels),
+            "entries": GaugeMetricFamily("specmesh_kv_cached_entries", "finished sessions in the prefix index",
+                                         labels=labels),
+            "hits": CounterMetricFamily("specmesh_kv_prefix_hit_tokens", "prompt tokens the prefix index found "
+                                        "cached", labels=labels),
+            "misses": CounterMetricFamily("specmesh_kv_prefix_miss_tokens", "prompt tokens the prefix index did "
+                                          "not find", labels=labels),
+            "rejected": CounterMetricFamily("specmesh_kv_admission_rejections", "sessions refused because the pool "
+                                            "had no room", labels=labels),
+        }
+        for p in self.ledger.pool_stats():
+            key = [p.pair, p.model]
+            for name, value in (("used", p.blocks_used), ("total", p.blocks_total), ("cached", p.cached_blocks),
+                                ("entries", p.cached_entries), ("hits", p.hit_tokens), ("misses", p.miss_tokens),
+                                ("rejected", p.rejections)):
+                families[name].add_metric(key, value)
+        yield from families.values()
         yield GaugeMetricFamily("specmesh_sessions_active", "open sessions", value=self.ledger.active_sessions)
 
 
@@ -158,7 +190,7 @@ async def serve(config: TreekvConfig) -> None:
     """
     config.validate()
     telemetry.setup_tracing("specmesh-treekv")  # before any gRPC server exists
-    ledger = KVLedger(config.draft_blocks, config.target_blocks, config.block_size, config.lease_ttl_s)
+    ledger = KVLedger(config.lease_ttl_s, prefix_cache=config.prefix_cache)
     lease_file = LeaseFile(config.state_file)
     lease_file.load(ledger)
     metrics_server = None
@@ -183,8 +215,8 @@ async def serve(config: TreekvConfig) -> None:
     try:
         if config.ready_file:
             write_ready_file(config.ready_file, {"port": port, "metrics_port": metrics_server.server_port if metrics_server else None})
-        log.info("treekv serving on %s:%d (draft %d blocks, target %d blocks, %d slots per block)",
-                 config.host, port, config.draft_blocks, config.target_blocks, config.block_size)
+        log.info("treekv serving on %s:%d (prefix cache %s)", config.host, port,
+                 "on" if config.prefix_cache else "off")
         await stop.wait()
         log.info("stopping (grace %.1fs)", config.shutdown_grace_s)
         await servicer.drain.run(health_servicer, lambda: ledger.active_sessions, config.shutdown_grace_s)
