@@ -7,6 +7,7 @@
   specmesh models                 show / prepare the default model pair
   specmesh bench                  benchmark against transformers and llama.cpp (see README)
   specmesh loadtest               concurrent streams against a running mesh (throughput, latency)
+  specmesh cachebench             prefix cache on against off (chat turn 2 TTFT, shared system prompt)
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run one service: specmesh serve router|draft|target|treekv --help")
     commands = {}
-    for name in ("run_cmd", "up_cmd", "generate_cmd", "models_cmd", "bench_cmd", "loadtest_cmd"):
+    for name in ("run_cmd", "up_cmd", "generate_cmd", "models_cmd", "bench_cmd", "loadtest_cmd", "cachebench_cmd"):
         try:
             module = importlib.import_module(f"specmesh.clients.{name}")
         except ModuleNotFoundError as exc:
