@@ -1,7 +1,8 @@
 """specmesh clients: the Python SDK (`Client`, `AsyncClient`) and the `specmesh` CLI."""
 from .sdk import (AsyncClient, Chunk, Client, Completion, DeadlineExceededError, InvalidArgumentError, ModelInfo,
-                  RequestCancelledError, ResourceExhaustedError, SpecmeshClientError, UnavailableError, Usage)
+                  PlannerReport, RequestCancelledError, ResourceExhaustedError, Speculation, SpecmeshClientError,
+                  UnavailableError, Usage)
 
 __all__ = ["AsyncClient", "Chunk", "Client", "Completion", "DeadlineExceededError", "InvalidArgumentError",
-           "ModelInfo", "RequestCancelledError", "ResourceExhaustedError", "SpecmeshClientError", "UnavailableError",
-           "Usage"]
+           "ModelInfo", "PlannerReport", "RequestCancelledError", "ResourceExhaustedError", "Speculation",
+           "SpecmeshClientError", "UnavailableError", "Usage"]

@@ -4,6 +4,7 @@
   specmesh up [--tiny]            start router + draft + target + treekv locally, print the address
   specmesh serve <service> ...    run one service (what the Helm chart runs)
   specmesh generate "prompt"      stream a completion from a running router
+  specmesh info                   what a running router serves, and its speculation shape
   specmesh models                 show / prepare the default model pair
   specmesh bench                  benchmark against transformers and llama.cpp (see README)
   specmesh loadtest               concurrent streams against a running mesh (throughput, latency)
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run one service: specmesh serve router|draft|target|treekv --help")
     commands = {}
-    for name in ("run_cmd", "up_cmd", "generate_cmd", "models_cmd", "bench_cmd", "loadtest_cmd", "cachebench_cmd"):
+    for name in ("run_cmd", "up_cmd", "generate_cmd", "info_cmd", "models_cmd", "bench_cmd", "loadtest_cmd",
+                 "cachebench_cmd"):
         try:
             module = importlib.import_module(f"specmesh.clients.{name}")
         except ModuleNotFoundError as exc:

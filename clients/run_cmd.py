@@ -52,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
                 line += f", re-root hits {stats.reroot_hits}/{stats.reroot_hits + stats.new_trees}"
                 if stats.subtree_sizes:
                     line += f", mean subtree {sum(stats.subtree_sizes) / len(stats.subtree_sizes):.1f} nodes"
+                if planner is not None and planner.stats.rounds:
+                    st = planner.stats
+                    line += (f"; planner predicted {st.tokens_sum / st.rounds:.2f} tokens per round in "
+                             f"{st.step_ms_sum / st.rounds:.1f} ms ({st.size_sum / st.rounds:.1f} nodes)")
             print(line, file=sys.stderr)
             del text
     except SpecmeshError as exc:
@@ -63,13 +67,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _planner(pair, tree):  # type: ignore[no-untyped-def]
     """A planner for serial rounds: target cost by rows, plus `depth` draft expansions per round."""
-    from specmesh.services.runtime.speculation_planner import SpeculationPlanner, measure_cost_curve
+    from specmesh.services.runtime.speculation_planner import serial_planner
 
-    curve = measure_cost_curve(pair.target)
-    expand_ms = measure_cost_curve(pair.draft, (tree.width,)).ms[0]
+    planner = serial_planner(pair.target, pair.draft, tree.width, tree.depth)
+    curve = planner.curve
     print("target verify ms by rows: " + ", ".join(f"{r}: {ms:.1f}" for r, ms in zip(curve.rows, curve.ms))
-          + f"; one draft expansion {expand_ms:.1f} ms", file=sys.stderr)
-    return SpeculationPlanner(curve, fixed_ms=tree.depth * expand_ms)
+          + f"; one draft expansion {planner.fixed_ms / tree.depth:.1f} ms", file=sys.stderr)
+    return planner
 
 
 def _stream(tokenizer, chunks) -> str:

@@ -127,6 +127,43 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class PlannerReport:
+    """How the draft's planner sizes subtrees. The sums run since the pair was made: the difference
+    of two reports gives the means over the rounds between them (`means_since`). `subtree_size`,
+    `tokens_per_round` and `round_ms` average recent rounds: the current choice."""
+
+    active: bool  # False: the draft runs --no-plan or is not paired; every round sends max_subtree_size
+    rounds: int
+    subtree_size_sum: float
+    tokens_per_round_sum: float  # predicted committed tokens (accepted draft tokens + the bonus)
+    round_ms_sum: float  # predicted target step time
+    subtree_size: float
+    tokens_per_round: float
+    round_ms: float
+    verify_ms_by_rows: tuple[float, ...]  # the target's verify time for 1, 2, ... rows, measured at start-up
+
+    def means_since(self, earlier: "PlannerReport | None" = None) -> tuple[int, float, float, float] | None:
+        """(rounds, mean subtree size, predicted tokens per round, predicted round ms) over the rounds
+        planned since `earlier` (None: since the pair was made); None if no round was planned."""
+        e = earlier or PlannerReport(False, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, ())
+        n = self.rounds - e.rounds
+        if n <= 0:
+            return None
+        return (n, (self.subtree_size_sum - e.subtree_size_sum) / n,
+                (self.tokens_per_round_sum - e.tokens_per_round_sum) / n, (self.round_ms_sum - e.round_ms_sum) / n)
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """The tree shape the router asks the draft for, and the planner's choice within it."""
+
+    tree_width: int
+    depth: int  # expansions per round
+    max_subtree_size: int
+    planner: PlannerReport | None  # None: the draft did not answer
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What the router serves."""
 
@@ -137,6 +174,7 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     dtype: str
     draft_connected: bool
+    speculation: Speculation | None = None  # None: no draft configured
 
 
 def build_request(prompt: str | None = None, *, messages: Sequence[Message] | None = None,
@@ -204,8 +242,15 @@ class _Collector:
 
 
 def _model_info(r: generation_pb2.ModelInfoResponse) -> ModelInfo:
+    speculation = None
+    if r.HasField("speculation"):
+        s, p = r.speculation, r.speculation.planner
+        planner = PlannerReport(p.active, p.rounds, p.subtree_size_sum, p.tokens_per_round_sum, p.round_ms_sum,
+                                p.subtree_size, p.tokens_per_round, p.round_ms, tuple(p.verify_ms_by_rows)) \
+            if s.HasField("planner") else None
+        speculation = Speculation(s.tree_width, s.depth, s.max_subtree_size, planner)
     return ModelInfo(r.target_model, r.draft_model, r.context_length, r.vocab_size, tuple(r.eos_token_ids), r.dtype,
-                     r.draft_connected)
+                     r.draft_connected, speculation)
 
 
 # ------------------------------------------------------------------------------------------ clients
@@ -275,7 +320,8 @@ class Client:
             raise _error(exc, self.addr) from None
 
     def model_info(self) -> ModelInfo:
-        """The served models, context length, vocabulary, EOS ids, and whether the draft is paired."""
+        """The served models, context length, vocabulary, EOS ids, whether the draft is paired, and
+        the speculation shape (tree asked for, the draft planner's choice)."""
         try:
             return _model_info(self._stub.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=self.timeout,
                                         metadata=self._metadata))

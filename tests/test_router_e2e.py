@@ -67,6 +67,37 @@ def test_stream_accounting_and_speculation(mesh: FullMesh, client: Client, token
     wait_kv_idle(mesh.treekv.addr)
 
 
+def test_model_info_shows_the_speculation_shape(mesh: FullMesh, client: Client) -> None:
+    """ModelInfo (SDK, HTTP, CLI) shows the tree the router asks for and the draft planner's choice."""
+    before = client.model_info().speculation
+    assert before is not None and before.planner is not None and before.planner.active
+    done = client.complete("Tell me about the shape of trees", max_tokens=48, ignore_eos=True)
+    assert done.usage.rounds > 1
+    shape = client.model_info().speculation
+    assert (shape.tree_width, shape.max_subtree_size) == (4, 16) and shape.depth >= 1
+    p = shape.planner
+    assert p is not None and p.active and len(p.verify_ms_by_rows) == 32
+    assert list(p.verify_ms_by_rows) == sorted(p.verify_ms_by_rows)  # more rows never cost less
+    # every greedy round after the first is planned (the last one's verified tokens end the session)
+    n, size, tokens, ms = p.means_since(before.planner)
+    assert 1 <= n <= done.usage.rounds - 1
+    assert 1.0 <= size <= shape.max_subtree_size and 1.0 <= p.subtree_size <= shape.max_subtree_size
+    assert 1.0 <= tokens <= size and 1.0 <= p.tokens_per_round <= shape.max_subtree_size  # <= one per node
+    assert ms > 0 and p.round_ms > 0
+    with urllib.request.urlopen(mesh.http + "/v1/models", timeout=30) as resp:
+        entry = json.loads(resp.read())["data"][0]["specmesh"]
+    assert entry["draft_connected"] and entry["speculation"]["max_subtree_size"] == 16
+    assert entry["speculation"]["planner"]["active"] and entry["speculation"]["planner"]["rounds"] >= p.rounds
+    cli = [sys.executable, "-m", "specmesh.clients.cli", "info", "--addr", mesh.router.addr]
+    proc = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "tree     width 4, depth" in proc.stdout and "planner  now" in proc.stdout, proc.stdout
+    assert "verify   target ms by rows: 1: " in proc.stdout
+    out = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=60).stdout)
+    assert out["speculation"]["planner"]["rounds"] >= p.rounds
+    wait_kv_idle(mesh.treekv.addr)
+
+
 def _baseline(client: Client, prompt: str, n: int = 64) -> Any:
     return client.complete(prompt, max_tokens=n, ignore_eos=True)
 
@@ -259,6 +290,7 @@ def test_draft_down_then_restarted(mesh: FullMesh, client: Client) -> None:
     while client.model_info().draft_connected:
         assert time.monotonic() < deadline, "the router still reports the draft connected"
         time.sleep(0.2)
+    assert client.model_info().speculation.planner is None  # the draft does not answer
     done = _with_logs(mesh, lambda: client.complete("no draft", max_tokens=16, ignore_eos=True))
     assert done.finish_reason == "length" and len(done.token_ids) == 16
     assert done.usage.rounds == 16  # one token per target forward

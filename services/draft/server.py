@@ -14,9 +14,9 @@ from specmesh.services.runtime.errors import InvalidRequest, ServiceUnavailable
 from specmesh.services.runtime.forward_batch import Runner
 from specmesh.services.runtime.model_worker import LeasedPool, instance_id, load_service_model
 from specmesh.services.runtime.protocol import sampling_from_proto, tree_from_proto
-from specmesh.services.runtime.speculation_planner import CostCurve, measure_cost_curve
+from specmesh.services.runtime.speculation_planner import CostCurve, SpeculationPlanner, measure_cost_curve
 from specmesh.services.runtime.service_main import service_main, start_metrics, wait_for_stop_signal, write_ready_file
-from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
+from specmesh.v1 import generation_pb2, mesh_pb2, mesh_pb2_grpc
 
 from .config import DraftConfig
 from .engine import DraftEngine, DraftState
@@ -76,7 +76,19 @@ class DraftServicer(mesh_pb2_grpc.DraftServicer):
         return mesh_pb2.ServiceTiming(forward_ms=self.forward_ms, instance_id=self.instance,
                                       channel_connected=self.engine.channel is not None,
                                       active_sessions=self.engine.active_sessions,
-                                      pool_blocks_used=pool.used_blocks, pool_blocks_total=pool.pool.num_blocks)
+                                      pool_blocks_used=pool.used_blocks, pool_blocks_total=pool.pool.num_blocks,
+                                      planner=planner_report(self.engine.planner))
+
+
+def planner_report(planner: SpeculationPlanner | None) -> generation_pb2.PlannerReport:
+    """The planner's choices so far (inactive without one: --no-plan, or not paired yet)."""
+    if planner is None:
+        return generation_pb2.PlannerReport(active=False)
+    st = planner.stats
+    return generation_pb2.PlannerReport(
+        active=True, rounds=st.rounds, subtree_size_sum=st.size_sum, tokens_per_round_sum=st.tokens_sum,
+        round_ms_sum=st.step_ms_sum, subtree_size=st.size, tokens_per_round=st.tokens_per_round,
+        round_ms=st.step_ms, verify_ms_by_rows=planner.curve.by_rows())
 
 
 def _local_host(peer_host: str) -> str:

@@ -4,6 +4,9 @@
     POST /v1/chat/completions   messages
     GET  /v1/models, GET /v1/models/{id}, GET /health
 
+Model entries carry a `specmesh` key: the draft, whether it is paired, and the speculation shape
+(tree width, depth, max subtree size, and the draft planner's current choice), as in ModelInfo.
+
 Bodies are validated by the pydantic models of openai_schema.py: unknown fields and parameters
 specmesh cannot honour are refused, never ignored. `model` must be the target's name or one of
 --served-model-names (absent = the target); anything else is 404 model_not_found, as OpenAI
@@ -24,6 +27,8 @@ import uuid
 from typing import Any, AsyncIterator, Callable
 
 from aiohttp import web
+
+from specmesh.v1 import generation_pb2
 
 from ..runtime.errors import NotFound, SpecmeshError
 from ..runtime.guard import bearer_token
@@ -47,6 +52,21 @@ class ModelNotFound(NotFound):
 
     openai_code = "model_not_found"
     openai_type = "invalid_request_error"
+
+
+def specmesh_fields(info: generation_pb2.ModelInfoResponse) -> dict[str, Any]:
+    """ModelInfo's specmesh-specific part of a model entry: the draft and the speculation shape."""
+    out: dict[str, Any] = {"draft_model": info.draft_model, "draft_connected": info.draft_connected}
+    if info.HasField("speculation"):
+        s = info.speculation
+        shape: dict[str, Any] = {"tree_width": s.tree_width, "depth": s.depth, "max_subtree_size": s.max_subtree_size}
+        if s.HasField("planner"):
+            p = s.planner
+            shape["planner"] = {"active": p.active, "rounds": p.rounds, "subtree_size": round(p.subtree_size, 3),
+                                "tokens_per_round": round(p.tokens_per_round, 3), "round_ms": round(p.round_ms, 3),
+                                "verify_ms_by_rows": [round(ms, 3) for ms in p.verify_ms_by_rows]}
+        out["speculation"] = shape
+    return out
 
 
 def error_body(exc: SpecmeshError) -> tuple[int, dict[str, Any]]:
@@ -108,18 +128,20 @@ class HttpApi:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, _Kind(chat=True), lambda raw: parse_body(ChatBody, raw))
 
-    def _model(self, name: str) -> dict[str, Any]:
+    def _model(self, name: str, extra: dict[str, Any]) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "specmesh",
-                "max_model_len": self.router.meta.context_length}
+                "max_model_len": self.router.meta.context_length, "specmesh": extra}
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [self._model(n) for n in self.router.model_names]})
+        extra = specmesh_fields(await self.router.model_info())
+        return web.json_response({"object": "list", "data": [self._model(n, extra) for n in self.router.model_names]})
 
     async def model(self, request: web.Request) -> web.Response:
         try:
-            return web.json_response(self._model(self._resolve(request.match_info["model"])))
+            name = self._resolve(request.match_info["model"])
         except SpecmeshError as exc:
             return error_response(exc)
+        return web.json_response(self._model(name, specmesh_fields(await self.router.model_info())))
 
     def _resolve(self, model: str | None) -> str:
         """The served name a request's `model` names (absent = the target); ModelNotFound otherwise."""

@@ -43,7 +43,7 @@ from .config import RouterConfig
 from .mesh import Mesh, Peer, PeerError
 from .model_meta import ModelMeta
 from .output import ABORT, ChunkEvent, FinalEvent, OutputProcessor
-from .pairing import Pairing
+from .pairing import INFO_TIMEOUT_S, Pairing
 from .request import GenRequest, Limits, Prepared, prepare
 from .session import END, WAKE, CommittedLog, Session, TargetStream
 
@@ -162,12 +162,24 @@ class Router:
             raise PermissionDenied(f"request {request_id!r} was sent with another API key")
         return live.abort()
 
-    def model_info(self) -> generation_pb2.ModelInfoResponse:
-        m = self.meta
-        return generation_pb2.ModelInfoResponse(
+    async def model_info(self) -> generation_pb2.ModelInfoResponse:
+        """What the router serves and, with a draft, the speculation shape: the tree it asks for and
+        how the draft's planner sizes subtrees in it (asked now; left out if the draft does not answer)."""
+        m, cfg = self.meta, self.config
+        reply = generation_pb2.ModelInfoResponse(
             target_model=m.target_name, draft_model=m.draft_name if self.mesh.draft is not None else "",
             context_length=m.context_length, vocab_size=m.vocab_size, eos_token_ids=m.eos_ids, dtype=m.dtype,
             draft_connected=self.pairing.connected)
+        if self.mesh.draft is not None:
+            shape = generation_pb2.SpeculationShape(tree_width=cfg.tree_width, depth=self.pairing.depth,
+                                                    max_subtree_size=cfg.subtree_size)
+            try:
+                info = await self.mesh.draft.call("Info", mesh_pb2.Empty(), timeout=INFO_TIMEOUT_S)
+                shape.planner.CopyFrom(info.planner)
+            except SpecmeshError as exc:
+                log.debug("ModelInfo without the planner: %s", exc)
+            reply.speculation.CopyFrom(shape)
+        return reply
 
     async def generate(self, p: Prepared) -> AsyncGenerator[Event, None]:
         """Run one request: ChunkEvents, then exactly one FinalEvent (or a SpecmeshError).

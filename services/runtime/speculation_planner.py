@@ -28,6 +28,7 @@ import torch
 from .forward_batch import Logits, Runner, SeqRows, causal
 
 MEASURED_ROWS = (1, 2, 4, 8, 12, 16, 24, 32)
+RECENT_WEIGHT = 0.1  # weight of the newest plan in PlanStats' averages of the current choice
 
 
 @dataclass
@@ -136,6 +137,31 @@ class Plan:
         return self.tokens_per_round / self.step_ms * 1000 if self.step_ms > 0 else 0.0
 
 
+@dataclass
+class PlanStats:
+    """What a planner chose: sums since it was made (two snapshots give the means over the rounds
+    between them, e.g. one benchmarked request) and exponential averages of recent rounds (its
+    current choice, for ModelInfo)."""
+
+    rounds: int = 0
+    size_sum: float = 0.0
+    tokens_sum: float = 0.0
+    step_ms_sum: float = 0.0
+    size: float = 0.0
+    tokens_per_round: float = 0.0
+    step_ms: float = 0.0
+
+    def add(self, size: int, chosen: Plan) -> None:
+        self.rounds += 1
+        self.size_sum += size
+        self.tokens_sum += chosen.tokens_per_round
+        self.step_ms_sum += chosen.step_ms
+        w = 1.0 if self.rounds == 1 else RECENT_WEIGHT
+        self.size += w * (size - self.size)
+        self.tokens_per_round += w * (chosen.tokens_per_round - self.tokens_per_round)
+        self.step_ms += w * (chosen.step_ms - self.step_ms)
+
+
 def plan(candidates: list[Candidate], sessions: list[int], curve: CostCurve, acceptance: Acceptance,
          other_rows: int = 0, other_tokens: float = 0.0, max_rows: int = 64, fixed_ms: float = 0.0) -> Plan:
     """Subtree sizes maximising (committed tokens) / (step time) over the sessions given.
@@ -185,6 +211,7 @@ class SpeculationPlanner:
         self.fixed_ms = fixed_ms
         self.acceptance = Acceptance()
         self.last: Plan | None = None
+        self.stats = PlanStats()
 
     def subtree_size(self, session: int, depth: list[int], score: list[float], best: list[int],
                      other_rows: int = 0, other_tokens: float = 0.0) -> tuple[int, dict[int, float]]:
@@ -195,8 +222,16 @@ class SpeculationPlanner:
                       max_rows=other_rows + len(best), fixed_ms=self.fixed_ms)
         self.last = chosen
         size = chosen.sizes[session]
+        self.stats.add(size, chosen)
         sent = sorted(best[:size])
         return size, reach_of([depth[i] for i in sent], [math.exp(score[i]) for i in sent])
 
     def record(self, reach: dict[int, float], accepted: int) -> None:
         self.acceptance.record(reach, accepted)
+
+
+def serial_planner(target: "Transformer", draft: "Transformer", width: int, depth: int) -> SpeculationPlanner:  # noqa: F821
+    """A planner for serial rounds: the target's cost curve, plus `depth` draft expansions of
+    `width` leaves per round (what a round costs besides the verify)."""
+    expand_ms = measure_cost_curve(draft, (width,)).ms[0]
+    return SpeculationPlanner(measure_cost_curve(target), fixed_ms=depth * expand_ms)
