@@ -75,6 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
     t.add_argument("--subtree-size", type=int, default=16, help="bs: nodes the target verifies per round")
     t.add_argument("--depth", type=int, default=0,
                    help="d: expansions per round (0 = each system's default: serial 3, mesh timed at start-up)")
+    t.add_argument("--no-plan", action="store_true",
+                   help="serial and mesh: always send --subtree-size nodes (default: the speculation planner "
+                        "sizes each greedy round's subtree by expected tokens per second)")
     t.add_argument("--mesh-target-threads", type=int, default=0, help="target-service threads (0 = `specmesh up`'s split)")
     t.add_argument("--mesh-draft-threads", type=int, default=0, help="draft-service threads (0 = `specmesh up`'s split)")
     t.add_argument("--llamacpp-draft-n-max", default="2,3,4,6",
@@ -235,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
         "weights": args.weights, "context": args.context, "max_new_tokens": max_new, "warmup_tokens": min(args.warmup_tokens, max_new),
         "eos_ids": eos, "pad_id": pad, "prompts": encoded, "assist_tokens": assist,
         "tree": {"width": args.width, "subtree_size": args.subtree_size, "depth": args.depth},
+        "plan": not args.no_plan,
         "mesh": {"target_threads": args.mesh_target_threads, "draft_threads": args.mesh_draft_threads},
     }
     from .bench.peers import find_llama_server
@@ -272,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
             "dtype": args.dtype, "weights": args.weights, "threads": threads, "max_new_tokens": max_new,
             "warmup_tokens": base["warmup_tokens"], "context": args.context, "greedy": True,
             "prompts_file": str(args.prompts or "(default set)"), "quick": args.quick,
-            "assist_tokens": assist, "tree": base["tree"], "mesh_threads": base["mesh"], "eos_ids": eos,
+            "assist_tokens": assist, "tree": base["tree"], "plan": base["plan"], "mesh_threads": base["mesh"], "eos_ids": eos,
             "llamacpp": base.get("llamacpp"),
         },
         "machine": _machine(),
@@ -396,6 +400,15 @@ def _definitions() -> dict:
                                "decode_tokens_per_s_median: the median over prompts)",
         "ttft_s_median": "median time from sending the request to the first generated token",
         "mean_accepted": "new tokens per target forward (accepted draft tokens + the bonus token)",
+        "decode_tokens_per_round": "mean_accepted over the rounds after the first (the first is the prefill's token)",
+        "mean_subtree_size": "nodes the target verified per round after the first (specmesh serial and mesh)",
+        "round_ms": "mean time between consecutive rounds' tokens reaching the client (decoding only)",
+        "verify_ms": "mean target step time per round after the first, as the mesh's stream reports it",
+        "planned_rounds": "rounds whose subtree the speculation planner sized (null: no planner)",
+        "predicted_subtree_size": "mean subtree size the planner chose, root included",
+        "predicted_tokens_per_round": "tokens the planner expected its rounds to commit (accepted + bonus)",
+        "predicted_round_ms": "the round time the planner expected: the target step (serial: plus the draft's "
+                              "expansions)",
         "acceptance_per_depth": "[d] = fraction of rounds that accepted at least d+1 draft tokens",
         "target_forward_share": "time inside target forwards / request wall time (null where not measurable)",
         "identical_to_hf_greedy": "fraction of prompts whose tokens equal hf_greedy's (cut at the first EOS)",

@@ -84,6 +84,24 @@ def test_figures_from_records() -> None:
     assert f["decode_tokens_per_s_median"] == pytest.approx((5 / 1.5 + 5 / 0.5) / 2)
 
 
+def test_shape_figures_measured_and_predicted() -> None:
+    """The chosen shape per round: the prefill's round is left out, the planner's sums are per planned round."""
+    rec = {"new_tokens": 8, "wall_s": 1.0, "ttft_s": 0.2, "round_tokens": [1, 3, 4], "round_accepted": [0, 2, 3],
+           "round_times_s": [0.2, 0.5, 1.0], "round_tree_size": [1, 6, 8], "round_verify_ms": [50.0, 10.0, 20.0],
+           "target_forward_s": 0.08, "category": "qa",
+           "plan": {"rounds": 1, "subtree_size_sum": 8, "tokens_per_round_sum": 3.5, "round_ms_sum": 18.0}}
+    other = {**rec, "round_times_s": [0.1, 0.3, 0.4],
+             "plan": {"rounds": 3, "subtree_size_sum": 12, "tokens_per_round_sum": 6.5, "round_ms_sum": 42.0}}
+    f = figures([rec, other], speculative=True)
+    assert f["mean_subtree_size"] == pytest.approx(7.0) and f["decode_tokens_per_round"] == pytest.approx(3.5)
+    assert f["round_ms"] == pytest.approx((0.8 + 0.3) / 4 * 1000) and f["verify_ms"] == pytest.approx(15.0)
+    assert f["planned_rounds"] == 4 and f["predicted_subtree_size"] == pytest.approx(5.0)
+    assert f["predicted_tokens_per_round"] == pytest.approx(2.5) and f["predicted_round_ms"] == pytest.approx(15.0)
+    plain = figures([{**rec, "plan": None, "round_tree_size": None, "round_verify_ms": None}], speculative=False)
+    assert plain["planned_rounds"] is None and plain["predicted_round_ms"] is None
+    assert plain["mean_subtree_size"] is None and plain["round_ms"] == pytest.approx(400.0)
+
+
 def test_figures_from_llamacpp_totals() -> None:
     """llama.cpp records have no per-round lists: tokens per target forward come from its draft counters."""
     rec = {"new_tokens": 10, "wall_s": 2.0, "ttft_s": 0.2, "round_accepted": None, "target_forwards": 4,
@@ -224,8 +242,8 @@ def test_report_columns_for_llamacpp_systems() -> None:
 
     text = table(entries).splitlines()
     assert text[0].split() == ["system", "tok/s", "med", "tok/s", "all", "decode", "tok/s", "TTFT", "s", "tok/round",
-                               "tgt", "share", "x", "greedy", "x", "assisted", "=greedy", "=ar", "ar", "diff@", "RSS",
-                               "MB"]
+                               "pred", "tok/round", "subtree", "round", "ms", "pred", "round", "ms", "tgt", "share",
+                               "x", "greedy", "x", "assisted", "=greedy", "=ar", "ar", "diff@", "RSS", "MB"]
     label_width = len(text[1].split()[0])  # the dashes under "system"
     rows = {line[:label_width].strip(): line[label_width:].split() for line in text[2:]}
     assert set(rows) == {"specmesh_ar", "llamacpp_ar", "llamacpp_spec n-max=3 (best)", "llamacpp_spec n-max=2",
@@ -284,6 +302,19 @@ def test_quick_tiny_run_writes_json_and_png(tmp_path: Path) -> None:
     assert [s["num_assistant_tokens"] for s in sweep][:4] == [2, 3, 4, 6]
     assert by_name["hf_assisted"]["tokens_per_s"] == max(s["tokens_per_s"] for s in sweep)
     assert _is_number(by_name["specmesh_serial"]["target_forward_share"])
+    # the chosen shape: both specmesh speculative systems plan by default, within --subtree-size (16)
+    for name in ("specmesh_serial", "specmesh_mesh"):
+        s = by_name[name]
+        assert s["planned_rounds"] >= 1, name
+        assert 1.0 <= s["predicted_subtree_size"] <= 16 and 1.0 <= s["mean_subtree_size"] <= 16, name
+        assert 1.0 <= s["predicted_tokens_per_round"] <= s["predicted_subtree_size"], name
+        assert s["predicted_round_ms"] > 0 and s["round_ms"] > 0, name
+        assert all(len(p["round_tree_size"]) == len(p["round_tokens"]) for p in s["prompts"]), name
+    assert by_name["specmesh_serial"]["settings"]["planner"]["draft_ms_per_round"] > 0
+    shape = by_name["specmesh_mesh"]["settings"]["services"]["speculation"]
+    assert shape["max_subtree_size"] == 16 and shape["planner"]["active"]
+    assert by_name["specmesh_mesh"]["verify_ms"] > 0 and by_name["hf_greedy"]["planned_rounds"] is None
+    assert "pred round ms" in proc.stdout
     assert set(by_name["specmesh_mesh"]["peak_rss_mb_per_service"]) == {"router", "draft", "target", "treekv"}
 
     data = out_png.read_bytes()

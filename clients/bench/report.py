@@ -6,6 +6,14 @@ Definitions (per system, and the same per category):
   decode_tokens_per_s   the tokens after the first / the time after the first token (all, and median)
   ttft_s_median         median time from sending the request to the first generated token
   mean_accepted         new tokens per target forward (accepted draft tokens + the bonus token)
+  decode_tokens_per_round  the same over the rounds after the first (the first is the prefill's token)
+  mean_subtree_size     nodes the target verified per round after the first (specmesh serial, mesh)
+  round_ms              mean time between consecutive rounds' tokens arriving (decoding only)
+  verify_ms             mean target step time per round after the first (the mesh's stream reports it)
+  predicted_*           what the speculation planner expected of the rounds it sized (planned_rounds):
+                        subtree size, tokens per round, round time (the target step; serial: plus the
+                        draft's expansions). Compare with mean_subtree_size, decode_tokens_per_round,
+                        round_ms (serial) / verify_ms (mesh)
   acceptance_per_depth  [d] = fraction of rounds that accepted at least d+1 draft tokens
   target_forward_share  time inside target forwards / wall time (None where not measurable)
   identical_to_X        fraction of prompts whose output equals system X's token for token (both cut
@@ -53,6 +61,35 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def _mean(xs: list[float]) -> float | None:
+    return statistics.fmean(xs) if xs else None
+
+
+def shape_figures(records: list[dict]) -> dict[str, Any]:
+    """The speculation shape of a set of records: measured per round, and as the planner predicted it."""
+    sizes = [n for r in records for n in (r.get("round_tree_size") or [])[1:]]
+    decoded = [n for r in records for n in (r.get("round_tokens") or [])[1:]]
+    verify = [ms for r in records for ms in (r.get("round_verify_ms") or [])[1:]]
+    timed = [r["round_times_s"] for r in records if r.get("round_times_s") and len(r["round_times_s"]) > 1]
+    gaps = sum(len(t) - 1 for t in timed)
+    plans = [r["plan"] for r in records if r.get("plan")]
+    planned = sum(p["rounds"] for p in plans)
+
+    def predicted(key: str) -> float | None:
+        return sum(p[key] for p in plans) / planned if planned > 0 else None
+
+    return {
+        "mean_subtree_size": _mean(sizes),
+        "decode_tokens_per_round": _mean(decoded),
+        "round_ms": sum(t[-1] - t[0] for t in timed) / gaps * 1000 if gaps else None,
+        "verify_ms": _mean(verify),
+        "planned_rounds": planned if plans else None,
+        "predicted_subtree_size": predicted("subtree_size_sum"),
+        "predicted_tokens_per_round": predicted("tokens_per_round_sum"),
+        "predicted_round_ms": predicted("round_ms_sum"),
+    }
+
+
 def figures(records: list[dict], speculative: bool) -> dict[str, Any]:
     """The figures of one set of prompt records (a whole system, or one category of it)."""
     tokens = sum(r["new_tokens"] for r in records)
@@ -89,6 +126,7 @@ def figures(records: list[dict], speculative: bool) -> dict[str, Any]:
         "mean_accepted_draft": accepted_total / rounds if rounds else None,
         "acceptance_per_depth": per_depth,
         "target_forward_share": (sum(forward) / wall if wall > 0 and records and None not in forward else None),
+        **shape_figures(records),
     }
 
 
@@ -194,8 +232,8 @@ def _short(setting: dict) -> str:
 
 
 def table(entries: list[dict]) -> str:
-    head = ["system", "tok/s med", "tok/s all", "decode tok/s", "TTFT s", "tok/round", "tgt share", "x greedy",
-            "x assisted", "=greedy", "=ar", "ar diff@", "RSS MB"]
+    head = ["system", "tok/s med", "tok/s all", "decode tok/s", "TTFT s", "tok/round", "pred tok/round", "subtree",
+            "round ms", "pred round ms", "tgt share", "x greedy", "x assisted", "=greedy", "=ar", "ar diff@", "RSS MB"]
     rows = []
     failed = []
     for e in entries:
@@ -207,7 +245,9 @@ def table(entries: list[dict]) -> str:
             items += [(f"  {e['name']} {_short(s)}", s) for s in e["sweep"]]
         for label, s in items:
             rows.append([label, _f(s["tokens_per_s_median"]), _f(s["tokens_per_s"]), _f(s["decode_tokens_per_s"]),
-                         _f(s["ttft_s_median"]), _f(s["mean_accepted"]), _f(s["target_forward_share"], "{:.0%}"),
+                         _f(s["ttft_s_median"]), _f(s["mean_accepted"]), _f(s["predicted_tokens_per_round"]),
+                         _f(s["mean_subtree_size"], "{:.1f}"), _f(s["round_ms"], "{:.1f}"),
+                         _f(s["predicted_round_ms"], "{:.1f}"), _f(s["target_forward_share"], "{:.0%}"),
                          _f(s["speedup_vs_hf_greedy"], "{:.2f}x"), _f(s["speedup_vs_hf_assisted"], "{:.2f}x"),
                          _f(s["identical_to_hf_greedy"], "{:.0%}"), _f(s["identical_to_specmesh_ar"], "{:.0%}"),
                          _f(s["first_divergence_vs_specmesh_ar"], "{}"),

@@ -5,10 +5,13 @@ A record: question_id, category, prompt_tokens, output_ids, new_tokens, wall_s (
 last token), ttft_s (to the first generated token), round_tokens / round_accepted (tokens
 delivered and draft tokens accepted per target forward), target_forward_s (time inside target
 forwards, None where it cannot be measured), finish. llama.cpp's records (bench/llamacpp.py) have
-no per-round lists; they carry target_forwards and accepted_draft totals instead.
+no per-round lists; they carry target_forwards and accepted_draft totals instead. The specmesh
+speculative systems add round_tree_size (nodes verified per round; the first round is the prefill's
+token) and plan: what the speculation planner chose for this prompt's rounds (PLAN_SUMS, summed).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -23,6 +26,7 @@ SYSTEMS = ("hf_greedy", "hf_assisted", "specmesh_ar", "specmesh_serial", "specme
            "llamacpp_spec")
 LLAMACPP_SYSTEMS = ("llamacpp_ar", "llamacpp_spec")
 SERIAL_DEFAULT_DEPTH = 3  # `specmesh run`'s default; the mesh's default (0) times it at start-up
+PLAN_SUMS = ("rounds", "subtree_size_sum", "tokens_per_round_sum", "round_ms_sum")  # a record's "plan"
 
 Progress = Callable[[str, str], None]  # (kind: "tick" | "phase", text)
 
@@ -44,6 +48,13 @@ def _record(prompt: dict, output_ids: list[int], wall: float, arrivals: list[tup
         "target_forward_s": target_forward_s,
         "finish": finish,
     }
+
+
+def plan_delta(before: tuple | None, after: tuple | None) -> dict | None:
+    """A prompt's share of a planner's running sums (PLAN_SUMS order); None without a planner."""
+    if before is None or after is None:
+        return None
+    return {k: a - b for k, a, b in zip(PLAN_SUMS, after, before)}
 
 
 def _set_threads(spec: dict) -> int:
@@ -212,6 +223,16 @@ def run_specmesh_inprocess(spec: dict, progress: Progress, serial: bool) -> dict
     t = spec["tree"]
     tree = TreeParams(width=t["width"], subtree_size=t["subtree_size"], depth=t["depth"] or SERIAL_DEFAULT_DEPTH) \
         if serial else None
+    planner = None
+    if serial and spec.get("plan", True):  # as the mesh's draft does by default (--no-plan: fixed size)
+        from specmesh.services.runtime.speculation_planner import serial_planner
+
+        progress("phase", "specmesh_serial: measuring cost curves")
+        planner = serial_planner(target, draft, tree.width, tree.depth)
+
+    def plan_sums() -> tuple | None:
+        st = planner.stats if planner is not None else None
+        return (st.rounds, st.size_sum, st.tokens_sum, st.step_ms_sum) if st is not None else None
 
     forward_s = [0.0]
     inner = target.forward
@@ -230,9 +251,10 @@ def run_specmesh_inprocess(spec: dict, progress: Progress, serial: bool) -> dict
         request = Request(list(prompt["ids"]), max_new, SamplingParams(), eos)
         stats = DecodeStats()
         forward_s[0] = 0.0
+        planned_before = plan_sums()
         t0 = time.perf_counter()
         if serial:
-            chunks = generate_serial(target, draft, request, context, tree, stats)
+            chunks = generate_serial(target, draft, request, context, tree, stats, planner)
         else:
             chunks = generate_ar(target, request, context, stats)
         out: list[int] = []
@@ -247,12 +269,16 @@ def run_specmesh_inprocess(spec: dict, progress: Progress, serial: bool) -> dict
         if serial:
             rec["decode_stats"] = {"target_s": stats.target_s, "draft_s": stats.draft_s,
                                    "reroot_hits": stats.reroot_hits, "new_trees": stats.new_trees}
+            rec["round_tree_size"] = [1, *stats.subtree_sizes]  # the first round is the prefill's token
+            rec["plan"] = plan_delta(planned_before, plan_sums())
         return rec
 
     name = "specmesh_serial" if serial else "specmesh_ar"
     settings: dict[str, Any] = {"threads": threads, "dtype": spec["dtype"], "context": context}
     if tree is not None:
         settings["tree"] = {"width": tree.width, "subtree_size": tree.subtree_size, "depth": tree.depth}
+        settings["planner"] = None if planner is None else {
+            "verify_ms_by_rows": planner.curve.by_rows(), "draft_ms_per_round": planner.fixed_ms}
     return {"records": _run_prompts(spec, progress, one, name), "settings": settings, "load_s": load_s}
 
 
@@ -277,7 +303,7 @@ def mesh_command(spec: dict, ready_file: str) -> list[str]:
             "--ready-file", ready_file, "--log-level", m.get("log_level", "WARNING"),
             "--target-threads", str(m["target_threads"]), "--draft-threads", str(m["draft_threads"]),
             "--width", str(t["width"]), "--subtree-size", str(t["subtree_size"]), "--depth", str(t["depth"] or 0),
-            "--max-context", str(spec["context"])]
+            "--max-context", str(spec["context"]), *([] if spec.get("plan", True) else ["--extra-draft-args=--no-plan"])]
 
 
 def _stop_mesh(proc: subprocess.Popen) -> None:
@@ -310,11 +336,20 @@ def run_mesh(spec: dict, progress: Progress) -> dict:
         load_s = time.perf_counter() - t_load
         client = Client(info["addr"])
 
+        def plan_sums() -> tuple | None:
+            shape = client.model_info().speculation
+            p = shape.planner if shape is not None else None
+            if p is None or not p.active:
+                return None
+            return (p.rounds, p.subtree_size_sum, p.tokens_per_round_sum, p.round_ms_sum)
+
         def one(prompt: dict, max_new: int) -> dict:
             out: list[int] = []
             arrivals = []
             tree_sizes = []
+            verify_ms = []
             target_ms = 0.0
+            planned_before = plan_sums()
             finish = None
             rounds_reported = None
             t0 = time.perf_counter()
@@ -323,6 +358,7 @@ def run_mesh(spec: dict, progress: Progress) -> dict:
                 if chunk.token_ids:
                     arrivals.append((now, len(chunk.token_ids), chunk.accepted))
                     tree_sizes.append(chunk.tree_size)
+                    verify_ms.append(chunk.target_ms)
                     target_ms += chunk.target_ms
                     out.extend(chunk.token_ids)
                 if chunk.is_final:
@@ -331,13 +367,19 @@ def run_mesh(spec: dict, progress: Progress) -> dict:
             wall = time.perf_counter() - t0
             rec = _record(prompt, out, wall, arrivals, target_ms / 1000, finish)
             rec["round_tree_size"] = tree_sizes
+            rec["round_verify_ms"] = verify_ms
             rec["usage_rounds"] = rounds_reported
+            # The draft sizes a round when it hears the previous one verified, before the target
+            # verifies it: by the final chunk every round of this prompt was planned.
+            rec["plan"] = plan_delta(planned_before, plan_sums())
             return rec
 
         records = _run_prompts(spec, progress, one, "specmesh_mesh")
+        speculation = client.model_info().speculation
         client.close()
         services = {name: _peak_rss_kb(pid) for name, pid in info.get("pids", {}).items()}
-        mesh_info = {"ready": {k: v for k, v in info.items() if k != "services"}, "peak_rss_kb": services}
+        mesh_info = {"ready": {k: v for k, v in info.items() if k != "services"}, "peak_rss_kb": services,
+                     "speculation": dataclasses.asdict(speculation) if speculation is not None else None}
     finally:
         _stop_mesh(proc)
     from specmesh.clients.up_cmd import thread_split
