@@ -84,6 +84,11 @@ def test_serial_with_the_planner_is_lossless_and_adapts(tiny_target: Any, tiny_d
             assert sum(generate_serial(tiny_target, tiny_draft, request, 128, tree, stats, planner), []) == \
                 sum(generate_ar(tiny_target, request, 128), [])
             sizes += stats.subtree_sizes
+        # what the planner reports (ModelInfo, the bench): one plan per round sent, its sizes summed
+        st = planner.stats
+        assert st.rounds == len(sizes) and st.size_sum == sum(sizes)
+        assert min(sizes) <= st.size <= max(sizes) and 1.0 <= st.tokens_sum / st.rounds <= st.size_sum / st.rounds
+        assert st.step_ms_sum / st.rounds == pytest.approx(sum(curve.at(n) for n in sizes) / len(sizes))
         if curve is FLAT:
             flat_mean = sum(sizes) / len(sizes)
         else:

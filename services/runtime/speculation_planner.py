@@ -63,8 +63,9 @@ def measure_cost_curve(model: "Transformer", rows: tuple[int, ...] = MEASURED_RO
                        repeats: int = 3) -> CostCurve:
     """Fastest of `repeats` forwards of a chain of M tree rows after `context` committed tokens, per M.
 
-    The minimum, not the median: interference from other processes only ever adds time. The curve
-    is then made non-decreasing (more rows never cost less), which also absorbs leftover noise.
+    Each M is run once untimed first. The minimum, not the median: interference from other processes
+    only ever adds time. The curve is then made non-decreasing (more rows never cost less), which
+    also absorbs leftover noise.
     """
     top = max(rows)
     runner = Runner(model, max_rows=max(context, top))
@@ -76,6 +77,7 @@ def measure_cost_curve(model: "Transformer", rows: tuple[int, ...] = MEASURED_RO
     for m in rows:
         chain = SeqRows(cache, tokens[context:context + m], list(range(context, context + m)), context, context,
                         causal(m, model.device), Logits.ALL)
+        runner.forward_one(chain)  # untimed: a shape's first forward also allocates and picks kernels
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
