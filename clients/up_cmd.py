@@ -41,6 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
     p.add_argument("--width", type=int, default=4, help="w: leaves per draft expansion")
     p.add_argument("--subtree-size", type=int, default=16, help="bs: nodes per verification")
     p.add_argument("--depth", type=int, default=0, help="d: expansions per round (0 = timed at start-up)")
+    p.add_argument("--no-plan", action="store_true", help="the draft always sends --subtree-size nodes (default: "
+                                                          "it sizes each greedy subtree by expected tokens per second)")
     p.add_argument("--max-context", type=int, default=4096)
     p.add_argument("--metrics", action="store_true", help="serve Prometheus /metrics on free ports")
     p.add_argument("--ready-file", default="", help="write the router's ports here (JSON) once it is up")
@@ -172,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
                               *args.extra_target_args.split()])
         mesh.start("draft", [*common, *metrics, *pools, "--port", "0", "--model", str(draft_dir),
                              "--threads", str(draft_threads), "--tree-width", str(args.width),
-                             *args.extra_draft_args.split()])
+                             *(["--no-plan"] if args.no_plan else []), *args.extra_draft_args.split()])
         addr = {name: f"{args.host}:{mesh.wait(name, 600)['port']}" for name in ("treekv", "target", "draft")}
         mesh.start("router", [*common, *metrics, "--port", str(args.port), "--http-port", str(args.http_port),
                               "--model", str(target_dir), "--draft-addr", addr["draft"],

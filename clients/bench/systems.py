@@ -303,7 +303,7 @@ def mesh_command(spec: dict, ready_file: str) -> list[str]:
             "--ready-file", ready_file, "--log-level", m.get("log_level", "WARNING"),
             "--target-threads", str(m["target_threads"]), "--draft-threads", str(m["draft_threads"]),
             "--width", str(t["width"]), "--subtree-size", str(t["subtree_size"]), "--depth", str(t["depth"] or 0),
-            "--max-context", str(spec["context"]), *([] if spec.get("plan", True) else ["--extra-draft-args=--no-plan"])]
+            "--max-context", str(spec["context"]), *([] if spec.get("plan", True) else ["--no-plan"])]
 
 
 def _stop_mesh(proc: subprocess.Popen) -> None:

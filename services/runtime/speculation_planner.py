@@ -232,7 +232,8 @@ class SpeculationPlanner:
         self.acceptance.record(reach, accepted)
 
 
-def serial_planner(target: "Transformer", draft: "Transformer", width: int, depth: int) -> SpeculationPlanner:  # noqa: F821
+def serial_planner(target: "Transformer", draft: "Transformer",  # noqa: F821
+                   width: int, depth: int) -> SpeculationPlanner:
     """A planner for serial rounds: the target's cost curve, plus `depth` draft expansions of
     `width` leaves per round (what a round costs besides the verify)."""
     expand_ms = measure_cost_curve(draft, (width,)).ms[0]
