@@ -151,7 +151,7 @@ def test_draft_close_before_open_and_idle_sessions(pair: tuple[Path, Path]) -> N
             return mesh_pb2.DraftOpenRequest(
                 session_id=sid, prompt_ids=[1, 2, 3], tree=mesh_pb2.TreeOptions(width=2, subtree_size=4, depth=1,
                                                                                max_tree=8),
-                lease=mesh_pb2.BlockLease(first_block=first, num_blocks=2, block_size=16), channel_slot=first + 1)
+                lease=mesh_pb2.BlockLease(num_blocks=2, block_size=16), channel_slot=first + 1)
 
         stub.CloseSession(mesh_pb2.SessionRef(session_id="overtaken"), timeout=5)
         with pytest.raises(grpc.RpcError) as info:
@@ -175,7 +175,7 @@ def test_target_abort_before_generate_leaves_a_tombstone(pair: tuple[Path, Path]
         stub.Abort(mesh_pb2.SessionRef(session_id="overtaken"), timeout=5)
         request = mesh_pb2.TargetGenerateRequest(
             session_id="overtaken", prompt_ids=[5, 6, 7], max_tokens=900, channel_slot=1,
-            lease=mesh_pb2.BlockLease(first_block=0, num_blocks=60, block_size=16))
+            lease=mesh_pb2.BlockLease(num_blocks=60, block_size=16))
         updates = list(stub.Generate(request, timeout=30))
         assert [(list(u.token_ids), u.finish_reason) for u in updates] == [([], gen_pb.FINISH_REASON_ABORT)]
         info = _info(target, mesh_pb2_grpc.TargetStub)
@@ -192,11 +192,12 @@ def test_target_abort_before_generate_leaves_a_tombstone(pair: tuple[Path, Path]
 @pytest.fixture
 def target_engine(tiny_target: Any) -> Iterator[Any]:
     from specmesh.services.runtime.forward_batch import Runner
-    from specmesh.services.runtime.model_worker import LeasedPool
+    from specmesh.services.runtime.model_worker import service_pool
     from specmesh.services.target.config import TargetConfig
     from specmesh.services.target.engine import TargetEngine
 
-    engine = TargetEngine(Runner(tiny_target, 64), LeasedPool(tiny_target, TargetConfig(pool_blocks=16, block_size=16)))
+    engine = TargetEngine(Runner(tiny_target, 64), service_pool(tiny_target, TargetConfig(pool_blocks=16, block_size=16),
+                                                               "target"))
     try:
         yield engine
     finally:
@@ -222,7 +223,7 @@ def test_any_exception_in_a_round_ends_only_that_session(target_engine: Any, mon
         loop = asyncio.get_running_loop()
         doomed, healthy = SamplingParams(top_k=7), SamplingParams()  # both greedy
         states = [SessionState(channel_id=i + 1, session_id=f"s{i}", request=Request([1, 2, 3, 4], 20, sampling),
-                               lease=(4 * i, 4), speculative=False, out=asyncio.Queue(), loop=loop)
+                               num_blocks=4, speculative=False, out=asyncio.Queue(), loop=loop)
                   for i, sampling in enumerate((doomed, healthy))]
         for state in states:
             target_engine.open(state)
@@ -239,7 +240,7 @@ def test_any_exception_in_a_round_ends_only_that_session(target_engine: Any, mon
     assert failed[-1].finish == "abort" and failed[-1].error_code == "INTERNAL"
     assert failed[-1].error == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert healthy[-1].finish == "length" and sum(len(i.tokens) for i in healthy) == 20
-    assert target_engine.pool.used_blocks == 0 and target_engine.active_sessions == 0
+    assert target_engine.pool.snapshot().used_blocks == 0 and target_engine.active_sessions == 0
 
 
 def test_subtrees_of_sessions_that_never_open_are_dropped(target_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:

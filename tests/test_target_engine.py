@@ -11,10 +11,10 @@ def test_prefill_only_steps_borrow_every_core(tiny_target: Any) -> None:
     from types import SimpleNamespace
 
     from specmesh.services.runtime.forward_batch import Runner
-    from specmesh.services.runtime.model_worker import LeasedPool, ModelServiceConfig
+    from specmesh.services.runtime.model_worker import ModelServiceConfig, service_pool
     from specmesh.services.target.engine import TargetEngine
 
-    engine = TargetEngine(Runner(tiny_target, 64), LeasedPool(tiny_target, ModelServiceConfig(pool_blocks=4)),
+    engine = TargetEngine(Runner(tiny_target, 64), service_pool(tiny_target, ModelServiceConfig(pool_blocks=4), "target"),
                           prefill_threads=3)
     try:
         before = torch.get_num_threads()

@@ -11,6 +11,9 @@ from specmesh.services.runtime.service_config import CommonConfig
 class DraftConfig(CommonConfig, ModelServiceConfig):
     port: int = 50052
     tree_width: int = dataclasses.field(default=4, metadata={"help": "w: leaves per expansion (timed at start-up)"})
+    max_tree: int = dataclasses.field(default=64, metadata={"help": "most tree slots a session may use (the "
+                                                                "router's --max-tree must not exceed it); "
+                                                                "reported to treekv as KV a session needs"})
     session_idle_s: float = dataclasses.field(default=30.0, metadata={"help": "give a session up (free its KV) "
                                                                             "when the target sent nothing for it "
                                                                             "this long (0 = never); keep it below "

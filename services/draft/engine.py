@@ -32,7 +32,7 @@ from specmesh.services.runtime.draft_session import DraftSession
 from specmesh.services.runtime.errors import SessionClosed
 from specmesh.services.runtime.expiring_ids import ExpiringIds
 from specmesh.services.runtime.forward_batch import Runner, SeqRows
-from specmesh.services.runtime.model_worker import LeasedPool
+from specmesh.services.runtime.prefix_cache import SessionPool
 from specmesh.services.runtime.sampling import SamplingParams
 from specmesh.services.runtime.session_failure import FAILED, SessionFailure, describe
 from specmesh.services.runtime.speculation_planner import CostCurve, SpeculationPlanner
@@ -52,8 +52,10 @@ class DraftState:
     prompt: list[int]
     sampling: SamplingParams
     tree_params: TreeParams
-    lease: tuple[int, int]
+    num_blocks: int  # treekv admitted the session for this many blocks of the pool
+    prefix: tuple[str, int] | None = None  # treekv's prefix-cache hint: (entry id, tokens)
     session: DraftSession | None = None
+    waiting: bool = True  # for its prefix source to compute the tokens it may copy (no catch-up yet)
     owed: bool = True  # the target is waiting for (or about to want) this session's next subtree
     round: int = 0
     grown: int = 0  # expansions since the last send
@@ -63,7 +65,6 @@ class DraftState:
     round_idle_s: float = 0.0
     reroot_hit: bool | None = None
     trace_ctx: Any = None  # the OpenSession span's context: round spans are its children
-    cache: Any = None  # the KVCache view of the lease, claimed by open()
     sent_at: float | None = None  # when the last subtree went to the target
     heard_at: float = field(default_factory=time.monotonic)  # opened, or verified tokens arrived
     sent_size: int = 0  # nodes in the last subtree sent
@@ -75,6 +76,7 @@ class DraftState:
 @dataclass
 class Open:
     state: DraftState
+    done: Future  # resolves once the session's KV is placed (or raises why it cannot be)
 
 
 @dataclass
@@ -98,7 +100,7 @@ class AttachChannel:
 class DraftEngine(EngineActor):
     name = "draft"
 
-    def __init__(self, runner: Runner, pool: LeasedPool, expand_delay_ms: float = 0.0,
+    def __init__(self, runner: Runner, pool: SessionPool, expand_delay_ms: float = 0.0,
                  prefill_chunk: int = 256, session_idle_s: float = 0.0, plan: bool = True) -> None:
         super().__init__()
         self.runner, self.pool = runner, pool
@@ -107,8 +109,8 @@ class DraftEngine(EngineActor):
         self.session_idle_s = session_idle_s  # 0 = never give idle sessions up
         self.tick_s = IDLE_CHECK_S if session_idle_s else None
         self._idle_checked_at = 0.0
-        # Session ids with a lease claimed here (gRPC side adds, worker removes) and the ids closed
-        # before they opened; both under _ids_lock so an open and a close cannot interleave.
+        # Session ids opened here (gRPC side adds, worker removes) and the ids closed before they
+        # opened; both under _ids_lock so an open and a close cannot interleave.
         self._open_ids: set[str] = set()
         self._closed_early = ExpiringIds()
         self._ids_lock = threading.Lock()
@@ -129,24 +131,26 @@ class DraftEngine(EngineActor):
         self.start()
 
     # -- called from the gRPC side -----------------------------------------------------------
-    def open(self, state: DraftState) -> None:
-        """Claim the session's lease now (so a bad lease fails the caller's RPC), prefill on the worker.
-
-        Raises SessionClosed if the session was closed before this open arrived."""
+    def open(self, state: DraftState) -> Future:
+        """Open a session on the worker (placing KV may compact the pool, which only happens between
+        steps); the future resolves once its KV is placed, or raises why not (a full pool), so the
+        caller's RPC fails. Raises SessionClosed if the session was closed before this open arrived."""
+        done: Future = Future()
         with self._ids_lock:
             if self._closed_early.take(state.session_id):
                 raise SessionClosed(f"session {state.session_id!r} was closed before it opened")
-            state.cache = self.pool.open(*state.lease)
             self._open_ids.add(state.session_id)
-        self.post(Open(state))
+        self.post(Open(state, done))
+        return done
 
     def close(self, session_id: str) -> Future:
-        """Resolves once the session's blocks are back in the pool (safe for treekv to re-lease them)."""
+        """Resolves once the session's KV is out of use, to how many leading tokens of its prompt +
+        verified tokens the pool keeps cached (DraftClosed.kv_tokens)."""
         done: Future = Future()
         with self._ids_lock:
             if session_id not in self._open_ids:  # never opened (yet), or already freed
                 self._closed_early.add(session_id)
-                done.set_result(None)
+                done.set_result(self.pool.cached_tokens(session_id))
                 return done
         self.post(Close(session_id, done))
         return done
@@ -173,7 +177,10 @@ class DraftEngine(EngineActor):
         self._abandon(state, failure)
 
     def tick(self) -> None:
-        """Give up the sessions the target has not talked about for session_idle_s."""
+        """Start the sessions whose prefix source computed their tokens (or ended); give up the
+        sessions the target has not talked about for session_idle_s."""
+        for state in [s for s in self.sessions.values() if s.waiting]:
+            self.for_session(state, self._begin, state)
         now = time.monotonic()
         if not self.session_idle_s or now - self._idle_checked_at < IDLE_CHECK_S:
             return
@@ -194,12 +201,29 @@ class DraftEngine(EngineActor):
 
     def _on_open(self, message: Open) -> None:
         state = message.state
+        try:
+            cache = self.pool.open(state.session_id, state.num_blocks, state.prompt, state.prefix)
+        except Exception as exc:  # the caller's RPC fails with it; nothing was placed
+            with self._ids_lock:
+                self._open_ids.discard(state.session_id)
+            message.done.set_exception(exc)
+            return
+        state.session = DraftSession(cache, state.tree_params, state.sampling, self.vocab_width,
+                                     self.model.device, key=state.channel_id)
         self.sessions[state.channel_id] = state
         metrics.SESSIONS.set(len(self.sessions))
         state.round_started = time.perf_counter()
-        state.session = DraftSession(state.cache, state.tree_params, state.sampling, self.vocab_width,
-                                     self.model.device, key=state.channel_id)
-        state.session.start(state.prompt)
+        message.done.set_result(None)
+        self._begin(state)
+
+    def _begin(self, state: DraftState) -> None:
+        """Copy the session's cached prefix and start catching up, unless its source is not there yet."""
+        cached = self.pool.start(state.session_id)
+        if cached is None:
+            return
+        state.session.start(state.prompt, cached)
+        self.pool.bind(state.session_id, state.session.tokens)
+        state.waiting = False
 
     def _on_verified(self, message: VerifiedIn) -> None:
         verified = message.verified
@@ -230,11 +254,11 @@ class DraftEngine(EngineActor):
         for channel_id, state in list(self.sessions.items()):
             if state.session_id == message.session_id:
                 self._free(channel_id)
-        message.done.set_result(None)
+        message.done.set_result(self.pool.cached_tokens(message.session_id))
 
     # -- steps ---------------------------------------------------------------------------------
     def _wants_forward(self, s: DraftState) -> bool:
-        if s.session is None:
+        if s.waiting:
             return False
         if not s.session.ready:
             return True  # catching up: no tree to send until this runs
@@ -353,17 +377,19 @@ class DraftEngine(EngineActor):
                     failure.message)
         if state.channel_id not in self.sessions:
             return
-        self._free(state.channel_id)
+        self._free(state.channel_id, keep=False)
         if self.channel is not None:
             try:
                 self.channel.send_subtree(state.channel_id, state.round, [], [])
             except Exception as send_exc:
                 self.channel_failed(send_exc)
 
-    def _free(self, channel_id: int) -> None:
+    def _free(self, channel_id: int, keep: bool = True) -> None:
+        """End a session; `keep`: its valid KV stays as a prefix-cache entry (not after a failure:
+        its KV may be half-written)."""
         state = self.sessions.pop(channel_id, None)
         metrics.SESSIONS.set(len(self.sessions))
         if state is not None:
-            self.pool.close(*state.lease)
+            self.pool.close(state.session_id, state.session.cache.length if keep else 0)
             with self._ids_lock:
                 self._open_ids.discard(state.session_id)

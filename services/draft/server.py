@@ -12,8 +12,8 @@ from specmesh.services.runtime.channel import DRAFT_RANK, TensorChannel, join_st
 from specmesh.services.runtime.drain import STOP_GRACE_S, Drain
 from specmesh.services.runtime.errors import InvalidRequest, ServiceUnavailable
 from specmesh.services.runtime.forward_batch import Runner
-from specmesh.services.runtime.model_worker import LeasedPool, instance_id, load_service_model
-from specmesh.services.runtime.protocol import sampling_from_proto, tree_from_proto
+from specmesh.services.runtime.model_worker import instance_id, load_service_model, service_pool
+from specmesh.services.runtime.protocol import prefix_hint, sampling_from_proto, service_timing, tree_from_proto
 from specmesh.services.runtime.speculation_planner import CostCurve, SpeculationPlanner, measure_cost_curve
 from specmesh.services.runtime.service_main import service_main, start_metrics, wait_for_stop_signal, write_ready_file
 from specmesh.v1 import generation_pb2, mesh_pb2, mesh_pb2_grpc
@@ -60,24 +60,29 @@ class DraftServicer(mesh_pb2_grpc.DraftServicer):
         tree = tree_from_proto(request.tree)
         if tree.subtree_size > (self.engine.channel.capacity if self.engine.channel else tree.subtree_size):
             raise InvalidRequest(f"subtree_size {tree.subtree_size} exceeds the channel capacity")
-        self.engine.open(DraftState(channel_id=request.channel_slot, session_id=request.session_id,
-                                    prompt=list(request.prompt_ids), sampling=sampling_from_proto(request.sampling),
-                                    tree_params=tree, lease=(request.lease.first_block, request.lease.num_blocks),
-                                    trace_ctx=telemetry.current_context()))
+        if tree.max_tree > self.config.max_tree:
+            raise InvalidRequest(f"max_tree {tree.max_tree} exceeds this draft's --max-tree ({self.config.max_tree})")
+        await asyncio.wrap_future(self.engine.open(DraftState(
+            channel_id=request.channel_slot, session_id=request.session_id, prompt=list(request.prompt_ids),
+            sampling=sampling_from_proto(request.sampling), tree_params=tree, num_blocks=request.lease.num_blocks,
+            prefix=prefix_hint(request.lease), trace_ctx=telemetry.current_context())))
         return mesh_pb2.Empty()
 
-    async def CloseSession(self, request: mesh_pb2.SessionRef, context: grpc.aio.ServicerContext) -> mesh_pb2.Empty:
-        # Answer only once the blocks are free: the router then lets treekv re-lease them.
-        await asyncio.wrap_future(self.engine.close(request.session_id))
-        return mesh_pb2.Empty()
+    async def CloseSession(self, request: mesh_pb2.SessionRef, context: grpc.aio.ServicerContext
+                           ) -> mesh_pb2.DraftClosed:
+        # Answer only once the session's KV is out of use: the router then tells treekv what is cached.
+        kv_tokens = await asyncio.wrap_future(self.engine.close(request.session_id))
+        return mesh_pb2.DraftClosed(kv_tokens=kv_tokens)
 
     async def Info(self, request: mesh_pb2.Empty, context: grpc.aio.ServicerContext) -> mesh_pb2.ServiceTiming:
-        pool = self.engine.pool
-        return mesh_pb2.ServiceTiming(forward_ms=self.forward_ms, instance_id=self.instance,
-                                      channel_connected=self.engine.channel is not None,
-                                      active_sessions=self.engine.active_sessions,
-                                      pool_blocks_used=pool.used_blocks, pool_blocks_total=pool.pool.num_blocks,
-                                      planner=planner_report(self.engine.planner))
+        # Beyond prompt + max_tokens a session needs its tree's slots and, once paired, room for the
+        # verified tokens of one more subtree.
+        channel = self.engine.channel
+        reserve = self.config.max_tree + (channel.capacity if channel is not None else 0)
+        return service_timing(self.engine.pool.snapshot(), reserve, forward_ms=self.forward_ms,
+                              instance_id=self.instance, channel_connected=channel is not None,
+                              active_sessions=self.engine.active_sessions,
+                              planner=planner_report(self.engine.planner))
 
 
 def planner_report(planner: SpeculationPlanner | None) -> generation_pb2.PlannerReport:
@@ -106,7 +111,7 @@ async def serve(config: DraftConfig) -> None:
     runner = Runner(model, config.step_rows)
     forward_ms = (await asyncio.to_thread(measure_cost_curve, model, (config.tree_width,))).ms[0]
     log.info("one expansion of %d leaves takes %.1f ms", config.tree_width, forward_ms)
-    engine = DraftEngine(runner, LeasedPool(model, config), config.expand_delay_ms, config.prefill_chunk,
+    engine = DraftEngine(runner, service_pool(model, config, "draft"), config.expand_delay_ms, config.prefill_chunk,
                          config.session_idle_s, config.plan)
     servicer = DraftServicer(config, engine, forward_ms)
     metrics_port = start_metrics(config.host, config.metrics_port)

@@ -117,6 +117,7 @@ class DraftSession:
         self.key = key
         self.generator = sampling.generator(salt=2, device=self.device) if not sampling.greedy else None
         self.tree = TokenTree()
+        self.tokens: list[int] = []  # prompt + verified tokens; the first cache.length have KV
         self.forwarded = 0  # tree slots in use
         self._anc = torch.zeros(params.max_tree, params.max_tree, dtype=torch.bool, device=self.device)
         # Draft distributions of forwarded nodes, only needed (and only allocated) when sampling.
@@ -126,12 +127,18 @@ class DraftSession:
         self._inflight: _CatchUp | _Expansion | None = None
 
     # -- growing -----------------------------------------------------------------------------
-    def start(self, prompt: list[int]) -> None:
-        """Take the prompt; its last token becomes the root of the first tree once it has run."""
+    def start(self, prompt: list[int], cached: int = 0) -> None:
+        """Take the prompt; its last token becomes the root of the first tree once it has run.
+
+        `cached`: the KV of the first `cached` prompt tokens is already in the cache (copied from
+        the prefix cache); the rest is caught up on. The last prompt token always runs."""
         if not prompt:
             raise InvalidRequest("prompt is empty")
-        self.cache.length = 0
-        self._catch_up(prompt)
+        if not 0 <= cached < len(prompt):
+            raise InvalidRequest(f"{cached} cached tokens of a {len(prompt)}-token prompt: the last one must run")
+        self.tokens = list(prompt)
+        self.cache.length = cached
+        self._catch_up(prompt[cached:])
 
     @property
     def ready(self) -> bool:
@@ -258,6 +265,7 @@ class DraftSession:
     # -- committing ----------------------------------------------------------------------------
     def reroot(self, verified: list[int]) -> RerootResult:
         """Commit the target's verified tokens (accepted draft tokens + bonus) and move the root."""
+        self.tokens += verified
         t = self.tree
         path, node = [0], 0
         for tok in verified[:-1]:

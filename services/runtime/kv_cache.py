@@ -1,8 +1,9 @@
-"""KV memory: one preallocated pool per model, sessions own contiguous block ranges of it.
+"""A session's KV slots: views over one contiguous range of its model's pool (kv_pool.py).
 
 Why contiguous ranges instead of a block table: attention on the CPU path reads a session's cache
-as one strided view (no gather per layer per step), and compaction is one index copy. The treekv
-service leases whole ranges up front (never per round), so fragmentation is an admission question.
+as one strided view (no gather per layer per step), and compaction is one index copy. The service
+places a whole range up front (never per round) and, when its pool is fragmented, slides ranges
+together between steps (kv_pool.KVPool.compact), so fragmentation never refuses a session.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .block_allocator import BlockAllocator
 from .model_config import ModelConfig
 
 
@@ -50,34 +50,9 @@ class KVCache:
         self.k[:, :, dst_start:dst_start + n] = self.k.index_select(2, index)
         self.v[:, :, dst_start:dst_start + n] = self.v.index_select(2, index)
 
+    def copy_prefix_from(self, source: "KVCache", n: int) -> None:
+        """Copy slots [0, n) of `source` (another session's range of the same pool) into this cache.
 
-class KVPool:
-    """A model's KV memory as blocks of `block_size` slots; hands out contiguous block ranges.
-
-    The bookkeeping is a tensor-free BlockAllocator (shared with the treekv ledger); this class adds
-    the tensors and slot views.
-    """
-
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: str | torch.device = "cpu", num_kv_heads: int | None = None) -> None:
-        self.block_size = block_size
-        self.num_blocks = num_blocks
-        whole = KVCache.allocate(config, num_blocks * block_size, dtype, device, num_kv_heads)
-        self._k, self._v = whole.k, whole.v
-        self.allocator = BlockAllocator(num_blocks)
-
-    @property
-    def free_blocks(self) -> int:
-        return self.allocator.free_blocks
-
-    def claim(self, first_block: int, num_blocks: int) -> None:
-        """Mark a range granted elsewhere (by treekv) as used here."""
-        self.allocator.claim(first_block, num_blocks)
-
-    def release(self, first_block: int, num_blocks: int) -> None:
-        """Return a range (ValueError on a double release)."""
-        self.allocator.release(first_block, num_blocks)
-
-    def view(self, first_block: int, num_blocks: int) -> KVCache:
-        a, b = first_block * self.block_size, (first_block + num_blocks) * self.block_size
-        return KVCache(self._k[:, :, a:b], self._v[:, :, a:b])
+        This is how a prefix-cache hit reuses KV: one copy per tensor, no recomputation."""
+        self.k[:, :, :n].copy_(source.k[:, :, :n])
+        self.v[:, :, :n].copy_(source.v[:, :, :n])

@@ -1,19 +1,18 @@
-"""What draft- and target-service share: load the model, own its KV pool, time one forward."""
+"""What draft- and target-service share: their flags, loading the model, making its KV pool."""
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 
 import torch
 
-from .errors import InvalidRequest
-from .kv_cache import KVCache, KVPool
+from .kv_pool import KVPool
 from .loader import parse_dtype
 from .model import Transformer
+from .prefix_cache import SessionPool
 from .quant import calibrate_kernel_rows
 
 log = logging.getLogger("specmesh.worker")
@@ -27,9 +26,9 @@ class ModelServiceConfig:
     dtype: str = dataclasses.field(default="bf16", metadata={"help": "bf16 or fp32"})
     threads: int = dataclasses.field(default=0, metadata={"help": "torch threads (0 = torch's default)"})
     device: str = dataclasses.field(default="cpu", metadata={"help": "cpu or cuda[:N]"})
-    pool_blocks: int = dataclasses.field(default=1024, metadata={"help": "KV pool size in blocks (must match "
-                                                                          "treekv's count for this pool)"})
-    block_size: int = dataclasses.field(default=16, metadata={"help": "KV slots per block (match treekv)"})
+    pool_blocks: int = dataclasses.field(default=1024, metadata={"help": "KV pool size in blocks (reported to "
+                                                                          "treekv, which admits sessions by it)"})
+    block_size: int = dataclasses.field(default=16, metadata={"help": "KV slots per block"})
     max_context: int = dataclasses.field(default=4096, metadata={"help": "positions the model may reach"})
     weights: str = dataclasses.field(default="auto", metadata={
         "help": "projection weight format: gguf (the GGUF's own quantization, repacked for the CPU int4/int8 "
@@ -63,29 +62,9 @@ def load_service_model(cfg: ModelServiceConfig, role: str, tp_rank: int = 0, tp_
     return model, model_dir
 
 
-class LeasedPool:
-    """The service's KV pool; sessions get the contiguous block range treekv leased to them."""
-
-    def __init__(self, model: Transformer, cfg: ModelServiceConfig) -> None:
-        self.pool = KVPool(model.config, cfg.pool_blocks, cfg.block_size, model.dtype, model.device,
-                           num_kv_heads=model.local_kv_heads)
-        self._lock = threading.Lock()  # claims come from gRPC handlers, releases from the worker thread
-
-    def open(self, first_block: int, num_blocks: int) -> KVCache:
-        if num_blocks <= 0 or first_block < 0 or first_block + num_blocks > self.pool.num_blocks:
-            raise InvalidRequest(f"lease [{first_block}, {first_block + num_blocks}) is outside this pool of "
-                                 f"{self.pool.num_blocks} blocks (treekv and this service disagree on pool size)")
-        with self._lock:
-            self.pool.claim(first_block, num_blocks)
-        return self.pool.view(first_block, num_blocks)
-
-    def close(self, first_block: int, num_blocks: int) -> None:
-        with self._lock:
-            self.pool.release(first_block, num_blocks)
-
-    @property
-    def used_blocks(self) -> int:
-        return self.pool.num_blocks - self.pool.free_blocks
+def service_pool(model: Transformer, cfg: ModelServiceConfig, label: str, record: bool = False) -> SessionPool:
+    """The service's KV pool (label "draft" / "target"); `record`: keep ops for tensor-parallel followers."""
+    return SessionPool(KVPool.for_model(model, cfg.pool_blocks, cfg.block_size, f"{label} pool", record), label)
 
 
 def calibrate_weights(model: Transformer) -> dict[str, int]:

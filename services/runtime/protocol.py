@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from specmesh.v1 import generation_pb2, mesh_pb2
 
-from .tree_params import TreeParams
+from .prefix_cache import PoolSnapshot
 from .sampling import SamplingParams
+from .tree_params import TreeParams
 
 FINISH_REASONS = {
     None: generation_pb2.FINISH_REASON_UNSPECIFIED,
@@ -32,3 +33,22 @@ def sampling_to_proto(params: SamplingParams) -> generation_pb2.SamplingOptions:
 
 def tree_from_proto(opts: mesh_pb2.TreeOptions) -> TreeParams:
     return TreeParams(width=opts.width, subtree_size=opts.subtree_size, depth=opts.depth, max_tree=opts.max_tree)
+
+
+def prefix_hint(lease: mesh_pb2.BlockLease) -> tuple[str, int] | None:
+    """treekv's prefix-cache hint in a lease, as (entry id, tokens); None when it gave none."""
+    if not lease.HasField("prefix") or not lease.prefix.entry_id or lease.prefix.num_tokens <= 0:
+        return None
+    return lease.prefix.entry_id, lease.prefix.num_tokens
+
+
+def pool_report(snapshot: PoolSnapshot, reserve_slots: int) -> mesh_pb2.PoolReport:
+    return mesh_pb2.PoolReport(num_blocks=snapshot.num_blocks, block_size=snapshot.block_size,
+                               reserve_slots=reserve_slots, cached_entries=snapshot.cached_entries,
+                               cached_blocks=snapshot.cached_blocks)
+
+
+def service_timing(snapshot: PoolSnapshot, reserve_slots: int, **fields: object) -> mesh_pb2.ServiceTiming:
+    """A model service's Info: `fields` plus its pool (pool_blocks_used counts live sessions only)."""
+    return mesh_pb2.ServiceTiming(pool_blocks_used=snapshot.used_blocks, pool_blocks_total=snapshot.num_blocks,
+                                  pool=pool_report(snapshot, reserve_slots), **fields)

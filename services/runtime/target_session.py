@@ -55,19 +55,27 @@ class TargetSession:
         self.key = key
         self.generator = sampling.generator(salt=1, device=self.device) if not sampling.greedy else None
         self.root: int | None = None  # last committed token; its KV is computed by the next round
+        self.tokens: list[int] = []  # prompt + committed tokens; the first cache.length have KV
         self._prompt: list[int] = []
         self._unprefilled = 0  # prompt tokens still to run
         self._draft_behind: int | None = None  # set by prefill: the root of the draft's first tree
 
     # -- prefill -------------------------------------------------------------------------------
-    def begin(self, prompt: list[int]) -> None:
-        """Take the prompt; `prefill_rows` then hands it out in chunks."""
+    def begin(self, prompt: list[int], cached: int = 0) -> None:
+        """Take the prompt; `prefill_rows` then hands it out in chunks.
+
+        `cached`: the KV of the first `cached` prompt tokens is already in the cache (copied from
+        the prefix cache), so prefill starts there. The last prompt token always runs: its logits
+        give the first token."""
         if not prompt:
             raise InvalidRequest("prompt is empty")
         if len(prompt) > self.cache.capacity:
             raise InvalidRequest(f"prompt of {len(prompt)} tokens exceeds the context ({self.cache.capacity})")
-        self._prompt, self._unprefilled = list(prompt), len(prompt)
-        self.cache.length = 0
+        if not 0 <= cached < len(prompt):
+            raise InvalidRequest(f"{cached} cached tokens of a {len(prompt)}-token prompt: the last one must run")
+        self._prompt, self._unprefilled = list(prompt), len(prompt) - cached
+        self.tokens = list(prompt)
+        self.cache.length = cached
 
     @property
     def prefilling(self) -> bool:
@@ -95,6 +103,7 @@ class TargetSession:
             return None
         _path, first = decision if decision is not None else self.decide(logits, Tree([self._prompt[-1]], [-1]))
         self.root = first
+        self.tokens.append(first)
         self._draft_behind = self._prompt[-1]
         return first
 
@@ -154,7 +163,9 @@ class TargetSession:
         self.cache.move_slots([start + i for i in path], start)
         self.cache.length = start + len(path)
         self.root = bonus
-        return RoundResult([tree.tokens[i] for i in path[1:]] + [bonus], len(path) - 1, len(tree))
+        committed = [tree.tokens[i] for i in path[1:]] + [bonus]
+        self.tokens += committed
+        return RoundResult(committed, len(path) - 1, len(tree))
 
     def decide(self, logits: torch.Tensor, tree: Tree) -> Decision:
         """Which path of `tree` the target accepts, and its bonus token (logits: one row per node)."""

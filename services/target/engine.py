@@ -30,7 +30,7 @@ from specmesh.services.runtime.channel import Subtree, TensorChannel
 from specmesh.services.runtime.errors import InvalidRequest
 from specmesh.services.runtime.expiring_ids import ExpiringIds
 from specmesh.services.runtime.forward_batch import Runner, SeqRows
-from specmesh.services.runtime.model_worker import LeasedPool
+from specmesh.services.runtime.prefix_cache import SessionPool
 from specmesh.services.runtime.request import Request, clip_chunk
 from specmesh.services.runtime.session_failure import FAILED, SessionFailure, describe
 from specmesh.services.runtime.target_session import Decision, TargetSession, Tree
@@ -55,6 +55,8 @@ class RoundOut:
     speculative: bool
     error: str | None = None  # the session failed: this message, with gRPC status error_code
     error_code: str = "INTERNAL"
+    cached_tokens: int = 0  # first update: prompt tokens whose KV was copied from the prefix cache
+    kv_tokens: int = 0  # last update: leading tokens of prompt + output whose KV the pool keeps
 
 
 @dataclass
@@ -62,11 +64,14 @@ class SessionState:
     channel_id: int  # the session's tag on the tensor channel
     session_id: str
     request: Request
-    lease: tuple[int, int]
+    num_blocks: int  # treekv admitted the session for this many blocks of the pool
     speculative: bool
     out: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    prefix: tuple[str, int] | None = None  # treekv's prefix-cache hint: (entry id, tokens)
     session: TargetSession | None = None
+    waiting: bool = True  # for its prefix source to compute the tokens it may copy (no prefill yet)
+    cached: int = 0  # prompt tokens copied from the prefix cache
     trees: deque = field(default_factory=deque)  # subtrees received, not verified yet
     produced: int = 0
     rounds: int = 0
@@ -109,7 +114,7 @@ class _Job:
 class TargetEngine(EngineActor):
     name = "target"
 
-    def __init__(self, runner: Runner, pool: LeasedPool, tp: Any = None, verify_delay_ms: float = 0.0,
+    def __init__(self, runner: Runner, pool: SessionPool, tp: Any = None, verify_delay_ms: float = 0.0,
                  prefill_chunk: int = 256, prefill_threads: int | None = None) -> None:
         super().__init__()
         self.runner, self.pool = runner, pool
@@ -169,21 +174,31 @@ class TargetEngine(EngineActor):
 
     def _on_open(self, message: Open) -> None:
         state = message.state
-        cache = self.pool.open(*state.lease)
-        try:
-            state.session = TargetSession(cache, state.request.sampling, self.model.device, key=state.channel_id)
-            state.session.begin(state.request.prompt)
-        except BaseException:  # not registered yet, so _finish would not release the lease
-            self.pool.close(*state.lease)
-            raise
+        cache = self.pool.open(state.session_id, state.num_blocks, state.request.prompt, state.prefix)
+        state.session = TargetSession(cache, state.request.sampling, self.model.device, key=state.channel_id)
         self.sessions[state.channel_id] = state
         metrics.SESSIONS.set(len(self.sessions))
-        if self.tp is not None:
-            self.tp.open(state.channel_id, state.lease, state.request)
         if state.speculative and self.channel is None:
             state.speculative = False
+        self._begin(state)
         for subtree in self.orphans.pop(state.channel_id, (0.0, []))[1]:
             self._on_subtree(SubtreeIn(subtree))
+
+    def _begin(self, state: SessionState) -> None:
+        """Copy the session's cached prefix and start its prefill, unless its source is not there yet."""
+        cached = self.pool.start(state.session_id)
+        if cached is None:
+            return
+        state.session.begin(state.request.prompt, cached)
+        self.pool.bind(state.session_id, state.session.tokens)
+        state.waiting, state.cached = False, cached
+        if self.tp is not None:
+            self.tp.open(state.channel_id, state.session_id, state.request, cached)
+
+    def tick(self) -> None:
+        """Sessions waiting for a live prefix source start once it computed their tokens (or ended)."""
+        for state in [s for s in self.sessions.values() if s.waiting and not s.done]:
+            self.for_session(state, self._begin, state)
 
     def _on_subtree(self, message: SubtreeIn) -> None:
         subtree = message.subtree
@@ -214,10 +229,13 @@ class TargetEngine(EngineActor):
 
     # -- steps ---------------------------------------------------------------------------------
     def _has_round(self, state: SessionState) -> bool:
-        return not state.session.prefilling and (bool(state.trees) or not state.speculative)
+        return not state.waiting and not state.session.prefilling and (bool(state.trees) or not state.speculative)
+
+    def _prefilling(self, state: SessionState) -> bool:
+        return not state.waiting and state.session.prefilling
 
     def has_work(self) -> bool:
-        return any(s.session.prefilling or self._has_round(s) for s in self.sessions.values())
+        return any(self._prefilling(s) or self._has_round(s) for s in self.sessions.values())
 
     def step(self) -> None:
         jobs = self._gather()
@@ -277,7 +295,7 @@ class TargetEngine(EngineActor):
                 jobs.append(job)
                 budget -= job.rows.n
         for state in states:
-            if state.done or not state.session.prefilling or budget <= 0:
+            if state.done or not self._prefilling(state) or budget <= 0:
                 continue
             rows = self.for_session(state, state.session.prefill_rows, min(self.prefill_chunk, budget))
             if rows is not FAILED:
@@ -318,7 +336,7 @@ class TargetEngine(EngineActor):
         # The first token comes from the prefill itself: time to first token does not wait for the draft.
         chunk, reason = clip_chunk([first], 0, state.request)
         state.produced, state.rounds = len(chunk), 1
-        out = RoundOut(chunk, 0, 1, 1, reason, (t1 - t0) * 1000, False)
+        out = RoundOut(chunk, 0, 1, 1, reason, (t1 - t0) * 1000, False, cached_tokens=state.cached)
         if reason is not None:
             self._finish(state, out)
         else:
@@ -373,8 +391,13 @@ class TargetEngine(EngineActor):
             self.orphans.pop(state.channel_id, None)
             self.ended.add(str(state.channel_id))
             if self.sessions.pop(state.channel_id, None) is not None:
-                self.pool.close(*state.lease)
-                if self.tp is not None:
+                # A failed session's KV may be half-written: cache none of it.
+                valid = 0 if out.error else state.session.cache.length
+                out.kv_tokens = min(valid, len(state.request.prompt) + state.produced)
+                if state.rounds == 0:
+                    out.cached_tokens = state.cached
+                self.pool.close(state.session_id, valid)
+                if self.tp is not None and not state.waiting:
                     self.tp.close(state.channel_id)
             metrics.SESSIONS.set(len(self.sessions))
         finally:  # the stream always gets its last update, whatever failed above

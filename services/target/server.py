@@ -16,8 +16,8 @@ from specmesh.services.runtime.drain import STOP_GRACE_S, Drain
 from specmesh.services.runtime.errors import InvalidRequest, SpecmeshError
 from specmesh.services.runtime.expiring_ids import ExpiringIds
 from specmesh.services.runtime.forward_batch import Runner
-from specmesh.services.runtime.model_worker import LeasedPool, instance_id, load_service_model
-from specmesh.services.runtime.protocol import FINISH_REASONS, sampling_from_proto
+from specmesh.services.runtime.model_worker import instance_id, load_service_model, service_pool
+from specmesh.services.runtime.protocol import FINISH_REASONS, prefix_hint, sampling_from_proto, service_timing
 from specmesh.services.runtime.request import Request
 from specmesh.services.runtime.speculation_planner import CostCurve, measure_cost_curve
 from specmesh.services.runtime.service_main import service_main, start_metrics, wait_for_stop_signal, write_ready_file
@@ -87,7 +87,7 @@ class TargetServicer(mesh_pb2_grpc.TargetServicer):
         if request.session_id in self.streams:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session {request.session_id!r} is already running")
         state = SessionState(channel_id=request.channel_slot, session_id=request.session_id, request=req,
-                             lease=(request.lease.first_block, request.lease.num_blocks),
+                             num_blocks=request.lease.num_blocks, prefix=prefix_hint(request.lease),
                              speculative=request.speculate, out=asyncio.Queue(), loop=asyncio.get_running_loop(),
                              trace_ctx=telemetry.current_context())
         self.streams[state.session_id] = state
@@ -100,7 +100,8 @@ class TargetServicer(mesh_pb2_grpc.TargetServicer):
                                         item.error)
                 yield mesh_pb2.RoundUpdate(token_ids=item.tokens, accepted=item.accepted, tree_size=item.tree_size,
                                            round=item.round, finish_reason=FINISH_REASONS[item.finish],
-                                           verify_ms=item.verify_ms, speculative=item.speculative)
+                                           verify_ms=item.verify_ms, speculative=item.speculative,
+                                           cached_tokens=item.cached_tokens, kv_tokens=item.kv_tokens)
                 if item.finish:
                     return
         finally:
@@ -117,11 +118,11 @@ class TargetServicer(mesh_pb2_grpc.TargetServicer):
         return mesh_pb2.Empty()
 
     async def Info(self, request: mesh_pb2.Empty, context: grpc.aio.ServicerContext) -> mesh_pb2.ServiceTiming:
-        pool = self.engine.pool
-        return mesh_pb2.ServiceTiming(forward_ms=self.forward_ms, instance_id=self.instance,
-                                      channel_connected=self.engine.channel is not None,
-                                      active_sessions=self.engine.active_sessions,
-                                      pool_blocks_used=pool.used_blocks, pool_blocks_total=pool.pool.num_blocks)
+        # Beyond prompt + max_tokens a session needs room for the largest subtree it verifies.
+        return service_timing(self.engine.pool.snapshot(), self.config.subtree_capacity,
+                              forward_ms=self.forward_ms, instance_id=self.instance,
+                              channel_connected=self.engine.channel is not None,
+                              active_sessions=self.engine.active_sessions)
 
 
 async def serve(config: TargetConfig) -> None:
@@ -143,9 +144,10 @@ async def serve(config: TargetConfig) -> None:
     curve = await asyncio.to_thread(measure_cost_curve, model)
     log.info("verify cost by rows: %s", ", ".join(f"{r}: {ms:.1f} ms" for r, ms in zip(curve.rows, curve.ms)))
     runner = Runner(model, config.step_rows)
+    pool = service_pool(model, config, "target", record=tp is not None)
     if tp is not None:
-        tp.attach(runner)
-    engine = TargetEngine(runner, LeasedPool(model, config), tp=tp, verify_delay_ms=config.verify_delay_ms,
+        tp.attach(runner, pool.kv)
+    engine = TargetEngine(runner, pool, tp=tp, verify_delay_ms=config.verify_delay_ms,
                           prefill_chunk=config.prefill_chunk,
                           # tensor-parallel ranks already share the cores: their prefill keeps --threads
                           prefill_threads=(config.prefill_threads or os.cpu_count() or 1) if config.tp == 1 else None)

@@ -6,7 +6,9 @@ heads). Rank 0 broadcasts *batches*, not per-session operations: before each bat
 rows of every sequence in it (tokens, positions, start, prefix, tree mask), so all ranks run the
 same forward in lockstep; after it, only rank 0 decides what is accepted and broadcasts the
 step's decisions, so every shard commits (compacts) the same slots. Sessions opening and closing
-are the only other commands.
+are the only other commands. The pool's layout is the leader's decision too: every command carries
+the pool ops (placements, releases, compaction moves, prefix copies) the leader made since the last
+one, and a follower replays them on its shard before it executes the command.
 The group is the default torch.distributed group of these processes (gloo on CPU, NCCL on GPU),
 rendezvoused through the target's TCPStore under the prefix "tp".
 """
@@ -29,7 +31,8 @@ import torch.distributed as dist
 from specmesh.services.runtime.channel import join_store
 from specmesh.services.runtime.errors import SpecmeshError
 from specmesh.services.runtime.forward_batch import Logits, Runner, SeqRows
-from specmesh.services.runtime.model_worker import LeasedPool, load_service_model
+from specmesh.services.runtime.kv_pool import KVPool
+from specmesh.services.runtime.model_worker import load_service_model
 from specmesh.services.runtime.request import Request
 from specmesh.services.runtime.sampling import SamplingParams
 from specmesh.services.runtime.speculation_planner import measure_cost_curve
@@ -60,6 +63,7 @@ class TPLeader:
     def __init__(self, config: TargetConfig, store_host: str, store_port: int) -> None:
         self.world = config.tp
         self.procs: list[subprocess.Popen] = []
+        self.kv: KVPool | None = None  # the leader's pool, whose ops every command carries
         payload = json.dumps(dataclasses.asdict(config))
         for rank in range(1, self.world):
             device = _rank_device(config.device, rank)
@@ -70,29 +74,34 @@ class TPLeader:
     def join(self, store: dist.Store, device: str) -> None:
         init_group(store, 0, self.world, device)
 
-    def attach(self, runner: Runner) -> None:
-        """Every batch the leader's runner runs is first broadcast to the followers."""
+    def attach(self, runner: Runner, kv: KVPool) -> None:
+        """Every batch the leader's runner runs is first broadcast to the followers, and so is every
+        change to its pool (`kv` must record its ops)."""
         runner.on_forward = self.forward
+        self.kv = kv
 
-    def open(self, key: int, lease: tuple[int, int], request: Request) -> None:
-        _broadcast(("open", key, lease, dataclasses.asdict(request.sampling), request.prompt))
+    def _send(self, op: str, *rest: Any) -> None:
+        _broadcast((op, self.kv.take_ops() if self.kv is not None else [], *rest))
+
+    def open(self, key: int, session_id: str, request: Request, cached: int) -> None:
+        self._send("open", key, session_id, dataclasses.asdict(request.sampling), request.prompt, cached)
 
     def forward(self, seqs: list[SeqRows]) -> None:
-        _broadcast(("forward", [(s.key, s.tokens, s.positions, s.start, s.prefix,
-                                 s.mask.cpu() if s.mask is not None else None, s.logits.value) for s in seqs]))
+        self._send("forward", [(s.key, s.tokens, s.positions, s.start, s.prefix,
+                                s.mask.cpu() if s.mask is not None else None, s.logits.value) for s in seqs])
 
     def commit(self, decisions: list[tuple[int, Decision | None]]) -> None:
-        _broadcast(("commit", decisions))
+        self._send("commit", decisions)
 
     def close(self, key: int) -> None:
-        _broadcast(("close", key))
+        self._send("close", key)
 
     def calibrate(self) -> None:
-        _broadcast(("calibrate",))
+        self._send("calibrate")
 
     def stop(self) -> None:
         try:
-            _broadcast(("stop",))
+            self._send("stop")
         except Exception:
             pass
         for proc in self.procs:
@@ -111,23 +120,23 @@ def _rank_device(device: str, rank: int) -> str:
 
 @dataclass
 class _Follower:
-    """A follower rank's sessions and the rows of the batch it ran last (committed by the next
-    "commit" with the leader's decisions)."""
+    """A follower rank's sessions, its shard of the pool (laid out by the leader's ops) and the rows
+    of the batch it ran last (committed by the next "commit" with the leader's decisions)."""
 
     runner: Runner
-    pool: LeasedPool
-    sessions: dict[int, tuple[TargetSession, tuple[int, int]]] = field(default_factory=dict)
+    pool: KVPool
+    sessions: dict[int, TargetSession] = field(default_factory=dict)
     last: dict[int, SeqRows] = field(default_factory=dict)
 
     def execute(self, op: str, rest: list[Any]) -> None:
         if op == "open":
-            key, lease, sampling, prompt = rest
-            session = TargetSession(self.pool.open(*lease), SamplingParams(**sampling), self.runner.device, key)
-            session.begin(prompt)
-            self.sessions[key] = (session, lease)
+            key, session_id, sampling, prompt, cached = rest
+            session = TargetSession(self.pool.cache(session_id), SamplingParams(**sampling), self.runner.device, key)
+            session.begin(prompt, cached)
+            self.sessions[key] = session
         elif op == "forward":
             (described,) = rest
-            seqs = [SeqRows(self.sessions[key][0].cache, tokens, positions, start, prefix,
+            seqs = [SeqRows(self.sessions[key].cache, tokens, positions, start, prefix,
                             mask.to(self.runner.device) if mask is not None else None, Logits(logits), key)
                     for key, tokens, positions, start, prefix, mask, logits in described]
             self.runner.forward(seqs)
@@ -135,15 +144,14 @@ class _Follower:
         elif op == "commit":
             (decisions,) = rest
             for key, decision in decisions:
-                session, rows = self.sessions[key][0], self.last.pop(key)
+                session, rows = self.sessions[key], self.last.pop(key)
                 if session.prefilling:
                     session.commit_prefill(rows, None, decision)
                 else:
                     session.commit_verify(Tree(rows.tokens, []), None, decision)
         elif op == "close":
             (key,) = rest
-            _session, lease = self.sessions.pop(key)
-            self.pool.close(*lease)
+            self.sessions.pop(key, None)  # its blocks go with the leader's "release" op, if it frees them
         elif op == "calibrate":
             measure_cost_curve(self.runner.model)
 
@@ -161,9 +169,11 @@ def worker_main(argv: list[str] | None = None) -> int:
     host, port = args.store.rsplit(":", 1)
     init_group(join_store(host, int(port)), args.rank, config.tp, config.device)
     model, _ = load_service_model(config, "target", tp_rank=args.rank, tp_size=config.tp)
-    follower = _Follower(Runner(model, config.step_rows), LeasedPool(model, config))
+    follower = _Follower(Runner(model, config.step_rows),
+                         KVPool.for_model(model, config.pool_blocks, config.block_size, "target pool"))
     while True:
-        op, *rest = _broadcast(None)
+        op, pool_ops, *rest = _broadcast(None)
+        follower.pool.apply(pool_ops)
         if op == "stop":
             return 0
         try:
