@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from specmesh.services.runtime import kv_metrics
 from specmesh.services.runtime.errors import ResourceExhausted
 from specmesh.services.runtime.kv_pool import KVPool
@@ -41,6 +40,17 @@ def test_first_fit_and_release(tiny_target: Any) -> None:
     assert pool.open("c", 2, [1, 2]) is pool.kv.cache("c") and pool.kv.ranges["c"].first == 0
     with pytest.raises(ResourceExhausted, match="test pool: a session of 9 blocks is more than the whole pool of 8"):
         pool.open("d", 9, [1, 2])
+
+
+def test_placing_a_taken_range_is_refused(tiny_target: Any) -> None:
+    kv = KVPool.for_model(tiny_target, 4, BLOCK, "test pool")
+    assert kv.place("a", 0, 2).capacity == 2 * BLOCK
+    with pytest.raises(ResourceExhausted, match=r"test pool: blocks \[1, 3\) are not free"):
+        kv.place("b", 1, 2)
+    with pytest.raises(ValueError, match="already holds a range"):
+        kv.place("a", 2, 1)
+    kv.release("a")
+    assert kv.free_blocks == 4
 
 
 def test_compaction_keeps_kv_and_repoints_the_views(tiny_target: Any) -> None:

@@ -12,19 +12,18 @@ import asyncio
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 import pytest
 import torch
-
+from service_helpers import ServiceProcess, start_service
 from specmesh.services.runtime.engines import generate_ar
 from specmesh.services.runtime.request import Request
 from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
-
-from service_helpers import ServiceProcess, start_service
 
 DRAFT, TARGET = "specmesh.services.draft.server", "specmesh.services.target.server"
 POOL = ["--pool-blocks", "16", "--block-size", "16", "--threads", "1", "--dtype", "fp32", "--prefill-chunk", "16",

@@ -109,28 +109,6 @@ def test_allocator_matches_a_bitmap_model(ops: list[tuple[bool, int, int]]) -> N
         assert all(r1[0] + r1[1] < r2[0] for r1, r2 in zip(runs, runs[1:]))  # sorted, merged
 
 
-def test_kvpool_uses_the_allocator() -> None:
-    torch = pytest.importorskip("torch")
-    from specmesh.services.runtime.kv_cache import KVPool
-    from specmesh.services.runtime.model_config import ModelConfig
-
-    config = ModelConfig(model_type="llama", vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=1,
-                         num_heads=2, num_kv_heads=1, head_dim=4, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                         attention_bias=False, max_position_embeddings=64, hf_config=None)
-    pool = KVPool(config, num_blocks=4, block_size=2, dtype=torch.float32)
-    assert pool.free_blocks == 4
-    first = 0
-    pool.claim(first, 2)
-    pool.claim(2, 1)
-    assert pool.free_blocks == 1
-    assert pool.view(first, 2).capacity == 4
-    with pytest.raises(ResourceExhausted):
-        pool.claim(1, 2)  # overlaps a granted range
-    pool.release(first, 2)
-    pool.release(2, 1)
-    assert pool.free_blocks == 4
-
-
 # ---------------------------------------------------------------- PrefixIndex
 
 def test_prefix_index_longest_match_splits_and_prunes() -> None:
