@@ -214,3 +214,18 @@ def test_target_session_waits_for_a_live_source(tiny_target: Any, reference: Any
     assert sum((o.tokens for o in r_out), []) == reference(reader)
     assert r_out[0].cached_tokens == 40 and started_at[0] >= 40
     assert sorted(engine.pool.snapshot().cached_entries) == ["r", "s"]
+
+
+def test_a_session_the_pool_cannot_hold_is_refused_naming_the_pool(pair: Pair) -> None:
+    lease = mesh_pb2.BlockLease(num_blocks=17, block_size=16)
+    with pytest.raises(grpc.RpcError) as info:
+        pair.draft_stub.OpenSession(mesh_pb2.DraftOpenRequest(session_id="big", prompt_ids=[1, 2, 3], tree=TREE,
+                                                              lease=lease, channel_slot=9999), timeout=30)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details() == "draft pool: a session of 17 blocks is more than the whole pool of 16"
+    with pytest.raises(grpc.RpcError) as info:
+        list(pair.target_stub.Generate(mesh_pb2.TargetGenerateRequest(
+            session_id="big", prompt_ids=[1, 2, 3], max_tokens=4, lease=lease, channel_slot=9999), timeout=30))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details() == "target pool: a session of 17 blocks is more than the whole pool of 16"
+    pair.draft_stub.CloseSession(mesh_pb2.SessionRef(session_id="big"), timeout=30)
