@@ -122,7 +122,7 @@ def test_hints_never_change_outputs_and_reuse_what_they_can(pair: Pair, referenc
         ("f", base[:16] + _prompt(3, 16) + _prompt(5, 8), ("c", 32), 32, 8),
         ("g", base, ("a", 31), 0, 4),  # a was evicted: a miss, computed again
     ]
-    compactions = _metric(pair.target, "specmesh_kv_compactions_total", "target")
+    compactions = _metric(pair.target, "specmesh_pool_compactions_total", "target")
     speculative = 0
     for sid, prompt, hint, cached, blocks in cases:
         out = generate(pair, sid, prompt, hint, blocks)
@@ -131,10 +131,10 @@ def test_hints_never_change_outputs_and_reuse_what_they_can(pair: Pair, referenc
         assert 0 < out.kv_tokens <= len(prompt) + MAX_TOKENS and 0 < out.draft_kv_tokens <= out.kv_tokens, sid
         speculative += out.speculative_rounds
     assert speculative > 0  # the draft really took part
-    assert _metric(pair.target, "specmesh_kv_compactions_total", "target") > compactions
-    assert _metric(pair.draft, "specmesh_kv_compactions_total", "draft") > 0
-    assert _metric(pair.target, "specmesh_kv_prefix_evictions_total", "target") >= 3
-    assert _metric(pair.target, "specmesh_kv_prefix_hit_tokens_total", "target") >= 31 + 16 + 32 + 32
+    assert _metric(pair.target, "specmesh_pool_compactions_total", "target") > compactions
+    assert _metric(pair.draft, "specmesh_pool_compactions_total", "draft") > 0
+    assert _metric(pair.target, "specmesh_pool_evictions_total", "target") >= 3
+    assert _metric(pair.target, "specmesh_pool_prefix_hit_tokens_total", "target") >= 31 + 16 + 32 + 32
     for service, reserve in ((pair.target, 64), (pair.draft, 64 + 64)):
         stub = mesh_pb2_grpc.TargetStub if service is pair.target else mesh_pb2_grpc.DraftStub
         with grpc.insecure_channel(service.addr) as ch:

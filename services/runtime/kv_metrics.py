@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-PREFIX_HIT_TOKENS = Counter("specmesh_kv_prefix_hit_tokens", "prompt tokens whose KV was copied from the prefix "
+PREFIX_HIT_TOKENS = Counter("specmesh_pool_prefix_hit_tokens", "prompt tokens whose KV was copied from the prefix "
                                                              "cache instead of prefilled", ["pool"])
-PREFIX_MISS_TOKENS = Counter("specmesh_kv_prefix_miss_tokens", "prompt tokens prefilled (no valid cached KV)",
+PREFIX_MISS_TOKENS = Counter("specmesh_pool_prefix_miss_tokens", "prompt tokens prefilled (no valid cached KV)",
                              ["pool"])
-EVICTIONS = Counter("specmesh_kv_prefix_evictions", "prefix-cache entries evicted to make room", ["pool"])
-CACHED_BLOCKS = Gauge("specmesh_kv_cached_blocks", "blocks held by finished sessions' prefix-cache entries", ["pool"])
-COMPACTIONS = Counter("specmesh_kv_compactions", "pool compactions (enough free blocks, but no run big enough)",
+EVICTIONS = Counter("specmesh_pool_evictions", "prefix-cache entries evicted to make room", ["pool"])
+CACHED_BLOCKS = Gauge("specmesh_pool_cached_blocks", "blocks held by finished sessions' prefix-cache entries", ["pool"])
+COMPACTIONS = Counter("specmesh_pool_compactions", "pool compactions (enough free blocks, but no run big enough)",
                       ["pool"])

@@ -59,7 +59,7 @@ class PoolSnapshot:
     block_size: int
     used_blocks: int  # held by live sessions
     cached_blocks: int  # held by prefix-cache entries (reclaimable)
-    cached_entries: list[str] = field(default_factory=list)
+    cached_entries: list[str] = field(default_factory=list)  # the ids of those with valid KV
 
 
 class SessionPool:
@@ -140,7 +140,8 @@ class SessionPool:
             e.live, e.valid, e.tokens, e.used = False, valid, e.tokens[:valid], next(self._clock)
             if not valid and not e.pins:
                 self._drop(owner)
-            self._gauge()
+            else:
+                self._gauge()
 
     # -- what the gRPC side reads ------------------------------------------------------------------
     def cached_tokens(self, owner: str) -> int:
@@ -151,10 +152,10 @@ class SessionPool:
 
     def snapshot(self) -> PoolSnapshot:
         with self._lock:
-            cached = [owner for owner, e in self.entries.items() if not e.live]
-            cached_blocks = sum(self.kv.ranges[owner].num_blocks for owner in cached)
+            cached_blocks = self._cached_blocks()
             used = self.kv.num_blocks - self.kv.free_blocks - cached_blocks
-            return PoolSnapshot(self.kv.num_blocks, self.kv.block_size, used, cached_blocks, cached)
+            entries = [owner for owner, e in self.entries.items() if not e.live and e.valid]
+            return PoolSnapshot(self.kv.num_blocks, self.kv.block_size, used, cached_blocks, entries)
 
     # -- internals ---------------------------------------------------------------------------------
     def _check_hint(self, owner: str, prompt: list[int], hint: tuple[str, int] | None) -> tuple[str, int] | None:
@@ -191,7 +192,6 @@ class SessionPool:
         if kv.largest_free_run < need:
             kv.compact()
             kv_metrics.COMPACTIONS.labels(self.label).inc()
-        self._gauge()
 
     def _unpin(self, owner: str) -> None:
         e = self.entries.get(owner)
@@ -204,7 +204,10 @@ class SessionPool:
     def _drop(self, owner: str) -> None:
         del self.entries[owner]
         self.kv.release(owner)
+        self._gauge()
+
+    def _cached_blocks(self) -> int:
+        return sum(self.kv.ranges[o].num_blocks for o, e in self.entries.items() if not e.live)
 
     def _gauge(self) -> None:
-        kv_metrics.CACHED_BLOCKS.labels(self.label).set(
-            sum(self.kv.ranges[o].num_blocks for o, e in self.entries.items() if not e.live))
+        kv_metrics.CACHED_BLOCKS.labels(self.label).set(self._cached_blocks())
