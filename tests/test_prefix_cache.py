@@ -229,3 +229,16 @@ def test_a_session_the_pool_cannot_hold_is_refused_naming_the_pool(pair: Pair) -
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info.value.details() == "target pool: a session of 17 blocks is more than the whole pool of 16"
     pair.draft_stub.CloseSession(mesh_pb2.SessionRef(session_id="big"), timeout=30)
+
+
+def test_a_lease_in_blocks_of_another_size_is_refused(pair: Pair) -> None:
+    lease = mesh_pb2.BlockLease(num_blocks=2, block_size=32)
+    want = "the lease counts blocks of 32 slots, this pool's hold 16 (treekv has a stale registration of this pool)"
+    with pytest.raises(grpc.RpcError) as info:
+        pair.draft_stub.OpenSession(mesh_pb2.DraftOpenRequest(session_id="odd", prompt_ids=[1, 2, 3], tree=TREE,
+                                                              lease=lease, channel_slot=9998), timeout=30)
+    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, want)
+    with pytest.raises(grpc.RpcError) as info:
+        list(pair.target_stub.Generate(mesh_pb2.TargetGenerateRequest(
+            session_id="odd", prompt_ids=[1, 2, 3], max_tokens=4, lease=lease, channel_slot=9998), timeout=30))
+    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, want)

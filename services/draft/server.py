@@ -13,7 +13,7 @@ from specmesh.services.runtime.drain import STOP_GRACE_S, Drain
 from specmesh.services.runtime.errors import InvalidRequest, ServiceUnavailable
 from specmesh.services.runtime.forward_batch import Runner
 from specmesh.services.runtime.model_worker import instance_id, load_service_model, service_pool
-from specmesh.services.runtime.protocol import prefix_hint, sampling_from_proto, service_timing, tree_from_proto
+from specmesh.services.runtime.protocol import lease_blocks, prefix_hint, sampling_from_proto, service_timing, tree_from_proto
 from specmesh.services.runtime.speculation_planner import CostCurve, SpeculationPlanner, measure_cost_curve
 from specmesh.services.runtime.service_main import service_main, start_metrics, wait_for_stop_signal, write_ready_file
 from specmesh.v1 import generation_pb2, mesh_pb2, mesh_pb2_grpc
@@ -55,8 +55,7 @@ class DraftServicer(mesh_pb2_grpc.DraftServicer):
         self.drain.refuse_new()
         if not request.prompt_ids:
             raise InvalidRequest("prompt is empty")
-        if request.lease.num_blocks <= 0:
-            raise InvalidRequest("no KV lease given")
+        num_blocks = lease_blocks(request.lease, self.config.block_size)
         tree = tree_from_proto(request.tree)
         if tree.subtree_size > (self.engine.channel.capacity if self.engine.channel else tree.subtree_size):
             raise InvalidRequest(f"subtree_size {tree.subtree_size} exceeds the channel capacity")
@@ -64,7 +63,7 @@ class DraftServicer(mesh_pb2_grpc.DraftServicer):
             raise InvalidRequest(f"max_tree {tree.max_tree} exceeds this draft's --max-tree ({self.config.max_tree})")
         await asyncio.wrap_future(self.engine.open(DraftState(
             channel_id=request.channel_slot, session_id=request.session_id, prompt=list(request.prompt_ids),
-            sampling=sampling_from_proto(request.sampling), tree_params=tree, num_blocks=request.lease.num_blocks,
+            sampling=sampling_from_proto(request.sampling), tree_params=tree, num_blocks=num_blocks,
             prefix=prefix_hint(request.lease), trace_ctx=telemetry.current_context())))
         return mesh_pb2.Empty()
 

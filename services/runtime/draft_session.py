@@ -265,7 +265,7 @@ class DraftSession:
     # -- committing ----------------------------------------------------------------------------
     def reroot(self, verified: list[int]) -> RerootResult:
         """Commit the target's verified tokens (accepted draft tokens + bonus) and move the root."""
-        self.tokens += verified
+        self.tokens.extend(verified)
         t = self.tree
         path, node = [0], 0
         for tok in verified[:-1]:

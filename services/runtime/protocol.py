@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from specmesh.v1 import generation_pb2, mesh_pb2
 
+from .errors import InvalidRequest
 from .prefix_cache import PoolSnapshot
 from .sampling import SamplingParams
 from .tree_params import TreeParams
@@ -33,6 +34,16 @@ def sampling_to_proto(params: SamplingParams) -> generation_pb2.SamplingOptions:
 
 def tree_from_proto(opts: mesh_pb2.TreeOptions) -> TreeParams:
     return TreeParams(width=opts.width, subtree_size=opts.subtree_size, depth=opts.depth, max_tree=opts.max_tree)
+
+
+def lease_blocks(lease: mesh_pb2.BlockLease, block_size: int) -> int:
+    """The blocks treekv admitted a session for, checked against this pool's block size."""
+    if lease.num_blocks <= 0:
+        raise InvalidRequest("no KV lease given")
+    if lease.block_size and lease.block_size != block_size:
+        raise InvalidRequest(f"the lease counts blocks of {lease.block_size} slots, this pool's hold {block_size} "
+                             f"(treekv has a stale registration of this pool)")
+    return lease.num_blocks
 
 
 def prefix_hint(lease: mesh_pb2.BlockLease) -> tuple[str, int] | None:

@@ -164,7 +164,7 @@ class TargetSession:
         self.cache.length = start + len(path)
         self.root = bonus
         committed = [tree.tokens[i] for i in path[1:]] + [bonus]
-        self.tokens += committed
+        self.tokens.extend(committed)
         return RoundResult(committed, len(path) - 1, len(tree))
 
     def decide(self, logits: torch.Tensor, tree: Tree) -> Decision:

@@ -17,7 +17,7 @@ from specmesh.services.runtime.errors import InvalidRequest, SpecmeshError
 from specmesh.services.runtime.expiring_ids import ExpiringIds
 from specmesh.services.runtime.forward_batch import Runner
 from specmesh.services.runtime.model_worker import instance_id, load_service_model, service_pool
-from specmesh.services.runtime.protocol import FINISH_REASONS, prefix_hint, sampling_from_proto, service_timing
+from specmesh.services.runtime.protocol import FINISH_REASONS, lease_blocks, prefix_hint, sampling_from_proto, service_timing
 from specmesh.services.runtime.request import Request
 from specmesh.services.runtime.speculation_planner import CostCurve, measure_cost_curve
 from specmesh.services.runtime.service_main import service_main, start_metrics, wait_for_stop_signal, write_ready_file
@@ -74,8 +74,7 @@ class TargetServicer(mesh_pb2_grpc.TargetServicer):
             req = Request(list(request.prompt_ids), request.max_tokens, sampling_from_proto(request.sampling),
                           tuple(request.stop_token_ids))
             req.validate(self.config.max_context)
-            if request.lease.num_blocks <= 0:
-                raise InvalidRequest("no KV lease given")
+            num_blocks = lease_blocks(request.lease, self.config.block_size)
             if request.channel_slot in self.engine.sessions:
                 raise InvalidRequest(f"channel slot {request.channel_slot} is already in use")
             self.drain.refuse_new()
@@ -87,7 +86,7 @@ class TargetServicer(mesh_pb2_grpc.TargetServicer):
         if request.session_id in self.streams:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session {request.session_id!r} is already running")
         state = SessionState(channel_id=request.channel_slot, session_id=request.session_id, request=req,
-                             num_blocks=request.lease.num_blocks, prefix=prefix_hint(request.lease),
+                             num_blocks=num_blocks, prefix=prefix_hint(request.lease),
                              speculative=request.speculate, out=asyncio.Queue(), loop=asyncio.get_running_loop(),
                              trace_ctx=telemetry.current_context())
         self.streams[state.session_id] = state
