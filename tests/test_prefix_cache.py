@@ -4,7 +4,7 @@ tensor channel (no router, no treekv: the test plays treekv's part and hands out
 Greedy fp32 outputs must equal target-only decoding whatever the hint: prompts sharing 100%, 50%
 and 0% of a cached prompt, a hint whose entry was evicted, a hint that makes the pool evict and
 compact (a tensor-parallel target replays that on its second rank), and a hint whose source is a
-live session still prefilling. In-process, a target engine session waits for a live source.
+live session still prefilling. In-process, target and draft engine sessions wait for a live source.
 """
 from __future__ import annotations
 
@@ -242,3 +242,55 @@ def test_a_lease_in_blocks_of_another_size_is_refused(pair: Pair) -> None:
         list(pair.target_stub.Generate(mesh_pb2.TargetGenerateRequest(
             session_id="odd", prompt_ids=[1, 2, 3], max_tokens=4, lease=lease, channel_slot=9998), timeout=30))
     assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, want)
+
+
+def test_draft_session_waits_for_a_live_source_and_copies_its_kv(tiny_draft: Any) -> None:
+    """The draft engine (no channel: it only catches up on prompts): the reader opens before its
+    source ran anything, starts once the source has 40 tokens of KV, and holds exactly those."""
+    from specmesh.services.draft.engine import DraftEngine, DraftState
+    from specmesh.services.runtime.forward_batch import Runner
+    from specmesh.services.runtime.model_worker import ModelServiceConfig, service_pool
+    from specmesh.services.runtime.sampling import SamplingParams
+    from specmesh.services.runtime.tree_params import TreeParams
+
+    engine = DraftEngine(Runner(tiny_draft, 64), service_pool(tiny_draft, ModelServiceConfig(pool_blocks=16), "draft"),
+                         prefill_chunk=8, session_idle_s=0)
+    hold = threading.Event()
+
+    @dataclass
+    class Hold:
+        pass
+
+    engine.handle(Hold, lambda _: hold.wait(30))
+    source, reader = _prompt(8, 48), _prompt(8, 48)[:40] + _prompt(9, 8)
+    started_at: list[int] = []
+    real_begin = engine._begin
+
+    def begin(state: DraftState) -> None:
+        real_begin(state)
+        if not state.waiting and state.session_id == "r":
+            started_at.append(engine.sessions[1].session.cache.length)
+
+    engine._begin = begin  # type: ignore[method-assign]
+    try:
+        engine.post(Hold())
+        opened = [engine.open(DraftState(channel_id=i + 1, session_id=sid, prompt=prompt, sampling=SamplingParams(),
+                                         tree_params=TreeParams(2, 4, 2, 16), num_blocks=4, prefix=hint))
+                  for i, (sid, prompt, hint) in enumerate((("s", source, None), ("r", reader, ("s", 40)),
+                                                           ("x", reader, None)))]
+        hold.set()
+        for future in opened:
+            future.result(30)
+        deadline = time.monotonic() + 60
+        while not all(not s.waiting and s.session.ready for s in list(engine.sessions.values())):
+            assert time.monotonic() < deadline, "the sessions never caught up on their prompts"
+            time.sleep(0.01)
+        kv_tokens = {sid: engine.close(sid).result(30) for sid in ("s", "r", "x")}
+    finally:
+        engine.stop()
+    assert started_at == [40]  # waited (no catch-up rows) until the source had computed 40 tokens
+    assert kv_tokens == {"s": 47, "r": 47, "x": 47}  # all but the root of the first tree
+    kv = engine.pool.kv
+    assert torch.equal(kv.cache("r").k[:, :, :40], kv.cache("s").k[:, :, :40])
+    assert torch.allclose(kv.cache("r").k[:, :, :47], kv.cache("x").k[:, :, :47], atol=1e-5)
+    assert torch.allclose(kv.cache("r").v[:, :, :47], kv.cache("x").v[:, :, :47], atol=1e-5)
