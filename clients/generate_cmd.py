@@ -96,10 +96,12 @@ def run(args: argparse.Namespace) -> int:
         json.dump({"request_id": final.request_id, "text": "".join(text), "token_ids": ids,
                    "finish_reason": final.finish_reason,
                    "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                             "rounds": u.rounds, "mean_accepted_tokens": round(u.mean_accepted_tokens, 4)},
+                             "cached_tokens": u.cached_tokens, "rounds": u.rounds,
+                             "mean_accepted_tokens": round(u.mean_accepted_tokens, 4)},
                    "stats": stats}, sys.stdout, ensure_ascii=False)
     print(file=sys.stdout)
     ttft = f", first token {first_s * 1000:.0f} ms" if first_s is not None else ""
+    ttft += f", {u.cached_tokens} of {u.prompt_tokens} prompt tokens cached" if u.cached_tokens else ""
     print(f"[{final.finish_reason}] {u.completion_tokens} tokens in {elapsed:.2f}s = {stats['tokens_per_s']:.1f} tok/s"
           f"{ttft}, {u.mean_accepted_tokens:.2f} tokens per target round ({u.rounds} rounds)", file=sys.stderr)
     return 0

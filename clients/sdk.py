@@ -93,6 +93,7 @@ class Usage:
     completion_tokens: int
     rounds: int  # target forwards
     mean_accepted_tokens: float  # completion tokens per target forward
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (not prefilled)
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,7 @@ def _chunk(resp: generation_pb2.GenerateResponse) -> Chunk:
     f = resp.final
     u = f.usage
     return Chunk(finish_reason=_FINISH.get(f.finish_reason, "unspecified"), request_id=f.request_id,
-                 usage=Usage(u.prompt_tokens, u.completion_tokens, u.rounds, u.mean_accepted_tokens))
+                 usage=Usage(u.prompt_tokens, u.completion_tokens, u.rounds, u.mean_accepted_tokens, u.cached_tokens))
 
 
 class _Collector:

@@ -1,5 +1,8 @@
 """`specmesh up`: the whole mesh on this machine — treekv, target, draft, router — until Ctrl-C.
 
+`--pairs N` runs N draft/target pairs (services `target`/`draft` for pair 0, `target-i`/`draft-i`
+for pair i, each on free ports) behind the one router, which gets them as its pair list.
+
 It supervises them: a draft or treekv that dies is named on the console and started again on its
 old port (the router re-pairs a new draft by itself; a new treekv restores the leases its
 predecessor granted from the lease file). Running streams do not need either, so they go on. A
@@ -29,14 +32,17 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
     p.add_argument("--target", default=None, help="target model: directory or .gguf (default pair if omitted)")
     p.add_argument("--draft", default=None, help="draft model: directory or .gguf (default pair if omitted)")
     p.add_argument("--tiny", action="store_true", help="tiny random model pair (smoke tests)")
+    p.add_argument("--pairs", type=int, default=1, help="draft/target pairs (each a draft and a target process)")
     p.add_argument("--host", default="127.0.0.1", help="bind address of every service (loopback by default)")
     p.add_argument("--port", type=int, default=50051, help="router gRPC port (0 = free)")
     p.add_argument("--http-port", type=int, default=8000, help="router OpenAI-style HTTP port (0 = free, -1 = off)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     add_weights_argument(p)
-    p.add_argument("--target-threads", type=int, default=0, help="0 = all cores but the draft's")
-    p.add_argument("--draft-threads", type=int, default=0, help="0 = one core per four, at least one")
-    p.add_argument("--pool-blocks", type=int, default=1024, help="KV blocks per model pool")
+    p.add_argument("--target-threads", type=int, default=0, help="per target; 0 = its pair's share of the cores "
+                                                                  "but the draft's")
+    p.add_argument("--draft-threads", type=int, default=0, help="per draft; 0 = one core per four of its pair's "
+                                                                 "share, at least one")
+    p.add_argument("--pool-blocks", type=int, default=1024, help="KV blocks per model pool (each draft and target)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--width", type=int, default=4, help="w: leaves per draft expansion")
     p.add_argument("--subtree-size", type=int, default=16, help="bs: nodes per verification")
@@ -66,10 +72,12 @@ class Mesh:
     restarts: dict[str, list[float]] = field(default_factory=dict)  # when each service was restarted
 
     def start(self, service: str, args: list[str]) -> None:
+        """Start `service` ("treekv", "target", "draft-1", ...: the part before "-" names the module)."""
         ready = self.workdir / f"{service}.ready"
         ready.unlink(missing_ok=True)
         self.args[service] = args
-        cmd = [sys.executable, "-m", f"specmesh.services.{service}.server", "--ready-file", str(ready),
+        module = service.split("-", 1)[0]
+        cmd = [sys.executable, "-m", f"specmesh.services.{module}.server", "--ready-file", str(ready),
                "--shutdown-grace-s", str(self.grace_s), *args]
         self.procs[service] = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
 
@@ -144,53 +152,65 @@ def _write_ready(path: str, router: dict, mesh: Mesh) -> None:
         os.replace(tmp, path)
 
 
-def thread_split(target_threads: int, draft_threads: int) -> tuple[int, int]:
-    """Draft and target run at the same time: give them disjoint shares of the cores."""
-    cores = os.cpu_count() or 2
+def thread_split(target_threads: int, draft_threads: int, pairs: int = 1) -> tuple[int, int]:
+    """Threads per target and per draft. All of them run at the same time: each pair gets an
+    equal share of the cores, split between its draft and its target."""
+    cores = max(1, (os.cpu_count() or 2) // pairs)
     draft = draft_threads or max(1, cores // 4)
     target = target_threads or max(1, cores - draft)
     return target, draft
 
 
+def pair_names(pairs: int) -> list[tuple[str, str]]:
+    """(target, draft) service names per pair: pair 0 keeps the plain names."""
+    return [("target", "draft") if i == 0 else (f"target-{i}", f"draft-{i}") for i in range(pairs)]
+
+
 def run(args: argparse.Namespace) -> int:
     from specmesh.services.runtime.errors import SpecmeshError
 
+    if args.pairs < 1:
+        return fail(f"--pairs must be at least 1, got {args.pairs}")
     try:
         target_dir, draft_dir = model_dirs(args)
     except SpecmeshError as exc:
         return fail(str(exc))
-    target_threads, draft_threads = thread_split(args.target_threads, args.draft_threads)
+    target_threads, draft_threads = thread_split(args.target_threads, args.draft_threads, args.pairs)
+    names = pair_names(args.pairs)
     mesh = Mesh(Path(tempfile.mkdtemp(prefix="specmesh-up-")), grace_s=args.shutdown_grace_s)
     common = ["--host", args.host, "--log-level", args.log_level]
     metrics = ["--metrics-port", "0"] if args.metrics else []
     pools = ["--pool-blocks", str(args.pool_blocks), "--block-size", str(args.block_size),
              "--max-context", str(args.max_context), "--dtype", args.dtype, "--weights", args.weights]
     try:
-        mesh.start("treekv", [*common, *metrics, "--port", "0", "--draft-blocks", str(args.pool_blocks),
-                              "--target-blocks", str(args.pool_blocks), "--block-size", str(args.block_size),
-                              "--state-file", str(mesh.workdir / "treekv.leases")])
-        mesh.start("target", [*common, *metrics, *pools, "--port", "0", "--tensor-port", "0", "--model", str(target_dir),
-                              "--threads", str(target_threads), "--calibrate-tokens", str(args.subtree_size),
-                              *args.extra_target_args.split()])
-        mesh.start("draft", [*common, *metrics, *pools, "--port", "0", "--model", str(draft_dir),
-                             "--threads", str(draft_threads), "--tree-width", str(args.width),
-                             *(["--no-plan"] if args.no_plan else []), *args.extra_draft_args.split()])
-        addr = {name: f"{args.host}:{mesh.wait(name, 600)['port']}" for name in ("treekv", "target", "draft")}
+        # treekv learns the pools' sizes from the services (the router registers them).
+        mesh.start("treekv", [*common, *metrics, "--port", "0", "--state-file", str(mesh.workdir / "treekv.leases")])
+        for target, draft in names:
+            mesh.start(target, [*common, *metrics, *pools, "--port", "0", "--tensor-port", "0",
+                                "--model", str(target_dir), "--threads", str(target_threads),
+                                "--calibrate-tokens", str(args.subtree_size), *args.extra_target_args.split()])
+            mesh.start(draft, [*common, *metrics, *pools, "--port", "0", "--model", str(draft_dir),
+                               "--threads", str(draft_threads), "--tree-width", str(args.width),
+                               *(["--no-plan"] if args.no_plan else []), *args.extra_draft_args.split()])
+        addr = {name: f"{args.host}:{mesh.wait(name, 600)['port']}"
+                for name in ("treekv", *(name for pair in names for name in pair))}
         mesh.start("router", [*common, *metrics, "--port", str(args.port), "--http-port", str(args.http_port),
-                              "--model", str(target_dir), "--draft-addr", addr["draft"],
-                              "--target-addr", addr["target"], "--treekv-addr", addr["treekv"],
+                              "--model", str(target_dir), "--draft-addr", ",".join(addr[d] for _, d in names),
+                              "--target-addr", ",".join(addr[t] for t, _ in names), "--treekv-addr", addr["treekv"],
                               "--tree-width", str(args.width), "--subtree-size", str(args.subtree_size),
                               "--depth", str(args.depth), "--max-context", str(args.max_context)])
         router = mesh.wait("router", 300)
         router_addr = f"{args.host}:{router['port']}"
         http = f", HTTP http://{args.host}:{router['http_port']}/v1" if router.get("http_port") else ""
-        print(f"specmesh is up: router {router_addr}{http} (Ctrl-C stops all four services)", flush=True)
+        pairs = f", {args.pairs} draft/target pairs" if args.pairs > 1 else ""
+        print(f"specmesh is up: router {router_addr}{http}{pairs} (Ctrl-C stops all {len(mesh.procs)} services)",
+              flush=True)
         publish = lambda: _write_ready(args.ready_file, {**router, "addr": router_addr}, mesh)  # noqa: E731
         publish()
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while True:
             dead = mesh.any_dead()
-            if dead in ("router", "target"):
+            if dead == "router" or (dead is not None and dead.startswith("target")):
                 print(f"error: {dead} exited with status {mesh.procs[dead].returncode}; stopping", file=sys.stderr)
                 return 1
             if dead is not None:  # draft or treekv: nothing running depends on them

@@ -42,7 +42,7 @@ def wait_kv_idle(addr: str, timeout: float = 5.0) -> mesh_pb2.KVStats:
     deadline = time.monotonic() + timeout
     while True:
         stats = kv_stats(addr)
-        if not stats.sessions and stats.draft_blocks_used == 0 and stats.target_blocks_used == 0:
+        if not stats.sessions and all(pool.blocks_used == 0 for pool in stats.pools):
             return stats
         if time.monotonic() > deadline:
             raise AssertionError(f"treekv still holds sessions after {timeout}s: {stats}")
@@ -53,12 +53,15 @@ class FullMesh:
     """treekv + target + draft + router on loopback (`stop()` ends them all).
 
     `pair` is a (target_dir, draft_dir) pair (default: the tiny pair under base); `*_args` are
-    extra flags per service; `env` entries are added to every service's environment.
+    extra flags per service; `env` entries are added to every service's environment. `pairs`
+    draft/target pairs run behind the router: pair 0 is `mesh.target` / `mesh.draft`, pair i
+    `mesh.procs["target-i"]` / `mesh.procs["draft-i"]` (`pair_names` lists them).
     """
 
     def __init__(self, base: Path, pool_blocks: int = 256, router_args: list[str] | None = None,
                  target_args: list[str] | None = None, draft_args: list[str] | None = None,
-                 pair: tuple[Path, Path] | None = None, env: dict[str, str] | None = None) -> None:
+                 pair: tuple[Path, Path] | None = None, env: dict[str, str] | None = None,
+                 pairs: int = 1) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         from service_helpers import start_service
@@ -66,19 +69,17 @@ class FullMesh:
         self.target_dir, self.draft_dir = pair if pair is not None else tiny_pair(base)
         pools = ["--pool-blocks", str(pool_blocks), "--block-size", "16", "--threads", "1"]
         self.procs: dict[str, object] = {}
+        self.pair_names = [("target", "draft") if i == 0 else (f"target-{i}", f"draft-{i}") for i in range(pairs)]
         try:
-            # The three back ends import torch and load models: start them side by side.
-            with ThreadPoolExecutor(3) as pool:
-                futures = {
-                    "treekv": pool.submit(start_service, TREEKV, ["--draft-blocks", str(pool_blocks),
-                                                                  "--target-blocks", str(pool_blocks),
-                                                                  "--block-size", "16"], env=env),
-                    "target": pool.submit(start_service, TARGET, ["--model", str(self.target_dir),
-                                                                  "--tensor-port", "0", *pools,
-                                                                  *(target_args or [])], env=env),
-                    "draft": pool.submit(start_service, DRAFT, ["--model", str(self.draft_dir), *pools,
-                                                                *(draft_args or [])], env=env),
-                }
+            # The back ends import torch and load models: start them side by side.
+            with ThreadPoolExecutor(1 + 2 * pairs) as pool:
+                futures = {"treekv": pool.submit(start_service, TREEKV, [], env=env)}
+                for target, draft in self.pair_names:
+                    futures[target] = pool.submit(start_service, TARGET, ["--model", str(self.target_dir),
+                                                                          "--tensor-port", "0", *pools,
+                                                                          *(target_args or [])], env=env)
+                    futures[draft] = pool.submit(start_service, DRAFT, ["--model", str(self.draft_dir), *pools,
+                                                                        *(draft_args or [])], env=env)
                 errors = []
                 for name, future in futures.items():  # keep every one that started, so stop() ends it
                     try:
@@ -89,7 +90,9 @@ class FullMesh:
                     raise errors[0]
             self.procs["router"] = start_service(ROUTER, [
                 "--model", str(self.target_dir), "--http-port", "0", "--treekv-addr", self.treekv.addr,
-                "--target-addr", self.target.addr, "--draft-addr", self.draft.addr, *(router_args or [])], env=env)
+                "--target-addr", ",".join(self.procs[t].addr for t, _ in self.pair_names),  # type: ignore[attr-defined]
+                "--draft-addr", ",".join(self.procs[d].addr for _, d in self.pair_names),  # type: ignore[attr-defined]
+                *(router_args or [])], env=env)
         except BaseException:
             self.stop()
             raise
@@ -104,20 +107,25 @@ class FullMesh:
     def http(self) -> str:
         return f"http://127.0.0.1:{self.router.ready['http_port']}"
 
-    def wait_paired(self, timeout: float = 60.0) -> None:
-        """Until the router reports the draft connected (it pairs them in the background)."""
-        from specmesh.v1 import generation_pb2, generation_pb2_grpc
+    def health(self) -> dict:
+        """The router's /health (per pair: target_reachable, draft_connected)."""
+        import json
+        import urllib.request
 
+        with urllib.request.urlopen(self.http + "/health", timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def wait_paired(self, timeout: float = 60.0) -> None:
+        """Until the router reports every pair's draft connected (it pairs them in the background)."""
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.router.addr) as ch:
-            stub = generation_pb2_grpc.GenerationStub(ch)
-            while not stub.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=5).draft_connected:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"draft not paired after {timeout}s; router log:\n{self.router.log_tail()}")
-                time.sleep(0.1)
+        while not all(p["draft_connected"] for p in self.health()["pairs"]):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"drafts not paired after {timeout}s ({self.health()['pairs']}); router log:\n"
+                                     f"{self.router.log_tail()}")
+            time.sleep(0.1)
 
     def stop(self) -> None:
-        for name in ("router", "draft", "target", "treekv"):
+        for name in ("router", *(name for pair in self.pair_names for name in reversed(pair)), "treekv"):
             proc = self.procs.pop(name, None)
             if proc is not None:
                 proc.stop()  # type: ignore[attr-defined]

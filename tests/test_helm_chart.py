@@ -391,32 +391,30 @@ def test_tree_shape(helm):
     assert t2["--calibrate-tokens"] == "96" and int(t2["--subtree-capacity"]) >= 96
 
 
-def _kv_flags(m: Manifests) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
-    return tuple(flag_values(m.container(c)["args"]) for c in ("treekv", "draft", "target"))
-
-
 @pytest.mark.parametrize("sets", [(), ("kv.draftBlocks=512", "kv.targetBlocks=2048", "kv.blockSize=32"),
                                   ("kv.blockSize=8", "maxContext=8000")], ids=["defaults", "custom", "small-blocks"])
-def test_kv_pools_agree(helm, sets):
-    """treekv leases ranges of the draft's and target's pools: all three must size them the same."""
+def test_kv_pools_are_the_services_own(helm, sets):
+    """The draft and the target size their pools from `kv`; treekv gets no pool flags (the routers
+    register the pools the services report)."""
     m = render(helm, *[a for s in sets for a in ("--set", s)])
-    treekv, draft, target = _kv_flags(m)
-    assert treekv["--draft-blocks"] == draft["--pool-blocks"]
-    assert treekv["--target-blocks"] == target["--pool-blocks"]
-    assert treekv["--block-size"] == draft["--block-size"] == target["--block-size"]
+    draft, target = (flag_values(m.container(c)["args"]) for c in ("draft", "target"))
     kv = values()["kv"]
     for s in sets:
         key, val = s.split("=")
         if key.startswith("kv."):
             kv[key[3:]] = int(val)
-    assert (treekv["--draft-blocks"], treekv["--target-blocks"], treekv["--block-size"]) == (
-        str(kv["draftBlocks"]), str(kv["targetBlocks"]), str(kv["blockSize"]))
+    assert (draft["--pool-blocks"], target["--pool-blocks"]) == (str(kv["draftBlocks"]), str(kv["targetBlocks"]))
+    assert draft["--block-size"] == target["--block-size"] == str(kv["blockSize"])
+    treekv = flag_values(m.container("treekv")["args"])
+    assert not {"--draft-blocks", "--target-blocks", "--block-size", "--pool-blocks"} & set(treekv)
 
 
 @pytest.mark.parametrize("sets, message", [
     (("draft.extraArgs={--pool-blocks,8}",), "--pool-blocks is set by the chart"),
     (("target.extraArgs={--block-size=32}",), "--block-size is set by the chart"),
-    (("treekv.extraArgs={--draft-blocks,8}",), "--draft-blocks is set by the chart"),
+    (("treekv.extraArgs={--state-file,/x}",), "--state-file is set by the chart"),
+    (("draft.replicas=2",), "draft.replicas (2) must equal target.replicas (1)"),
+    (("target.replicas=3", "draft.replicas=2"), "draft pod i pairs with target pod i"),
     (("router.extraArgs={--port,1}",), "--port is set by the chart"),
     (("kv.draftBlocks=64",), "kv.draftBlocks x kv.blockSize"),   # 1024 slots < one 4096-token request
     (("kv.targetBlocks=200", "kv.blockSize=8"), "kv.targetBlocks x kv.blockSize"),
@@ -453,11 +451,27 @@ def _service_addr(m: Manifests, comp: str) -> str:
     return f"{svcs[0]['metadata']['name']}:{port['port']}"
 
 
+def _pod_addrs(m: Manifests, comp: str) -> list[str]:
+    """host:port of each pod of comp's StatefulSet through its headless Service: <sts>-i.<headless>:grpc."""
+    sts = m.workloads()[comp]
+    assert sts["kind"] == "StatefulSet"
+    headless = m.get("Service", sts["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    assert headless["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    (port,) = [p for p in headless["spec"]["ports"] if p["name"] == "grpc"]
+    assert port["port"] == GRPC_PORTS[comp]
+    return [f"{sts['metadata']['name']}-{i}.{headless['metadata']['name']}:{port['port']}"
+            for i in range(sts["spec"]["replicas"])]
+
+
 def test_addresses_point_at_the_right_services(helm):
     m = render(helm)
     router = env_of(m.container("router"))
-    assert router["SPECMESH_DRAFT_ADDR"] == _service_addr(m, "draft")
-    assert router["SPECMESH_TARGET_ADDR"] == _service_addr(m, "target")
+    # one pair: draft pod 0 with target pod 0, by their stable pod names (not the balancing Services)
+    assert router["SPECMESH_DRAFT_ADDR"] == f"{RELEASE}-specmesh-draft-0.{RELEASE}-specmesh-draft-headless:50052"
+    assert router["SPECMESH_TARGET_ADDR"] == f"{RELEASE}-specmesh-target-0.{RELEASE}-specmesh-target-headless:50053"
+    assert router["SPECMESH_DRAFT_ADDR"].split(",") == _pod_addrs(m, "draft")
+    assert router["SPECMESH_TARGET_ADDR"].split(",") == _pod_addrs(m, "target")
     assert router["SPECMESH_TREEKV_ADDR"] == _service_addr(m, "treekv")
     # only the router dials treekv; the draft dials no target itself: the router pairs them and
     # hands it the target's endpoint
@@ -468,9 +482,35 @@ def test_addresses_point_at_the_right_services(helm):
     m0 = render(helm, "--set", "draft.replicas=0")
     assert env_of(m0.container("router"))["SPECMESH_DRAFT_ADDR"] == ""
     # ports moved in values move the addresses too
-    m2 = render(helm, "--set", "treekv.port=6000")
+    m2 = render(helm, "--set", "treekv.port=6000", "--set", "target.port=6001")
     assert env_of(m2.container("router"))["SPECMESH_TREEKV_ADDR"] == f"{RELEASE}-specmesh-treekv:6000"
     assert flag_values(m2.container("treekv")["args"])["--port"] == "6000"
+    assert env_of(m2.container("router"))["SPECMESH_TARGET_ADDR"].endswith("-headless:6001")
+
+
+@pytest.mark.parametrize("pairs", [2, 3])
+def test_pairs_draft_i_with_target_i(helm, pairs):
+    """N pairs: both StatefulSets run N pods, and the router (every replica alike) gets the lists in
+    ordinal order, so entry i of --draft-addr is draft pod i and pairs with target pod i."""
+    m = render(helm, "--set", f"target.replicas={pairs}", "--set", f"draft.replicas={pairs}",
+               "--set", "router.replicas=2")
+    wl = m.workloads()
+    assert wl["draft"]["spec"]["replicas"] == wl["target"]["spec"]["replicas"] == pairs
+    assert wl["router"]["spec"]["replicas"] == 2
+    router = env_of(m.container("router"))
+    drafts, targets = router["SPECMESH_DRAFT_ADDR"].split(","), router["SPECMESH_TARGET_ADDR"].split(",")
+    assert drafts == _pod_addrs(m, "draft") and targets == _pod_addrs(m, "target")
+    for i, (draft, target) in enumerate(zip(drafts, targets)):
+        assert draft.startswith(f"{RELEASE}-specmesh-draft-{i}.") and target.startswith(f"{RELEASE}-specmesh-target-{i}.")
+    # the router takes exactly these flags' env (and parses the lists: checked against its config)
+    from specmesh.services.router.config import RouterConfig
+
+    assert RouterConfig(target_addr=router["SPECMESH_TARGET_ADDR"],
+                        draft_addr=router["SPECMESH_DRAFT_ADDR"]).pairs() == list(zip(targets, drafts))
+    # target-only pairs: no drafts at all
+    m0 = render(helm, "--set", f"target.replicas={pairs}", "--set", "draft.replicas=0")
+    assert env_of(m0.container("router"))["SPECMESH_DRAFT_ADDR"] == ""
+    assert len(env_of(m0.container("router"))["SPECMESH_TARGET_ADDR"].split(",")) == pairs
 
 
 def test_target_advertises_its_pod_ip(helm):
@@ -696,6 +736,7 @@ BAD_SETS = [
     ("router.replicas=-1",),
     ("draft.replicas=-1",),
     ("treekv.replicas=2",),
+    ("target.replicas=0",),
     ("draft.gpus=0",),
     ("draft.gpus=two",),
     ("draft.gpus=2",),  # the draft runs on one device

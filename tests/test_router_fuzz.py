@@ -41,7 +41,7 @@ class Router:
 @pytest.fixture(scope="module")
 def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
     target_dir, _ = tiny_pair(tmp_path_factory.getbasetemp())
-    with start_service(TREEKV, ["--draft-blocks", "64", "--target-blocks", "64"]) as treekv:
+    with start_service(TREEKV, []) as treekv:
         with start_service(ROUTER, ["--model", str(target_dir), "--http-port", "0", "--treekv-addr", treekv.addr,
                                     "--target-addr", f"127.0.0.1:{closed_port()}", "--draft-addr", "",
                                     "--max-context", "256"]) as proc:

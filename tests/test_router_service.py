@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from specmesh.v1 import generation_pb2 as pb
 from specmesh.v1 import generation_pb2_grpc as pb_grpc
 
-from router_testing import ROUTER, TREEKV, closed_port, tiny_pair, wait_kv_idle
+from router_testing import ROUTER, TARGET, TREEKV, closed_port, tiny_pair, wait_kv_idle
 from service_helpers import ServiceProcess, start_service
 
 
@@ -32,7 +32,7 @@ class Mesh:
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     target_dir, _ = tiny_pair(tmp_path_factory.getbasetemp())
     target_port = closed_port()
-    treekv = start_service(TREEKV, ["--draft-blocks", "8", "--target-blocks", "64"])  # 128 draft slots
+    treekv = start_service(TREEKV, [])
     try:
         router = start_service(ROUTER, ["--model", str(target_dir), "--http-port", "0",
                                         "--treekv-addr", treekv.addr, "--target-addr", f"127.0.0.1:{target_port}",
@@ -121,17 +121,6 @@ def test_target_down_is_unavailable_quickly_and_frees_kv(mesh: Mesh, fields: dic
     wait_kv_idle(mesh.treekv.addr)  # the treekv session opened for it was closed again
 
 
-def test_kv_admission_refusal_is_resource_exhausted(mesh: Mesh) -> None:
-    # 5 prompt + 200 + max_tree 64 + subtree 16 draft slots: more than treekv's 8 blocks of 16.
-    with pytest.raises(grpc.RpcError) as info:
-        _generate(mesh, prompt=P, max_tokens=200)
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert info.value.details().startswith("treekv-service: ")
-    status, body = _http(mesh, "/v1/completions", {"prompt": P, "max_tokens": 200})
-    assert status == 429 and body["error"]["code"] == "resource_exhausted"
-    wait_kv_idle(mesh.treekv.addr)
-
-
 def test_unavailable_does_not_leak_request_ids(mesh: Mesh) -> None:
     for _ in range(2):  # the same id twice in a row: the first one is not "still running"
         with pytest.raises(grpc.RpcError) as info:
@@ -181,9 +170,11 @@ def test_http_errors_and_info(mesh: Mesh) -> None:
 def test_treekv_down_is_unavailable_naming_treekv(tmp_path_factory: pytest.TempPathFactory) -> None:
     target_dir, _ = tiny_pair(tmp_path_factory.getbasetemp())
     port = closed_port()
-    args = ["--model", str(target_dir), "--http-port", "-1", "--draft-addr", "", "--metrics-port", "0",
-            "--treekv-addr", f"127.0.0.1:{port}", "--target-addr", f"127.0.0.1:{closed_port()}"]
-    with start_service(ROUTER, args) as router:
+    with start_service(TARGET, ["--model", str(target_dir), "--tensor-port", "0", "--pool-blocks", "64",
+                                "--threads", "1"]) as target, \
+            start_service(ROUTER, ["--model", str(target_dir), "--http-port", "-1", "--draft-addr", "",
+                                   "--metrics-port", "0", "--treekv-addr", f"127.0.0.1:{port}",
+                                   "--target-addr", target.addr]) as router:
         assert router.ready["http_port"] is None
         with grpc.insecure_channel(router.addr) as ch:
             t0 = time.monotonic()
@@ -279,14 +270,6 @@ def test_model_names(mesh: Mesh) -> None:
     assert status == 200 and reply["id"] == "tiny-alias" and reply["object"] == "model"
     status, reply = _http(mesh, "/v1/models/gpt-4")
     assert status == 404 and reply["error"]["code"] == "model_not_found"
-
-
-def test_chat_without_max_tokens_reserves_the_default_not_the_context(mesh: Mesh) -> None:
-    # treekv has 128 draft slots: the rest of the 256-token context (+ tree slots) would not be
-    # admitted (429); the server default of 24 tokens is, and the request reaches the target.
-    status, reply = _http(mesh, "/v1/chat/completions", {"messages": CHAT})
-    assert status == 503 and "target-service" in reply["error"]["message"], reply
-    wait_kv_idle(mesh.treekv.addr)
 
 
 def test_validation_failures_are_counted(mesh: Mesh) -> None:

@@ -13,9 +13,13 @@ class RouterConfig(CommonConfig):
     port: int = dataclasses.field(default=50051, metadata={"help": "public gRPC port (0 = a free port)"})
     http_port: int = dataclasses.field(default=8000, metadata={"help": "OpenAI-style HTTP port (-1 = off, "
                                                                        "0 = a free port)"})
-    draft_addr: str = dataclasses.field(default="127.0.0.1:50052", metadata={"help": "draft-service host:port "
-                                                                                    "('' = no draft: target only)"})
-    target_addr: str = dataclasses.field(default="127.0.0.1:50053", metadata={"help": "target-service host:port"})
+    draft_addr: str = dataclasses.field(default="127.0.0.1:50052", metadata={"help": "draft-service host:port, or "
+                                                                                    "a comma-separated list: draft i "
+                                                                                    "pairs with target i ('' = no "
+                                                                                    "draft: target only)"})
+    target_addr: str = dataclasses.field(default="127.0.0.1:50053", metadata={"help": "target-service host:port, or "
+                                                                                      "a comma-separated list (one "
+                                                                                      "per pair)"})
     treekv_addr: str = dataclasses.field(default="127.0.0.1:50054", metadata={"help": "treekv-service host:port"})
     model: str = dataclasses.field(default="", metadata={"help": "target model (directory or .gguf; '' = the "
                                                                  "default pair) for the tokenizer and chat template"})
@@ -50,6 +54,24 @@ class RouterConfig(CommonConfig):
                                                                            "sessions are renewed (well below "
                                                                            "treekv's lease TTL)"})
 
+    def pairs(self) -> list[tuple[str, str]]:
+        """The draft/target pairs as (target address, draft address; '' = none): target i with draft i.
+
+        A pair's id is its target address as written here, so every router given the same list
+        names the pairs alike (treekv places sessions by these ids)."""
+        targets = [a.strip() for a in self.target_addr.split(",")]
+        drafts = [a.strip() for a in self.draft_addr.split(",")] if self.draft_addr.strip() else [""] * len(targets)
+        if not all(targets):
+            raise ValueError(f"--target-addr needs one host:port per pair, got {self.target_addr!r}")
+        if len(drafts) != len(targets):
+            raise ValueError(f"--draft-addr lists {len(drafts)} drafts for {len(targets)} targets in --target-addr "
+                             f"(draft i pairs with target i; '' = no drafts)")
+        for name, addrs in (("--target-addr", targets), ("--draft-addr", [d for d in drafts if d])):
+            repeated = sorted({a for a in addrs if addrs.count(a) > 1})
+            if repeated:
+                raise ValueError(f"{name} names {repeated[0]} twice (each service belongs to one pair)")
+        return list(zip(targets, drafts))
+
     def validate(self) -> None:
         """Reject settings the router cannot work with (ValueError naming the flag)."""
         positive = ("max_context", "tree_width", "subtree_size", "max_tree", "max_concurrent", "max_stop_len")
@@ -61,8 +83,7 @@ class RouterConfig(CommonConfig):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.http_port < -1:
             raise ValueError(f"--http-port must be -1 (off), 0 (free) or a port, got {self.http_port}")
-        if not self.target_addr:
-            raise ValueError("--target-addr is required")
+        self.pairs()  # raises on a malformed pair list
         if not self.treekv_addr:
             raise ValueError("--treekv-addr is required")
         if self.lease_renew_s <= 0:

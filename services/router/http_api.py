@@ -87,6 +87,7 @@ def error_response(exc: SpecmeshError) -> web.Response:
 def _usage(u: Usage) -> dict[str, Any]:
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
             "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},  # OpenAI's shape
             "rounds": u.rounds, "mean_accepted_tokens": round(u.mean_accepted_tokens, 4)}
 
 
@@ -154,10 +155,12 @@ class HttpApi:
         return model
 
     async def health(self, request: web.Request) -> web.Response:
+        """draft_connected: some pair speculates; pairs: each pair's target reachability and pairing."""
+        pairings = self.router.pairings
+        body = {"draft_connected": pairings.any_connected, "pairs": pairings.status()}
         if self.router.drain.draining:  # load balancers stop sending; running streams finish
-            return web.json_response({"status": "draining", "draft_connected": self.router.pairing.connected},
-                                     status=503)
-        return web.json_response({"status": "ok", "draft_connected": self.router.pairing.connected})
+            return web.json_response({"status": "draining", **body}, status=503)
+        return web.json_response({"status": "ok", **body})
 
     async def _generate(self, request: web.Request, kind: _Kind,
                         parse: Callable[[bytes], CompletionBody | ChatBody]) -> web.StreamResponse:

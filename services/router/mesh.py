@@ -3,6 +3,7 @@ that name the service and its address (what a user needs to find the broken piec
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -72,17 +73,29 @@ class Peer:
         await self.channel.close()
 
 
-class Mesh:
-    """The three peers; `draft` is None when the router runs target-only (no --draft-addr)."""
+@dataclass
+class Pair:
+    """One draft/target pair. `id` is the target's address as the router dials it (the name treekv
+    knows the pair by); `draft` is None for a target-only pair."""
 
-    def __init__(self, treekv_addr: str, target_addr: str, draft_addr: str, timeout_s: float,
+    id: str
+    target: Peer
+    draft: Peer | None
+
+
+class Mesh:
+    """treekv and the pairs, in the order of --target-addr."""
+
+    def __init__(self, treekv_addr: str, pairs: list[tuple[str, str]], timeout_s: float,
                  security: MeshSecurity = MeshSecurity()) -> None:
         self.treekv = Peer("treekv-service", treekv_addr, mesh_pb2_grpc.TreeKVStub, timeout_s, security)
-        self.target = Peer("target-service", target_addr, mesh_pb2_grpc.TargetStub, timeout_s, security)
-        self.draft = (Peer("draft-service", draft_addr, mesh_pb2_grpc.DraftStub, timeout_s, security)
-                      if draft_addr else None)
+        self.pairs = [Pair(target_addr, Peer("target-service", target_addr, mesh_pb2_grpc.TargetStub, timeout_s,
+                                             security),
+                           Peer("draft-service", draft_addr, mesh_pb2_grpc.DraftStub, timeout_s, security)
+                           if draft_addr else None)
+                      for target_addr, draft_addr in pairs]
 
     async def close(self) -> None:
-        for peer in (self.treekv, self.target, self.draft):
+        for peer in (self.treekv, *(p for pair in self.pairs for p in (pair.target, pair.draft))):
             if peer is not None:
                 await peer.close()

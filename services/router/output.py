@@ -26,6 +26,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     rounds: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV the target copied from its prefix cache (not prefilled)
 
     @property
     def mean_accepted_tokens(self) -> float:

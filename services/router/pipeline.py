@@ -2,10 +2,12 @@
 
     prepare()  validate + tokenize                       (InvalidRequest)
     generate() a fresh session id, then
-               treekv.OpenSession -> draft.OpenSession -> target.Generate stream
-               -> OutputProcessor per round -> ChunkEvent ... FinalEvent
+               treekv.OpenSession (it places the session on one of the pairs whose target is
+               reachable, and admits it into both pools) -> that pair's draft.OpenSession ->
+               its target.Generate stream -> OutputProcessor per round -> ChunkEvent ... FinalEvent
                finally: Target.Abort (unless it finished) and wait for its last update,
-                        Draft.CloseSession, then TreeKV.CloseSession
+                        Draft.CloseSession, then TreeKV.CloseSession with both services'
+                        kv_tokens (what stays cached as a prefix)
 
 Committed tokens go to treekv.AppendCommitted from a background task (never awaited before a
 chunk is delivered). Cleanup always runs, also when the client goes away or its deadline passes,
@@ -23,19 +25,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator
+from typing import AsyncGenerator
 
 import grpc
 
 from specmesh.v1 import generation_pb2, mesh_pb2
 
 from ..runtime.drain import Drain
-from ..runtime.errors import InvalidRequest, PermissionDenied, ResourceExhausted, SpecmeshError
+from ..runtime.errors import InvalidRequest, PermissionDenied, ResourceExhausted, ServiceUnavailable, SpecmeshError
 from ..runtime.protocol import FINISH_NAMES, sampling_to_proto
 from ..runtime.security import MeshSecurity, read_api_keys
 from . import metrics
@@ -43,7 +45,7 @@ from .config import RouterConfig
 from .mesh import Mesh, Peer, PeerError
 from .model_meta import ModelMeta
 from .output import ABORT, ChunkEvent, FinalEvent, OutputProcessor
-from .pairing import INFO_TIMEOUT_S, Pairing
+from .pairing import INFO_TIMEOUT_S, Pairings
 from .request import GenRequest, Limits, Prepared, prepare
 from .session import END, WAKE, CommittedLog, Session, TargetStream
 
@@ -51,7 +53,7 @@ log = logging.getLogger("specmesh.router")
 
 Event = ChunkEvent | FinalEvent
 CLEANUP_TIMEOUT_S = 10.0
-SLOT_LIMIT = 2 ** 31 - 1  # channel_slot is an int32
+SLOT_LIMIT = 2 ** 31 - 1  # channel_slot is an int32 (> 0)
 BIG_INPUT_CHARS = 16_384  # tokenize in a worker thread above this
 
 
@@ -76,7 +78,10 @@ class LiveRequest:
 
 
 class Router:
-    """Owns the mesh connections, pairing, live requests and admission."""
+    """Owns the mesh connections, the pairs' pairing, live requests and admission.
+
+    Nothing here must agree across router replicas: placement and admission are treekv's, and
+    channel slots are random (a pair's services refuse a slot already in use)."""
 
     def __init__(self, config: RouterConfig, meta: ModelMeta) -> None:
         self.config = config
@@ -86,27 +91,26 @@ class Router:
                              max_token_chars=meta.max_token_chars)
         aliases = [n.strip() for n in config.served_model_names.split(",") if n.strip()]
         self.model_names = list(dict.fromkeys([meta.target_name, *aliases]))  # what `model` may name
-        self.mesh = Mesh(config.treekv_addr, config.target_addr, config.draft_addr, config.rpc_timeout_s,
-                         MeshSecurity.from_config(config))
+        self.mesh = Mesh(config.treekv_addr, config.pairs(), config.rpc_timeout_s, MeshSecurity.from_config(config))
         self.api_keys = read_api_keys(config.api_key_file)
-        self.pairing = Pairing(self.mesh, config.depth)
+        self.pairings = Pairings(self.mesh, config.depth)
         self.live: dict[str, LiveRequest] = {}
-        self._slots = itertools.count(1)
         self._cleanups: set[asyncio.Task[None]] = set()
         self._leased: set[str] = set()  # session ids that may hold treekv leases (renewed)
-        self._unclosed: set[str] = set()  # ended, but treekv was unreachable: CloseSession retried
+        # Ended, but treekv was unreachable: CloseSession retried (with the kv_tokens it carries).
+        self._unclosed: dict[str, mesh_pb2.KVCloseRequest] = {}
         self._renewer: asyncio.Task[None] | None = None
         self.drain = Drain("router")  # SIGTERM: new requests get UNAVAILABLE, running ones finish
 
     async def start(self) -> None:
-        self.pairing.start()
+        await self.pairings.start()
         self._renewer = asyncio.create_task(self._renew_leases(), name="router-lease-renewal")
 
     async def close(self) -> None:
         """Stop pairing, let running cleanups finish (so KV is freed), close the channels."""
         for live in list(self.live.values()):
             live.abort()
-        await self.pairing.stop()
+        await self.pairings.stop()
         if self._cleanups:
             await asyncio.wait(list(self._cleanups), timeout=CLEANUP_TIMEOUT_S)
         if self._renewer is not None:
@@ -120,8 +124,8 @@ class Router:
         close the ones whose CloseSession found treekv down (a restarted treekv restores them)."""
         while True:
             await asyncio.sleep(self.config.lease_renew_s)
-            for session_id in list(self._unclosed):
-                await self._close_lease(session_id)
+            for request in list(self._unclosed.values()):
+                await self._close_lease(request)
             if not self._leased:
                 continue
             try:
@@ -163,18 +167,22 @@ class Router:
         return live.abort()
 
     async def model_info(self) -> generation_pb2.ModelInfoResponse:
-        """What the router serves and, with a draft, the speculation shape: the tree it asks for and
-        how the draft's planner sizes subtrees in it (asked now; left out if the draft does not answer)."""
+        """What the router serves and, with drafts, the speculation shape: the tree it asks for and
+        how the draft's planner sizes subtrees in it (asked now of the first pair that speculates,
+        else the first with a draft; left out if that draft does not answer)."""
         m, cfg = self.meta, self.config
+        drafted = [p for p in self.pairings.by_id.values() if p.pair.draft is not None]
         reply = generation_pb2.ModelInfoResponse(
-            target_model=m.target_name, draft_model=m.draft_name if self.mesh.draft is not None else "",
+            target_model=m.target_name, draft_model=m.draft_name if drafted else "",
             context_length=m.context_length, vocab_size=m.vocab_size, eos_token_ids=m.eos_ids, dtype=m.dtype,
-            draft_connected=self.pairing.connected)
-        if self.mesh.draft is not None:
-            shape = generation_pb2.SpeculationShape(tree_width=cfg.tree_width, depth=self.pairing.depth,
+            draft_connected=self.pairings.any_connected)
+        if drafted:
+            pairing = next((p for p in drafted if p.connected), drafted[0])
+            assert pairing.pair.draft is not None
+            shape = generation_pb2.SpeculationShape(tree_width=cfg.tree_width, depth=pairing.depth,
                                                     max_subtree_size=cfg.subtree_size)
             try:
-                info = await self.mesh.draft.call("Info", mesh_pb2.Empty(), timeout=INFO_TIMEOUT_S)
+                info = await pairing.pair.draft.call("Info", mesh_pb2.Empty(), timeout=INFO_TIMEOUT_S)
                 shape.planner.CopyFrom(info.planner)
             except SpecmeshError as exc:
                 log.debug("ModelInfo without the planner: %s", exc)
@@ -195,7 +203,7 @@ class Router:
             raise ResourceExhausted(f"router is at its limit of {self.config.max_concurrent} concurrent requests")
         live = LiveRequest(p.request_id, owner=p.owner)
         self.live[p.request_id] = live
-        session = Session(p, session_id=uuid.uuid4().hex, slot=next(self._slots) % SLOT_LIMIT or 1)
+        session = Session(p, session_id=uuid.uuid4().hex, slot=secrets.randbelow(SLOT_LIMIT) + 1)
         out = OutputProcessor(self.meta.tokenizer, p.prompt_ids, p.max_tokens, p.stop, p.user_stop_ids, p.eos_ids)
         t0 = last = time.perf_counter()
         metrics.LIVE.inc()
@@ -227,7 +235,8 @@ class Router:
         p = s.prepared
         final = lambda reason: FinalEvent(reason, out.usage, p.request_id)  # noqa: E731
         await self._open(s)
-        target = self.mesh.target
+        assert s.pairing is not None
+        target = s.pairing.pair.target
         if not live.aborted:
             s.stream = live.stream = TargetStream(target, mesh_pb2.TargetGenerateRequest(
                 session_id=s.session_id, prompt_ids=p.prompt_ids, sampling=sampling_to_proto(p.sampling),
@@ -240,11 +249,17 @@ class Router:
                 yield final(ABORT)
                 return
             assert s.stream is not None and s.log is not None
-            update = await s.stream.next()
+            try:
+                update = await s.stream.next()
+            except ServiceUnavailable as exc:  # the pair's target is gone: no new session goes there
+                s.pairing.lost_target(str(exc))
+                raise
             if update is WAKE:
                 continue
             if update is END:
                 raise PeerError(grpc.StatusCode.INTERNAL, f"{target.name} ended the stream without a finish reason")
+            if update.cached_tokens:  # the first update: prompt tokens the target copied from its prefix cache
+                out.usage.cached_tokens = update.cached_tokens
             step = out.process(update.token_ids, FINISH_NAMES.get(update.finish_reason))
             if step.token_ids:
                 s.log.append(step.token_ids)
@@ -258,28 +273,33 @@ class Router:
                 return
 
     async def _open(self, s: Session) -> None:
-        """Admission by treekv, then the draft's session (optional: a failure means target-only)."""
+        """Placement and admission by treekv, then the pair's draft session (optional: a failure
+        means target-only). The leases go to the services as treekv wrote them."""
         p = s.prepared
-        n = len(p.prompt_ids)
         cfg = self.config
+        pairs = self.pairings.usable()
+        if not pairs:
+            raise self.pairings.unavailable()
         # Marked before the call: if we are cancelled while it is in flight, the cleanup still
         # closes whatever it opened (or leaves the tombstone that refuses it).
         s.kv_open = True
         self._leased.add(s.session_id)
         reply = await self.mesh.treekv.call("OpenSession", mesh_pb2.KVOpenRequest(
-            session_id=s.session_id, prompt_ids=p.prompt_ids,
-            draft_slots=n + p.max_tokens + cfg.max_tree + cfg.subtree_size,
-            target_slots=n + p.max_tokens + cfg.subtree_size))
-        s.target_lease = reply.target
-        draft = self.mesh.draft
-        if draft is None or not self.pairing.connected:
+            session_id=s.session_id, prompt_ids=p.prompt_ids, max_tokens=p.max_tokens, pairs=pairs))
+        pairing = self.pairings.by_id.get(reply.pair)
+        if pairing is None:
+            raise PeerError(grpc.StatusCode.INTERNAL, f"{self.mesh.treekv.name} placed session {s.session_id} on "
+                                                      f"{reply.pair!r}, not one of the pairs offered ({pairs})")
+        s.pairing, s.target_lease = pairing, reply.target
+        draft = pairing.pair.draft
+        if draft is None or not pairing.connected or not reply.HasField("draft"):
             return
         s.draft_close = True  # as above
         try:
             await draft.call("OpenSession", mesh_pb2.DraftOpenRequest(
                 session_id=s.session_id, prompt_ids=p.prompt_ids, sampling=sampling_to_proto(p.sampling),
                 tree=mesh_pb2.TreeOptions(width=cfg.tree_width, subtree_size=cfg.subtree_size,
-                                          depth=self.pairing.depth, max_tree=cfg.max_tree),
+                                          depth=pairing.depth, max_tree=cfg.max_tree),
                 lease=reply.draft, channel_slot=s.slot))
             s.speculate = True
         except SpecmeshError as exc:
@@ -304,38 +324,49 @@ class Router:
             self.live.pop(s.prepared.request_id, None)
 
     async def _free(self, s: Session) -> None:
-        ref = mesh_pb2.SessionRef(session_id=s.session_id)
+        draft = s.pairing.pair.draft if s.pairing is not None else None
         steps = []
         if s.stream is not None:
             steps.append(s.stream.stop())
-        if s.draft_close and self.mesh.draft is not None:
-            steps.append(self._quiet(self.mesh.draft, "CloseSession", ref))
         if s.log is not None:
             steps.append(s.log.flush())
+        draft_kv_tokens = 0
+        if s.draft_close and draft is not None:
+            steps.append(self._close_draft(draft, s.session_id))
         if steps:
-            await asyncio.gather(*steps)
+            done = await asyncio.gather(*steps)
+            if s.draft_close and draft is not None:
+                draft_kv_tokens = done[-1]
         if s.kv_open:
-            await self._close_lease(s.session_id)
+            # Both services' valid KV, so treekv indexes what stays cached (0 = nothing known:
+            # a cancelled stream, an unreachable draft).
+            await self._close_lease(mesh_pb2.KVCloseRequest(
+                session_id=s.session_id, draft_kv_tokens=draft_kv_tokens,
+                target_kv_tokens=s.stream.kv_tokens if s.stream is not None else 0))
 
-    async def _close_lease(self, session_id: str) -> None:
+    async def _close_lease(self, request: mesh_pb2.KVCloseRequest) -> None:
         """treekv.CloseSession; while treekv is unreachable the renewal loop retries it."""
+        session_id = request.session_id
         self._leased.discard(session_id)
         try:
-            await self.mesh.treekv.call("CloseSession", mesh_pb2.SessionRef(session_id=session_id))
+            await self.mesh.treekv.call("CloseSession", request)
         except SpecmeshError as exc:
             if exc.grpc_code_name == "UNAVAILABLE":
                 if session_id not in self._unclosed:
                     log.warning("cleanup: %s; closing session %s again later", exc, session_id)
-                self._unclosed.add(session_id)
+                self._unclosed[session_id] = request
             else:
                 log.warning("cleanup: %s.CloseSession(%s) failed: %s", self.mesh.treekv.name, session_id, exc)
-                self._unclosed.discard(session_id)
+                self._unclosed.pop(session_id, None)
         else:
-            self._unclosed.discard(session_id)
+            self._unclosed.pop(session_id, None)
 
     @staticmethod
-    async def _quiet(peer: Peer, method: str, request: Any) -> None:
+    async def _close_draft(draft: Peer, session_id: str) -> int:
+        """Draft.CloseSession; returns the kv_tokens the draft reports (0 when it failed)."""
         try:
-            await peer.call(method, request)
+            reply = await draft.call("CloseSession", mesh_pb2.SessionRef(session_id=session_id))
         except SpecmeshError as exc:
-            log.warning("cleanup: %s.%s(%s) failed: %s", peer.name, method, getattr(request, "session_id", ""), exc)
+            log.warning("cleanup: %s.CloseSession(%s) failed: %s", draft.name, session_id, exc)
+            return 0
+        return reply.kv_tokens

@@ -3,6 +3,9 @@
     python -m specmesh.services.router.server --model <target dir> --http-port 8000 \\
         --draft-addr 127.0.0.1:50052 --target-addr 127.0.0.1:50053 --treekv-addr 127.0.0.1:50054
 
+Several pairs: `--target-addr t0:50053,t1:50053 --draft-addr d0:50052,d1:50052` (draft i pairs
+with target i); treekv places each session on one of them.
+
 It tokenizes, opens sessions in treekv / draft / target, relays the target's verified rounds as
 detokenized chunks with exact stop handling, and frees every session on the way out. The ready
 file gets {"port": ..., "http_port": ..., "metrics_port": ...} once both front doors listen.
@@ -52,7 +55,8 @@ def event_to_proto(event: Event) -> generation_pb2.GenerateResponse:
     return generation_pb2.GenerateResponse(final=generation_pb2.Final(
         finish_reason=FINISH_CODES[event.finish_reason], request_id=event.request_id,
         usage=generation_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                                   rounds=u.rounds, mean_accepted_tokens=u.mean_accepted_tokens)))
+                                   rounds=u.rounds, mean_accepted_tokens=u.mean_accepted_tokens,
+                                   cached_tokens=u.cached_tokens)))
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -119,9 +123,10 @@ async def serve(config: RouterConfig) -> None:
             http, http_port = await start_http(router, config.host, config.http_port, STOP_GRACE_S,
                                                http_ssl_context(config))
         scheme = "https" if security.tls else "http"
-        log.info("router serving gRPC on %s:%d%s (treekv %s, target %s, draft %s)", config.host, port,
+        pairs = ", ".join(f"target {t} + draft {d or 'none'}" for t, d in config.pairs())
+        log.info("router serving gRPC on %s:%d%s (treekv %s; pairs: %s)", config.host, port,
                  f", HTTP on {scheme}://{config.host}:{http_port}/v1" if http_port is not None else "",
-                 config.treekv_addr, config.target_addr, config.draft_addr or "none")
+                 config.treekv_addr, pairs)
         write_ready_file(config.ready_file, {"port": port, "http_port": http_port, "metrics_port": metrics_port})
         await wait_for_stop_signal()
         log.info("stopping (grace %.1fs)", config.shutdown_grace_s)

@@ -14,6 +14,7 @@ from specmesh.v1 import generation_pb2, mesh_pb2
 
 from ..runtime.errors import SpecmeshError
 from .mesh import Peer
+from .pairing import Pairing
 from .request import Prepared
 
 log = logging.getLogger("specmesh.router")
@@ -49,6 +50,7 @@ class TargetStream:
         self.session_id = request.session_id
         self.call = peer.stub.Generate(request)
         self.finished = False  # the target sent its last update (finish reason set)
+        self.kv_tokens = 0  # from that last update: leading tokens with valid KV in the target (0: unknown)
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._task = asyncio.create_task(self._read(), name=f"target-stream-{request.session_id}")
 
@@ -57,6 +59,7 @@ class TargetStream:
             async for update in self.call:
                 if update.finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED:
                     self.finished = True
+                    self.kv_tokens = update.kv_tokens
                 self._queue.put_nowait(update)
         except grpc.aio.AioRpcError as exc:
             self._queue.put_nowait(self.peer.error(exc, "Generate"))
@@ -139,6 +142,7 @@ class Session:
     session_id: str  # unique per attempt, unlike the client's request_id (see pipeline.py)
     slot: int  # channel_slot: the session's number on the draft-target tensor channel
     kv_open: bool = False
+    pairing: Pairing | None = None  # the pair treekv placed the session on
     target_lease: mesh_pb2.BlockLease | None = None
     speculate: bool = False  # the draft has this session: the target may wait for its subtrees
     draft_close: bool = False  # the draft may hold (part of) this session: close it at the end

@@ -61,6 +61,19 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%d" (include "specmesh.componentName" .) (int $c.port) -}}
 {{- end -}}
 
+{{/* host:port of each pod of a StatefulSet component (draft, target), in ordinal order, joined by
+commas: the stable DNS names its headless Service gives pod i (<sts>-i.<sts>-headless). The router
+pairs draft i with target i from these lists; a target's name is its pair's id in treekv. */}}
+{{- define "specmesh.podAddrs" -}}
+{{- $c := index .ctx.Values .component -}}
+{{- $sts := include "specmesh.componentName" . -}}
+{{- $addrs := list -}}
+{{- range $i := until (int $c.replicas) -}}
+{{- $addrs = append $addrs (printf "%s-%d.%s-headless:%d" $sts $i $sts (int $c.port)) -}}
+{{- end -}}
+{{- join "," $addrs -}}
+{{- end -}}
+
 {{/* The default image tag: image.tag, else appVersion (+ "-cpu" for the CPU build). */}}
 {{- define "specmesh.imageTag" -}}
 {{- if .Values.image.tag -}}
@@ -82,11 +95,16 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/*
 Cross-field checks the schema cannot express (arithmetic between keys). Included once, by router.yaml.
-A request of maxContext tokens must fit each KV pool: the router asks treekv for
-prompt + max_tokens + maxTree + subtreeSize draft slots and prompt + max_tokens + subtreeSize target slots.
+Pairs: draft pod i pairs with target pod i, so there are as many drafts as targets (or none).
+A request of maxContext tokens must fit each KV pool: beyond prompt + max_tokens, a draft session
+needs about maxTree + subtreeSize slots of tree scratch and a target session subtreeSize (what the
+services report to treekv as reserve_slots).
 */}}
 {{- define "specmesh.validate" -}}
 {{- $v := .Values -}}
+{{- if and (gt (int $v.draft.replicas) 0) (ne (int $v.draft.replicas) (int $v.target.replicas)) -}}
+{{- fail (printf "draft.replicas (%d) must equal target.replicas (%d), or be 0 for target-only: draft pod i pairs with target pod i" (int $v.draft.replicas) (int $v.target.replicas)) -}}
+{{- end -}}
 {{- $bs := int $v.kv.blockSize -}}
 {{- $draftNeed := add (int $v.maxContext) (int $v.tree.maxTree) (int $v.tree.subtreeSize) -}}
 {{- $targetNeed := add (int $v.maxContext) (int $v.tree.subtreeSize) -}}
