@@ -36,7 +36,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullMesh]:
 def held(mesh: FullMesh) -> dict[str, tuple[int, int]]:
     """(sessions, blocks) each service holds now."""
     kv = kv_stats(mesh.treekv.addr)
-    out = {"treekv": (len(kv.sessions), kv.draft_blocks_used + kv.target_blocks_used)}
+    out = {"treekv": (len(kv.sessions), sum(pool.blocks_used for pool in kv.pools))}
     for name, stub_cls in (("draft", mesh_pb2_grpc.DraftStub), ("target", mesh_pb2_grpc.TargetStub)):
         with grpc.insecure_channel(getattr(mesh, name).addr) as ch:
             info = stub_cls(ch).Info(mesh_pb2.Empty(), timeout=5)

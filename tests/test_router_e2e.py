@@ -226,6 +226,7 @@ def test_http_stream_and_non_stream_agree(mesh: FullMesh) -> None:
     full = json.loads(_post(mesh, "/v1/chat/completions", body))
     assert full["object"] == "chat.completion" and full["model"] == "target"
     assert full["choices"][0]["finish_reason"] == "length" and full["usage"]["completion_tokens"] == 20
+    assert full["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0  # OpenAI's shape (test_router_pairs: > 0)
     raw = _post(mesh, "/v1/chat/completions", {**body, "stream": True}).decode()
     events = [line[len("data: "):] for line in raw.split("\n\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -234,6 +235,7 @@ def test_http_stream_and_non_stream_agree(mesh: FullMesh) -> None:
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert streamed == full["choices"][0]["message"]["content"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 20
+    assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0
     raw = _post(mesh, "/v1/chat/completions", {**body, "stream": True,
                                                "stream_options": {"include_usage": False}}).decode()
     last = json.loads([line for line in raw.split("\n\n") if line.startswith("data: {")][-1][len("data: "):])
