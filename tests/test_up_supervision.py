@@ -126,3 +126,41 @@ def test_up_restarts_a_dead_treekv_and_draft_while_streams_run(tmp_path: Path) -
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
             up.wait(10)
+
+
+def test_up_runs_n_pairs_behind_the_router(tmp_path: Path) -> None:
+    """`specmesh up --pairs 2`: two drafts and two targets of their own, the router pairing draft i with
+    target i (its /health lists both pairs, named by their targets' addresses), requests served."""
+    import urllib.request
+
+    ready, console = tmp_path / "up.json", tmp_path / "console.txt"
+    with open(console, "wb") as out:
+        up = subprocess.Popen([sys.executable, "-m", "specmesh.clients.cli", "up", "--tiny", "--pairs", "2",
+                               "--port", "0", "--http-port", "0", "--ready-file", str(ready), "--dtype", "fp32",
+                               "--pool-blocks", "64", "--target-threads", "1", "--draft-threads", "1"],
+                              stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        info = json.loads(_wait_for("start-up", lambda: ready.exists() and ready.read_text(), console, 300))
+        names = ("treekv", "target", "draft", "target-1", "draft-1", "router")
+        assert sorted(info["services"]) == sorted(names) and sorted(info["pids"]) == sorted(names)
+        assert len({info["services"][n]["port"] for n in names}) == len(names)
+        targets = [f"127.0.0.1:{info['services'][t]['port']}" for t in ("target", "target-1")]
+
+        def health() -> dict:
+            with urllib.request.urlopen(f"http://127.0.0.1:{info['http_port']}/health", timeout=5) as resp:
+                return json.loads(resp.read())
+
+        _wait_for("pairing of both", lambda: all(p["draft_connected"] for p in health()["pairs"]), console)
+        assert [p["pair"] for p in health()["pairs"]] == targets
+        with grpc.insecure_channel(info["addr"]) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            done = list(stub.Generate(pb.GenerateRequest(prompt="two pairs", max_tokens=16, ignore_eos=True),
+                                      timeout=60))
+        assert done[-1].final.finish_reason == pb.FINISH_REASON_LENGTH
+        assert "2 draft/target pairs" in console.read_text()
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(60) == 0, console.read_text()[-4000:]
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait(10)
