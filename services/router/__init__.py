@@ -4,7 +4,7 @@
     pipeline.py    Router: the one path of every request     session.py   target stream, committed log
     request.py     validation + tokenization                 output.py    max_tokens / stop ids / text
     detokenizer.py incremental, UTF-8 safe                   stop.py      exact stop strings
-    mesh.py        peers + error translation                 pairing.py   draft <-> target channel
+    mesh.py        peers, pairs, error translation           pairing.py   per pair: channel, pools, reachability
     model_meta.py  tokenizer, vocab, EOS ids                 config.py    RouterConfig (flags / env)
     openai_schema.py  the HTTP bodies (pydantic), refusals
 """
