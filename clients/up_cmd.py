@@ -44,6 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
                                                                  "share, at least one")
     p.add_argument("--pool-blocks", type=int, default=1024, help="KV blocks per model pool (each draft and target)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--prefix-cache", choices=["true", "false"], default="true",
+                   help="treekv hints shared prefixes to the services (false: every prompt is prefilled)")
     p.add_argument("--width", type=int, default=4, help="w: leaves per draft expansion")
     p.add_argument("--subtree-size", type=int, default=16, help="bs: nodes per verification")
     p.add_argument("--depth", type=int, default=0, help="d: expansions per round (0 = timed at start-up)")
@@ -184,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
              "--max-context", str(args.max_context), "--dtype", args.dtype, "--weights", args.weights]
     try:
         # treekv learns the pools' sizes from the services (the router registers them).
-        mesh.start("treekv", [*common, *metrics, "--port", "0", "--state-file", str(mesh.workdir / "treekv.leases")])
+        mesh.start("treekv", [*common, *metrics, "--port", "0", "--state-file", str(mesh.workdir / "treekv.leases"),
+                              "--prefix-cache" if args.prefix_cache == "true" else "--no-prefix-cache"])
         for target, draft in names:
             mesh.start(target, [*common, *metrics, *pools, "--port", "0", "--tensor-port", "0",
                                 "--model", str(target_dir), "--threads", str(target_threads),

@@ -409,6 +409,12 @@ def test_kv_pools_are_the_services_own(helm, sets):
     assert not {"--draft-blocks", "--target-blocks", "--block-size", "--pool-blocks"} & set(treekv)
 
 
+def test_prefix_cache_switch(helm):
+    assert env_of(render(helm).container("treekv"))["SPECMESH_PREFIX_CACHE"] == "true"
+    off = render(helm, "--set", "treekv.prefixCache=false")
+    assert env_of(off.container("treekv"))["SPECMESH_PREFIX_CACHE"] == "false"
+
+
 @pytest.mark.parametrize("sets, message", [
     (("draft.extraArgs={--pool-blocks,8}",), "--pool-blocks is set by the chart"),
     (("target.extraArgs={--block-size=32}",), "--block-size is set by the chart"),
