@@ -108,7 +108,8 @@ def test_both_pairs_serve_with_speculation(mesh: FullMesh, stub: pb_grpc.Generat
 
 
 def test_sessions_spread_over_both_pairs(mesh: FullMesh, stub: pb_grpc.GenerationStub) -> None:
-    streams = [_start(stub, f"spread {i}: a prompt of its own") for i in range(2)]
+    # Prompts that share no prefix (else the longest cached prefix would decide, the in-flight one).
+    streams = [_start(stub, f"{i} spreads: a prompt of its own") for i in range(2)]
     try:
         assert _placed(mesh) == sorted(_pair_ids(mesh))  # one on each pair: the other had more free KV
         for _, first in streams:
@@ -190,7 +191,7 @@ def test_admission_is_by_the_registered_pools(mesh: FullMesh, stub: pb_grpc.Gene
 
 def test_a_killed_pair_is_taken_out_of_placement(mesh: FullMesh, stub: pb_grpc.GenerationStub) -> None:
     """Runs last: it kills pair 1's target."""
-    streams = [_start(stub, f"doomed {i}: a prompt of its own") for i in range(2)]
+    streams = [_start(stub, f"{i} is doomed: a prompt of its own") for i in range(2)]
     doomed_pair = _pair_ids(mesh)[1]
     assert _placed(mesh) == sorted(_pair_ids(mesh))  # one stream on each pair
     results: list[Any] = [None, None]
