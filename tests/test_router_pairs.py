@@ -29,7 +29,7 @@ from specmesh.v1 import generation_pb2_grpc as pb_grpc
 
 from router_testing import ROUTER, FullMesh, kv_stats, serve_mesh, wait_kv_idle
 
-POOL_BLOCKS = 96  # 1536 slots per pool: two LONG streams fit one pair, a 1900-token request fits none
+POOL_BLOCKS = 112  # per pool: two LONG streams (51 blocks each) fit one pair, a 1900-token request none
 LONG = 600
 
 
@@ -174,7 +174,7 @@ def _http(mesh: FullMesh, path: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_admission_is_by_the_registered_pools(mesh: FullMesh, stub: pb_grpc.GenerationStub) -> None:
-    # 1900 tokens need more than the 96 blocks of 16 either pair registered: refused, not placed.
+    # 1900 tokens need more than the 112 blocks of 16 either pair registered: refused, not placed.
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Generate(pb.GenerateRequest(prompt="too big", max_tokens=1900), timeout=30))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
