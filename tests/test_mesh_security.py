@@ -256,7 +256,8 @@ def test_router_with_a_wrong_secret_names_the_refusing_service(secured: Secured,
             with pytest.raises(grpc.RpcError) as info:
                 list(pb_grpc.GenerationStub(ch).Generate(pb.GenerateRequest(prompt="hi", max_tokens=2), timeout=10))
     assert info.value.code() == grpc.StatusCode.INTERNAL
-    assert f"treekv-service at {mesh.treekv.addr} refused the router" in info.value.details()
+    # The first call is the pairing poll's Info of the target (the request is then told why no pair can take it).
+    assert f"target-service at {mesh.target.addr} refused the router" in info.value.details()
     assert "x-specmesh-secret" in info.value.details()
 
 

@@ -50,7 +50,9 @@ class Pairing:
         self.depth = max(depth, 1)
         self.connected = False
         self.reachable = False
-        self.error = f"{pair.target.name} at {pair.target.addr} has not answered yet"  # why not reachable
+        # Why not reachable: what a request that no pair can take is told.
+        self.error: SpecmeshError = ServiceUnavailable(f"{pair.target.name} at {pair.target.addr} has not "
+                                                       f"answered yet")
         self._draft_instance = ""
         self._target_instance = ""
         self._waiting_for: str | None = None
@@ -102,7 +104,7 @@ class Pairing:
         try:
             info = await target.call("Info", mesh_pb2.Empty(), timeout=INFO_TIMEOUT_S)
         except SpecmeshError as exc:
-            self.lost_target(str(exc))
+            self.lost_target(exc)
             self._lost("target")
             self._wait(target.name, str(exc))
             raise
@@ -112,7 +114,7 @@ class Pairing:
         await self._register("target", info)
         return info
 
-    def lost_target(self, error: str) -> None:
+    def lost_target(self, error: SpecmeshError) -> None:
         """Take the pair out of placement until its target answers a poll again."""
         if self.reachable:
             log.warning("pair %s out of placement: %s", self.pair.id, error)
@@ -224,10 +226,13 @@ class Pairings:
         """Ids of the pairs a new session may be placed on (their target answered the last poll)."""
         return [pair_id for pair_id, p in self.by_id.items() if p.reachable]
 
-    def unavailable(self) -> ServiceUnavailable:
-        """The error of a request that no pair can take."""
-        why = "; ".join(p.error for p in self.by_id.values())
-        return ServiceUnavailable(why if len(self.by_id) == 1 else f"no pair can take the request: {why}")
+    def unavailable(self) -> SpecmeshError:
+        """The error of a request that no pair can take: one pair's own (with its status, e.g. a
+        refused secret), or UNAVAILABLE listing every pair's."""
+        errors = [p.error for p in self.by_id.values()]
+        if len(errors) == 1:
+            return errors[0].with_traceback(None)  # raised again and again: keep no old frames
+        return ServiceUnavailable("no pair can take the request: " + "; ".join(map(str, errors)))
 
     @property
     def any_connected(self) -> bool:

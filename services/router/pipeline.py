@@ -252,7 +252,7 @@ class Router:
             try:
                 update = await s.stream.next()
             except ServiceUnavailable as exc:  # the pair's target is gone: no new session goes there
-                s.pairing.lost_target(str(exc))
+                s.pairing.lost_target(exc)
                 raise
             if update is WAKE:
                 continue
