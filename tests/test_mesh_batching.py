@@ -167,15 +167,15 @@ def test_seeded_target_only_sessions_batched_equal_single_stream(batching_mesh: 
         with grpc.insecure_channel(batching_mesh.treekv.addr) as kv_ch, \
                 grpc.insecure_channel(batching_mesh.target.addr) as t_ch:
             kv = mesh_pb2_grpc.TreeKVStub(kv_ch)
-            lease = kv.OpenSession(mesh_pb2.KVOpenRequest(session_id=sid, draft_slots=1,
-                                                          target_slots=len(prompt) + n + 16), timeout=10)
+            lease = kv.OpenSession(mesh_pb2.KVOpenRequest(session_id=sid, prompt_ids=prompt, max_tokens=n,
+                                                          pairs=[batching_mesh.target.addr]), timeout=10)
             try:
                 updates = mesh_pb2_grpc.TargetStub(t_ch).Generate(mesh_pb2.TargetGenerateRequest(
                     session_id=sid, prompt_ids=prompt, sampling=sampling_proto(params), max_tokens=n,
                     lease=lease.target, speculate=False, channel_slot=1000 + i), timeout=60)
                 return [t for u in updates for t in u.token_ids]
             finally:
-                kv.CloseSession(mesh_pb2.SessionRef(session_id=sid), timeout=10)
+                kv.CloseSession(mesh_pb2.KVCloseRequest(session_id=sid), timeout=10)
 
     results = run_concurrently(jobs, worker)
     for i, (prompt, n, params) in enumerate(jobs):
