@@ -5,6 +5,7 @@
 - a repeated prefix goes back to the pair that cached it, and its usage reports cached_tokens
   (gRPC `Usage.cached_tokens`, HTTP `usage.prompt_tokens_details.cached_tokens`);
 - admission is by the pools the services registered (429 when a request cannot fit a pool);
+- a second router replica adopts the pairs the first one made, and treekv places for both;
 - a killed target takes its pair out of placement: its stream ends with UNAVAILABLE naming it, and
   every new request is served by the other pair.
 """
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Iterator
@@ -28,6 +30,7 @@ from specmesh.v1 import generation_pb2 as pb
 from specmesh.v1 import generation_pb2_grpc as pb_grpc
 
 from router_testing import ROUTER, FullMesh, kv_stats, serve_mesh, wait_kv_idle
+from service_helpers import start_service
 
 POOL_BLOCKS = 112  # per pool: two LONG streams (51 blocks each) fit one pair, a 1900-token request none
 LONG = 600
@@ -186,6 +189,33 @@ def test_admission_is_by_the_registered_pools(mesh: FullMesh, stub: pb_grpc.Gene
     # A chat without max_tokens asks for --default-max-tokens (24), not the rest of the context.
     body = _http(mesh, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
     assert 0 < body["usage"]["completion_tokens"] <= 24
+    wait_kv_idle(mesh.treekv.addr)
+
+
+def test_a_second_router_adopts_the_pairs(mesh: FullMesh, stub: pb_grpc.GenerationStub) -> None:
+    """Router replicas side by side: the second one finds both pairs paired and adopts them (a
+    re-pairing would cut the first router's sessions off their draft); both speculate, and treekv
+    places the sessions of both."""
+    args = ["--model", str(mesh.target_dir), "--http-port", "-1", "--treekv-addr", mesh.treekv.addr,
+            "--target-addr", ",".join(_pair_ids(mesh)),
+            "--draft-addr", ",".join(mesh.procs[d].addr for _, d in mesh.pair_names)]  # type: ignore[attr-defined]
+    with start_service(ROUTER, args) as second, grpc.insecure_channel(second.addr) as ch:
+        other = pb_grpc.GenerationStub(ch)
+        deadline = time.monotonic() + 30
+        while not other.ModelInfo(pb.ModelInfoRequest(), timeout=5).draft_connected:
+            assert time.monotonic() < deadline, second.log_tail()
+            time.sleep(0.1)
+        calls = [_start(stub, "1 router speaks"), _start(other, "2 routers speak")]
+        try:
+            assert _placed(mesh) == sorted(_pair_ids(mesh))  # one placement authority for both routers
+        finally:
+            for call, _ in calls:
+                call.cancel()
+        for s in (stub, other):
+            final = _complete(s, "3 speculate", max_tokens=32)
+            assert final.usage.rounds < 32  # the draft's tokens were accepted
+        log = second.log_tail(100_000)
+    assert log.count("are already paired") == 2 and "paired draft" not in log, log
     wait_kv_idle(mesh.treekv.addr)
 
 
