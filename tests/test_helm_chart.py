@@ -507,7 +507,8 @@ def test_pairs_draft_i_with_target_i(helm, pairs):
     drafts, targets = router["SPECMESH_DRAFT_ADDR"].split(","), router["SPECMESH_TARGET_ADDR"].split(",")
     assert drafts == _pod_addrs(m, "draft") and targets == _pod_addrs(m, "target")
     for i, (draft, target) in enumerate(zip(drafts, targets)):
-        assert draft.startswith(f"{RELEASE}-specmesh-draft-{i}.") and target.startswith(f"{RELEASE}-specmesh-target-{i}.")
+        assert draft.startswith(f"{RELEASE}-specmesh-draft-{i}.")
+        assert target.startswith(f"{RELEASE}-specmesh-target-{i}.")
     # the router takes exactly these flags' env (and parses the lists: checked against its config)
     from specmesh.services.router.config import RouterConfig
 
