@@ -90,11 +90,11 @@ class Pairing:
                 log.exception("pairing %s failed", self.pair.id)
             await asyncio.sleep(backoff)
 
-    def _wait(self, what: str | None, error: str = "") -> None:
+    def _wait(self, what: str | None, error: str = "", meanwhile: str = "generating target-only") -> None:
         """Log once per change which service pairing waits for (None: nothing missing)."""
         if what != self._waiting_for:
             if what is not None:
-                log.warning("pairing waits for %s: %s; generating target-only meanwhile", what, error)
+                log.warning("pair %s waits for %s: %s; %s meanwhile", self.pair.id, what, error, meanwhile)
             self._waiting_for = what
 
     async def probe_target(self) -> mesh_pb2.ServiceTiming:
@@ -106,7 +106,7 @@ class Pairing:
         except SpecmeshError as exc:
             self.lost_target(exc)
             self._lost("target")
-            self._wait(target.name, str(exc))
+            self._wait(target.name, str(exc), "out of placement")
             raise
         if not self.reachable:
             log.info("pair %s: target reachable, in placement", self.pair.id)
