@@ -114,7 +114,8 @@ def test_every_service_exports_prometheus_metrics(traced_mesh: FullMesh) -> None
                    "specmesh_tree_size_bucket"],
         "draft": ["specmesh_draft_expansions_total", "specmesh_draft_reroots_total", "specmesh_draft_idle_seconds_total",
                   "specmesh_draft_subtree_size_bucket"],
-        "treekv": ['specmesh_kv_blocks_used{pool="draft"}', "specmesh_sessions_active"],
+        "treekv": [f'specmesh_kv_blocks_used{{pair="{traced_mesh.target.addr}",pool="draft"}}',
+                   "specmesh_sessions_active"],
     }
     for service, names in expected.items():
         port = getattr(traced_mesh, service).ready["metrics_port"]
