@@ -80,17 +80,30 @@ def test_compaction_keeps_kv_and_repoints_the_views(tiny_target: Any) -> None:
 def test_finished_sessions_stay_cached_until_room_is_needed_lru_first(tiny_target: Any) -> None:
     pool = _pool(tiny_target)
     for name in ("old", "new", "live"):
-        pool.open(name, 2, [1, 2, 3, 4, 5])
-        pool.kv.cache(name).length = 4
-    pool.close("old", 4)
-    pool.close("new", 4)
+        pool.open(name, 2, list(range(1, 10)))
+        pool.kv.cache(name).length = 8
+    pool.close("old", 8)
+    pool.close("new", 8)
     snap = pool.snapshot()
     assert (snap.used_blocks, snap.cached_blocks, sorted(snap.cached_entries)) == (2, 4, ["new", "old"])
-    assert pool.cached_tokens("old") == 4 and pool.cached_tokens("live") == 0
+    assert pool.cached_tokens("old") == 8 and pool.cached_tokens("live") == 0
     evictions = _metric(kv_metrics.EVICTIONS)
     pool.open("x", 4, [7, 8])  # 2 free: one entry must go, the least recently used
     assert _metric(kv_metrics.EVICTIONS) == evictions + 1
     assert pool.snapshot().cached_entries == ["new"] and "live" in pool.kv.ranges
+
+
+def test_an_entry_keeps_only_the_blocks_of_its_valid_tokens(tiny_target: Any) -> None:
+    """A session reserves room for max_tokens and tree scratch; once it ends, only its valid KV stays."""
+    pool = _pool(tiny_target)
+    cache = pool.open("a", 6, [1, 2, 3, 4, 5, 6])
+    _fill(cache, 5.0)
+    kept = cache.k[:, :, :5].clone()
+    pool.close("a", 5)
+    assert pool.kv.ranges["a"].num_blocks == 2 and pool.kv.free_blocks == 6 and cache.capacity == 2 * BLOCK
+    assert torch.equal(cache.k[:, :, :5], kept)
+    pool.open("b", 2, [1, 2, 3, 4, 5, 9], hint=("a", 5))
+    assert pool.start("b") == 5 and torch.equal(pool.kv.cache("b").k[:, :, :5], kept)
 
 
 def test_eviction_never_touches_live_or_pinned_entries(tiny_target: Any) -> None:
@@ -101,8 +114,8 @@ def test_eviction_never_touches_live_or_pinned_entries(tiny_target: Any) -> None
     pool.open("live", 2, [5, 6])
     # A waiting copy pins its source: src is the only entry, and it must stay.
     pool.open("reader", 2, [1, 2, 3, 9], hint=("src", 3))
-    with pytest.raises(ResourceExhausted, match=r"test pool full: need 2 blocks, 0 free of 6 with every unused "
-                                                r"cache entry evicted \(4 held by live sessions, 2 by entries"):
+    with pytest.raises(ResourceExhausted, match=r"test pool full: need 2 blocks, 1 free of 6 with every unused "
+                                                r"cache entry evicted \(4 held by live sessions, 1 by entries"):
         pool.open("more", 2, [1])
     assert "src" in pool.kv.ranges and "live" in pool.kv.ranges
     assert pool.start("reader") == 3  # the copy happens; src is no longer pinned
@@ -164,9 +177,10 @@ def test_tensor_parallel_followers_replay_the_leaders_pool_ops(tiny_target: Any)
     leader.close("c", 0)
     leader.open("e", 3, [1, 2, 3, 4], hint=("a", 3))  # 4 free blocks, largest run 2: compacts
     assert leader.start("e") == 3
-    leader.open("f", 2, [5, 6])  # 1 free block: evicts a
+    leader.open("f", 3, [5, 6])  # 2 free blocks: evicts a, compacts again
     ops = leader.kv.take_ops()
-    assert [op[0] for op in ops] == ["release", "move", "place", "copy", "release", "place"]
+    assert [op[0] for op in ops] == ["shrink", "release", "move", "move", "place", "copy",
+                                     "release", "move", "move", "move", "place"]
     follower.apply(ops)
     assert {o: (r.first, r.num_blocks) for o, r in follower.ranges.items()} == \
            {o: (r.first, r.num_blocks) for o, r in leader.kv.ranges.items()}

@@ -20,7 +20,8 @@ from .block_allocator import BlockAllocator
 from .kv_cache import KVCache
 from .model_config import ModelConfig
 
-Op = tuple  # ("place", owner, first, num_blocks) | ("release", owner) | ("move", owner, first) | ("copy", src, dst, n)
+Op = tuple  # ("place", owner, first, num_blocks) | ("release", owner) | ("shrink", owner, num_blocks)
+#             | ("move", owner, first) | ("copy", src, dst, n)
 
 
 @dataclass
@@ -89,6 +90,17 @@ class KVPool:
         self.allocator.release(r.first, r.num_blocks)
         self._record(("release", owner))
 
+    def shrink(self, owner: str, num_blocks: int) -> None:
+        """Keep only the first `num_blocks` of `owner`'s range and free the rest (a finished
+        session's cache entry needs the blocks of its valid tokens, not its whole reservation)."""
+        r = self.ranges[owner]
+        if not 0 < num_blocks < r.num_blocks:
+            return
+        self.allocator.release(r.first + num_blocks, r.num_blocks - num_blocks)
+        r.num_blocks = num_blocks
+        r.cache.k, r.cache.v = self._view(r.first, num_blocks)
+        self._record(("shrink", owner, num_blocks))
+
     def move(self, owner: str, first: int) -> None:
         """Slide `owner`'s range (all of its slots: a draft tree's KV lives past its prefix) to `first`."""
         r = self.ranges[owner]
@@ -131,7 +143,8 @@ class KVPool:
     def apply(self, ops: list[Op]) -> None:
         """Replay another rank's changes on this pool (same ops, same order, same layout)."""
         for op, *args in ops:
-            {"place": self.place, "release": self.release, "move": self.move, "copy": self.copy_prefix}[op](*args)
+            {"place": self.place, "release": self.release, "shrink": self.shrink, "move": self.move,
+             "copy": self.copy_prefix}[op](*args)
 
     def _view(self, first: int, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = first * self.block_size, (first + num_blocks) * self.block_size

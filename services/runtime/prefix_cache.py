@@ -140,8 +140,10 @@ class SessionPool:
             e.live, e.valid, e.tokens, e.used = False, valid, e.tokens[:valid], next(self._clock)
             if not valid and not e.pins:
                 self._drop(owner)
-            else:
-                self._gauge()
+                return
+            if valid:  # the reservation for max_tokens and the tree scratch is not worth keeping
+                self.kv.shrink(owner, -(-valid // self.kv.block_size))
+            self._gauge()
 
     # -- what the gRPC side reads ------------------------------------------------------------------
     def cached_tokens(self, owner: str) -> int:
