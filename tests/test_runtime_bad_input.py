@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from specmesh.services.runtime.draft_session import DraftSession
-from specmesh.services.runtime.engines import DecodeStats, generate_ar, generate_serial, run_prefill
+from specmesh.services.runtime.engines import DecodeStats, generate_ar, generate_serial, run_prefill, run_verify
 from specmesh.services.runtime.forward_batch import Runner
 from specmesh.services.runtime.errors import InvalidRequest, ModelError
 from specmesh.services.runtime.loader import (
@@ -275,15 +275,38 @@ def test_first_draft_tree_is_re_rooted_at_the_prefill_token(tiny_target: Any) ->
     # root 3 -> children [other, first]; first -> [10, 11]; 10 -> [12]; other -> [13]
     tokens, parents = [3, other, first, 10, 11, 12, 13], [-1, 0, 0, 2, 2, 3, 1]
     probs = torch.arange(7.0)[:, None].expand(7, 4)
-    got, skipped = target.adopt_draft_tree(Tree(tokens, parents, probs))
+    got, skipped = target.adopt_draft_tree(Tree(tokens, parents, probs), 2)
     assert (got.tokens, got.parents, skipped) == ([first, 10, 11, 12], [-1, 0, 0, 1], [first])
     assert got.draft_probs[:, 0].tolist() == [2.0, 3.0, 4.0, 5.0]
-    # Only the first tree is adopted; later trees must be rooted at the last committed token already.
-    assert target.adopt_draft_tree(Tree([first], [-1])) == (Tree([first], [-1]), [])
+    # A tree rooted at the last committed token is verified as it is.
+    assert target.adopt_draft_tree(Tree([first], [-1]), 3) == (Tree([first], [-1]), [])
+    # A root that is not the committed token at its position (or lies ahead) cannot be fitted.
+    assert target.adopt_draft_tree(Tree([other], [-1]), 3) is None
+    assert target.adopt_draft_tree(Tree([first], [-1]), 4) is None
 
 
 def test_first_draft_tree_without_the_prefill_token_verifies_it_alone(tiny_target: Any) -> None:
     target = TargetSession(tiny_target.new_cache(64), SamplingParams())
     first = run_prefill(Runner(tiny_target), target, [1, 2, 3])
     other = (first + 1) % 200
-    assert target.adopt_draft_tree(Tree([3, other], [-1, 0])) == (Tree([first], [-1]), [first])
+    assert target.adopt_draft_tree(Tree([3, other], [-1, 0]), 2) == (Tree([first], [-1]), [first])
+
+
+def test_a_tree_rooted_several_tokens_behind_is_fitted_along_the_committed_tokens(tiny_target: Any) -> None:
+    """A draft that rejoins a running session roots its tree where its catch-up ended, behind the
+    target: the path of committed tokens through its tree carries over, and the draft is given
+    every token it has not seen."""
+    runner = Runner(tiny_target)
+    target = TargetSession(tiny_target.new_cache(64), SamplingParams())
+    run_prefill(runner, target, [1, 2, 3])
+    for _ in range(3):  # the target goes on alone
+        run_verify(runner, target, target.decode_tree())
+    seq = target.tokens  # 1 2 3 + 4 committed; the draft knows seq[:3] and roots its tree at seq[2]
+    assert len(seq) == 7 and target.root == seq[6]
+    other = (seq[5] + 1) % 200
+    got, skipped = target.adopt_draft_tree(Tree([3, seq[3], seq[4], other], [-1, 0, 1, 2]), 2)
+    assert (got.tokens, got.parents, skipped) == ([seq[6]], [-1], seq[3:])  # the path breaks: the root alone
+    tokens, parents = [3, seq[3], seq[4], seq[5], seq[6], 7, 8, 9], [-1, 0, 1, 2, 3, 4, 4, 2]
+    got, skipped = target.adopt_draft_tree(Tree(tokens, parents), 2)
+    assert (got.tokens, got.parents, skipped) == ([seq[6], 7, 8], [-1, 0, 0], seq[3:])
+    assert target.adopt_draft_tree(Tree([seq[4]], [-1]), 2) is None  # not the token at that position

@@ -29,7 +29,7 @@ from specmesh.services.runtime import telemetry
 from specmesh.services.runtime.actor import ChannelUp, EngineActor
 from specmesh.services.runtime.channel import TensorChannel, Verified
 from specmesh.services.runtime.draft_session import DraftSession
-from specmesh.services.runtime.errors import SessionClosed
+from specmesh.services.runtime.errors import InvalidRequest, SessionClosed
 from specmesh.services.runtime.expiring_ids import ExpiringIds
 from specmesh.services.runtime.forward_batch import Runner, SeqRows
 from specmesh.services.runtime.prefix_cache import SessionPool
@@ -139,6 +139,8 @@ class DraftEngine(EngineActor):
         with self._ids_lock:
             if self._closed_early.take(state.session_id):
                 raise SessionClosed(f"session {state.session_id!r} was closed before it opened")
+            if state.session_id in self._open_ids:  # a re-open racing the first: refused, the first keeps its id
+                raise InvalidRequest(f"session {state.session_id!r} is already open")
             self._open_ids.add(state.session_id)
         self.post(Open(state, done))
         return done
@@ -328,7 +330,8 @@ class DraftEngine(EngineActor):
         metrics.SUBTREE.observe(len(tokens))
         metrics.TREE_NODES.observe(len(session.tree))
         try:
-            self.channel.send_subtree(state.channel_id, state.round, tokens, parents, q, trace_ids)
+            self.channel.send_subtree(state.channel_id, state.round, tokens, parents, q, trace_ids,
+                                      session.root_position)
         except Exception as exc:
             self.channel_failed(exc)
             return

@@ -7,6 +7,8 @@ LIVE = Gauge("specmesh_router_requests_running", "requests in flight")
 FINISHED = Counter("specmesh_router_requests_finished", "requests that ended with a finish reason",
                    ["finish_reason"])
 ERRORS = Counter("specmesh_router_request_errors", "requests that ended with an error", ["code"])
+RESUMED = Counter("specmesh_router_sessions_resumed", "running sessions re-opened on a draft that came back",
+                  ["outcome"])
 REJECTED = Counter("specmesh_router_admission_rejections", "requests refused at max_concurrent")
 TOKENS = Counter("specmesh_router_completion_tokens", "completion tokens delivered")
 TTFT = Histogram("specmesh_router_time_to_first_token_seconds", "from admission to the first delivered token",

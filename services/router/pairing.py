@@ -9,13 +9,16 @@ service's instance_id changes (a restarted process has lost its channel): Target
 gives an endpoint, Draft.ConnectChannel(endpoint) joins it. When both services already report a
 channel that this router did not make, another router replica paired them (all replicas pair
 draft i with target i): it is adopted, not replaced. Services that are not up yet are waited for
-with backoff, logging which one is missing (once per state change).
+with backoff, logging which one is missing (once per state change). Each new channel of a pair
+(made here or by another replica) gets a number (`generation`), and `on_paired(pairing)` lets the
+router resume the pair's running sessions on its draft (recovery.py).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+from typing import Callable
 
 from specmesh.v1 import mesh_pb2
 
@@ -43,12 +46,15 @@ class Pairing:
     """One pair: is its target reachable (`reachable`, placement), is speculation possible now
     (`connected`), and the tree depth to ask its draft for."""
 
-    def __init__(self, treekv: Peer, pair: Pair, depth: int) -> None:
+    def __init__(self, treekv: Peer, pair: Pair, depth: int,
+                 on_paired: Callable[["Pairing"], None] | None = None) -> None:
         self.treekv = treekv
         self.pair = pair
         self.fixed_depth = depth  # 0 = auto
         self.depth = max(depth, 1)
         self.connected = False
+        self.generation = 0  # counts the pair's channels seen here; 0 = none yet
+        self.on_paired = on_paired
         self.reachable = False
         # Why not reachable: what a request that no pair can take is told.
         self.error: SpecmeshError = ServiceUnavailable(f"{pair.target.name} at {pair.target.addr} has not "
@@ -155,7 +161,7 @@ class Pairing:
             # Both have a channel: ours after a missed poll, or one another router replica made
             # (every replica pairs draft i with target i). Replacing it would cut its sessions off.
             self._wait(None)
-            self._paired(d_info, t_info)
+            self._paired(d_info, t_info, new_channel=not same)
             if not same:
                 log.info("pair %s: draft %s and target %s are already paired; depth %d", self.pair.id, draft.addr,
                          target.addr, self.depth)
@@ -169,17 +175,22 @@ class Pairing:
         self._wait(None)
         await draft.call("ConnectChannel", endpoint, timeout=CONNECT_TIMEOUT_S)
         await self._target_attached()
-        self._paired(d_info, t_info)
+        self._paired(d_info, t_info, new_channel=True)
         log.info("paired draft %s with target %s over %s:%d (%s, epoch %s); depth %d (target %.1f ms, draft %.1f ms)",
                  draft.addr, target.addr, endpoint.host, endpoint.port, endpoint.backend or "gloo",
                  endpoint.epoch[:8], self.depth, t_info.forward_ms, d_info.forward_ms)
 
-    def _paired(self, d_info: mesh_pb2.ServiceTiming, t_info: mesh_pb2.ServiceTiming) -> None:
-        """The pair speculates from now on (with the depth its timings give)."""
+    def _paired(self, d_info: mesh_pb2.ServiceTiming, t_info: mesh_pb2.ServiceTiming, new_channel: bool) -> None:
+        """The pair speculates from now on (with the depth its timings give). On a new channel the
+        draft holds none of the pair's running sessions: they are resumed on it."""
         self._draft_instance, self._target_instance = d_info.instance_id, t_info.instance_id
         if self.fixed_depth == 0:
             self.depth = auto_depth(t_info.forward_ms, d_info.forward_ms)
         self.connected = True
+        if new_channel:
+            self.generation += 1
+            if self.on_paired is not None:
+                self.on_paired(self)
 
     async def _target_attached(self) -> None:
         """The target attaches its end of the channel in the background after the draft joined:
@@ -203,8 +214,8 @@ class Pairing:
 class Pairings:
     """Every pair's Pairing, by pair id, and the placement view the router gives treekv."""
 
-    def __init__(self, mesh: Mesh, depth: int) -> None:
-        self.by_id = {pair.id: Pairing(mesh.treekv, pair, depth) for pair in mesh.pairs}
+    def __init__(self, mesh: Mesh, depth: int, on_paired: Callable[[Pairing], None] | None = None) -> None:
+        self.by_id = {pair.id: Pairing(mesh.treekv, pair, depth, on_paired) for pair in mesh.pairs}
 
     async def start(self) -> None:
         """Probe every target once (so the first requests find their pools registered), then poll."""

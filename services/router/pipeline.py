@@ -45,7 +45,8 @@ from .config import RouterConfig
 from .mesh import Mesh, Peer, PeerError
 from .model_meta import ModelMeta
 from .output import ABORT, ChunkEvent, FinalEvent, OutputProcessor
-from .pairing import INFO_TIMEOUT_S, Pairings
+from .pairing import INFO_TIMEOUT_S, Pairing, Pairings
+from .recovery import Recovery
 from .request import GenRequest, Limits, Prepared, prepare
 from .session import END, WAKE, CommittedLog, Session, TargetStream
 
@@ -66,6 +67,7 @@ class LiveRequest:
     aborted: bool = False
     finished: bool = False  # the stream is over; only the cleanup still runs
     stream: TargetStream | None = None  # the target's stream, once started
+    session: Session | None = None
 
     def abort(self) -> bool:
         """Ask the request to end with ABORT; False if its stream is already over."""
@@ -93,7 +95,10 @@ class Router:
         self.model_names = list(dict.fromkeys([meta.target_name, *aliases]))  # what `model` may name
         self.mesh = Mesh(config.treekv_addr, config.pairs(), config.rpc_timeout_s, MeshSecurity.from_config(config))
         self.api_keys = read_api_keys(config.api_key_file)
-        self.pairings = Pairings(self.mesh, config.depth)
+        # After a pair's draft (re)joins, its running sessions re-enter speculation on it.
+        self.recovery = Recovery(self.mesh.treekv, lambda: [l.session for l in self.live.values() if l.session],
+                                 self.tree_options)
+        self.pairings = Pairings(self.mesh, config.depth, on_paired=self.recovery.resume)
         self.live: dict[str, LiveRequest] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
         self._leased: set[str] = set()  # session ids that may hold treekv leases (renewed)
@@ -111,6 +116,7 @@ class Router:
         for live in list(self.live.values()):
             live.abort()
         await self.pairings.stop()
+        await self.recovery.stop()
         if self._cleanups:
             await asyncio.wait(list(self._cleanups), timeout=CLEANUP_TIMEOUT_S)
         if self._renewer is not None:
@@ -201,9 +207,9 @@ class Router:
         if len(self.live) >= self.config.max_concurrent:
             metrics.REJECTED.inc()
             raise ResourceExhausted(f"router is at its limit of {self.config.max_concurrent} concurrent requests")
-        live = LiveRequest(p.request_id, owner=p.owner)
-        self.live[p.request_id] = live
         session = Session(p, session_id=uuid.uuid4().hex, slot=secrets.randbelow(SLOT_LIMIT) + 1)
+        live = LiveRequest(p.request_id, owner=p.owner, session=session)
+        self.live[p.request_id] = live
         out = OutputProcessor(self.meta.tokenizer, p.prompt_ids, p.max_tokens, p.stop, p.user_stop_ids, p.eos_ids)
         t0 = last = time.perf_counter()
         metrics.LIVE.inc()
@@ -258,6 +264,7 @@ class Router:
                 continue
             if update is END:
                 raise PeerError(grpc.StatusCode.INTERNAL, f"{target.name} ended the stream without a finish reason")
+            s.committed.extend(update.token_ids)
             if update.cached_tokens:  # the first update: prompt tokens the target copied from its prefix cache
                 out.usage.cached_tokens = update.cached_tokens
             step = out.process(update.token_ids, FINISH_NAMES.get(update.finish_reason))
@@ -276,7 +283,6 @@ class Router:
         """Placement and admission by treekv, then the pair's draft session (optional: a failure
         means target-only). The leases go to the services as treekv wrote them."""
         p = s.prepared
-        cfg = self.config
         pairs = self.pairings.usable()
         if not pairs:
             raise self.pairings.unavailable()
@@ -291,22 +297,28 @@ class Router:
             raise PeerError(grpc.StatusCode.INTERNAL, f"{self.mesh.treekv.name} placed session {s.session_id} on "
                                                       f"{reply.pair!r}, not one of the pairs offered ({pairs})")
         s.pairing, s.target_lease = pairing, reply.target
+        s.draft_lease = reply.draft if reply.HasField("draft") else None
         draft = pairing.pair.draft
-        if draft is None or not pairing.connected or not reply.HasField("draft"):
+        if draft is None or not pairing.connected or s.draft_lease is None:
             return
         s.draft_close = True  # as above
+        generation = pairing.generation
         try:
             await draft.call("OpenSession", mesh_pb2.DraftOpenRequest(
                 session_id=s.session_id, prompt_ids=p.prompt_ids, sampling=sampling_to_proto(p.sampling),
-                tree=mesh_pb2.TreeOptions(width=cfg.tree_width, subtree_size=cfg.subtree_size,
-                                          depth=pairing.depth, max_tree=cfg.max_tree),
-                lease=reply.draft, channel_slot=s.slot))
-            s.speculate = True
+                tree=self.tree_options(pairing), lease=reply.draft, channel_slot=s.slot))
+            s.speculate, s.draft_generation = True, generation
         except SpecmeshError as exc:
             log.warning("request %s: no draft session, generating target-only: %s", p.request_id, exc)
             # Unless the draft was unreachable, it may hold part of the session: close it anyway
             # (CloseSession is idempotent).
             s.draft_close = exc.grpc_code_name != "UNAVAILABLE"
+
+    def tree_options(self, pairing: Pairing) -> mesh_pb2.TreeOptions:
+        """The draft's tree settings for a session opened now on `pairing` (its depth)."""
+        cfg = self.config
+        return mesh_pb2.TreeOptions(width=cfg.tree_width, subtree_size=cfg.subtree_size, depth=pairing.depth,
+                                    max_tree=cfg.max_tree)
 
     async def _release(self, s: Session) -> None:
         """Free everything the session holds; shielded so a second cancellation cannot skip it."""
@@ -324,6 +336,7 @@ class Router:
             self.live.pop(s.prepared.request_id, None)
 
     async def _free(self, s: Session) -> None:
+        s.ended = True  # from here on, recovery opens nothing more for it (draft_close is read now)
         draft = s.pairing.pair.draft if s.pairing is not None else None
         steps = []
         if s.stream is not None:

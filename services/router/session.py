@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -144,7 +144,11 @@ class Session:
     kv_open: bool = False
     pairing: Pairing | None = None  # the pair treekv placed the session on
     target_lease: mesh_pb2.BlockLease | None = None
+    draft_lease: mesh_pb2.BlockLease | None = None  # kept for a re-open on a restarted draft
     speculate: bool = False  # the draft has this session: the target may wait for its subtrees
     draft_close: bool = False  # the draft may hold (part of) this session: close it at the end
+    draft_generation: int = 0  # the pairing whose draft holds this session (0: none; recovery.py)
     stream: TargetStream | None = None
     log: CommittedLog | None = None
+    committed: list[int] = field(default_factory=list)  # the target's committed tokens, as streamed
+    ended: bool = False  # the cleanup has begun: nothing may be opened for this session any more

@@ -7,6 +7,10 @@ next subtree). Messages are fixed-shape preallocated tensors: a subtree is one i
 probabilities (only when sampling) follow a subtree as one float32 [n, vocab] tensor. Gloo on
 CPU, NCCL when the models live on CUDA. The rendezvous is a TCPStore hosted by the target; the
 router hands its address to the draft over gRPC, with a fresh `epoch` prefix for every pairing.
+
+A subtree's header says where its root sits in the sequence (prompt + output), so a draft that
+(re)joined a running session behind the target can be fitted to it; verified messages have room
+for up to CATCH_UP_TOKENS committed tokens that such a draft has not seen, in front of a round's.
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-HEADER = 9  # kind, channel id, round, n, flags, has_q, trace id hi, trace id lo, span id (0 = untraced)
+# kind, channel id, round, n, flags, has_q, trace id hi, trace id lo, span id (0 = untraced), root position
+HEADER = 10
+CATCH_UP_TOKENS = 256  # most committed tokens a verified message carries for a draft that is behind
 KIND_SUBTREE, KIND_VERIFIED = 1, 2
 FLAG_END = 1  # verified: the session is over, free it
 TARGET_RANK, DRAFT_RANK = 0, 1
@@ -32,6 +38,7 @@ class Subtree:
     parents: list[int]
     q: torch.Tensor | None
     trace: tuple[int, int, int] = (0, 0, 0)  # the draft's span for this round, linked from the target's
+    position: int = 0  # the root token's index in prompt + output (the draft's prefix length)
 
 
 @dataclass
@@ -89,7 +96,8 @@ class TensorChannel:
         self.d2t = _pair_group(store, f"{epoch}/d2t", rank, backend, host)
         self.t2d = _pair_group(store, f"{epoch}/t2d", rank, backend, host)
         self._tree_buf = torch.zeros(HEADER + 2 * capacity, dtype=torch.long, device=self.device)
-        self._verified_buf = torch.zeros(HEADER + capacity + 1, dtype=torch.long, device=self.device)
+        self.verified_capacity = CATCH_UP_TOKENS + capacity + 1  # catch-up + accepted path + bonus
+        self._verified_buf = torch.zeros(HEADER + self.verified_capacity, dtype=torch.long, device=self.device)
         self._q_buf: torch.Tensor | None = None  # allocated on the first sampled subtree
 
     def _q_buffer(self) -> torch.Tensor:
@@ -99,10 +107,11 @@ class TensorChannel:
 
     # -- draft side ----------------------------------------------------------------------------
     def send_subtree(self, channel_id: int, round_: int, tokens: list[int], parents: list[int],
-                     q: torch.Tensor | None = None, trace: tuple[int, int, int] = (0, 0, 0)) -> None:
+                     q: torch.Tensor | None = None, trace: tuple[int, int, int] = (0, 0, 0), position: int = 0) -> None:
         n = len(tokens)
         buf = self._tree_buf
-        buf[:HEADER + 2 * n] = torch.tensor([KIND_SUBTREE, channel_id, round_, n, 0, q is not None, *trace] + tokens + parents)
+        buf[:HEADER + 2 * n] = torch.tensor([KIND_SUBTREE, channel_id, round_, n, 0, q is not None, *trace, position]
+                                            + tokens + parents)
         self.d2t.send([buf], self.peer, 0).wait()
         if q is not None:
             qb = self._q_buffer()[:n]
@@ -128,12 +137,13 @@ class TensorChannel:
             q = self._q_buffer()[:n]
             self.d2t.recv([q], self.peer, 1).wait()
             q = q.clone()  # the buffer is reused by the next receive while this round verifies
-        return Subtree(head[1], head[2], body[:n], body[n:], q, (head[6], head[7], head[8]))
+        return Subtree(head[1], head[2], body[:n], body[n:], q, (head[6], head[7], head[8]), head[9])
 
     def send_verified(self, channel_id: int, round_: int, tokens: list[int], end: bool) -> None:
         n = len(tokens)
         buf = self._verified_buf
-        buf[:HEADER + n] = torch.tensor([KIND_VERIFIED, channel_id, round_, n, FLAG_END if end else 0, 0, 0, 0, 0] + tokens)
+        buf[:HEADER + n] = torch.tensor([KIND_VERIFIED, channel_id, round_, n, FLAG_END if end else 0, 0, 0, 0, 0, 0]
+                                        + tokens)
         self.t2d.send([buf], self.peer, 0).wait()
 
     def close(self) -> None:

@@ -145,6 +145,11 @@ class DraftSession:
         """A tree exists (nothing left to catch up on): it can be expanded and sent."""
         return not self._to_run
 
+    @property
+    def root_position(self) -> int:
+        """The root token's index in prompt + output (its KV sits right after the prefix)."""
+        return self.cache.length
+
     def can_expand(self) -> bool:
         return self.ready and self.forwarded < self.params.max_tree and any(s < 0 for s in self.tree.kv_slot)
 

@@ -58,7 +58,6 @@ class TargetSession:
         self.tokens: list[int] = []  # prompt + committed tokens; the first cache.length have KV
         self._prompt: list[int] = []
         self._unprefilled = 0  # prompt tokens still to run
-        self._draft_behind: int | None = None  # set by prefill: the root of the draft's first tree
 
     # -- prefill -------------------------------------------------------------------------------
     def begin(self, prompt: list[int], cached: int = 0) -> None:
@@ -93,9 +92,9 @@ class TargetSession:
                        ) -> int | None:
         """Advance past the chunk; after the last one, commit the first token (TTFT = prefill).
 
-        The draft's first tree is still rooted at the last prompt token, one token behind: the
-        first `adopt_draft_tree` re-roots it at the token committed here. `decision`: a
-        tensor-parallel follower passes the leader's.
+        The draft's first tree is still rooted at the last prompt token, one token behind:
+        `adopt_draft_tree` fits it to the token committed here. `decision`: a tensor-parallel
+        follower passes the leader's.
         """
         self._unprefilled -= rows.n
         self.cache.length = rows.end
@@ -104,36 +103,44 @@ class TargetSession:
         _path, first = decision if decision is not None else self.decide(logits, Tree([self._prompt[-1]], [-1]))
         self.root = first
         self.tokens.append(first)
-        self._draft_behind = self._prompt[-1]
         return first
 
     # -- rounds --------------------------------------------------------------------------------
-    def adopt_draft_tree(self, tree: Tree) -> tuple[Tree, list[int]]:
-        """Fit a draft subtree to the committed state; returns (the tree to verify, skipped).
+    def adopt_draft_tree(self, tree: Tree, position: int) -> tuple[Tree, list[int]] | None:
+        """Fit a draft subtree whose root is token `position` of prompt + output; returns (the tree
+        to verify, skipped), or None if the root is not the committed token there.
 
-        Only the first tree after prefill needs fitting: it is rooted at the last prompt token, and
-        the target already committed the next token. Its subtree under that token (or just the
-        token, if the draft did not propose it) is what gets verified; `skipped` = [that token],
-        which the draft must see in front of the verified tokens to re-root its own tree. Nothing
-        changes until the round commits, so a tree that waits for a later step is fitted again then.
+        The draft roots its tree at the last token it knows. In a steady round that is the target's
+        root. The first tree after prefill is one token behind (it grew while the prefill committed
+        the first token), and a draft that (re)joins a running session (it restarted, and the
+        target went on alone meanwhile) is as far behind as the target got. `skipped` = the
+        committed tokens after the draft's root, up to and including the target's root: the draft
+        must see them in front of the verified tokens to re-root. Where the tree proposed them, the
+        subtree under the last one is verified; otherwise the root alone (a plain decoding round).
+        Nothing changes until the round commits, so a tree that waits for a later step is fitted
+        again then.
         """
-        behind = self._draft_behind
+        seq = self.tokens
+        if not 0 <= position < len(seq) or tree.tokens[0] != seq[position]:
+            return None
+        skipped = seq[position + 1:]
         tokens, parents = tree.tokens, tree.parents
-        if behind is None or tokens[0] != behind:
-            return tree, []
-        first = self.root
-        child = next((i for i in range(1, len(tokens)) if parents[i] == 0 and tokens[i] == first), None)
-        if child is None:
-            return Tree([first], [-1]), [first]
+        node: int | None = 0
+        for token in skipped:
+            node = next((i for i in range(node + 1, len(tokens)) if parents[i] == node and tokens[i] == token), None)
+            if node is None:
+                return Tree([self.root], [-1]), skipped
+        if node == 0:
+            return tree, skipped
         inside = [False] * len(tokens)
-        inside[child] = True
-        for i in range(child + 1, len(tokens)):
+        inside[node] = True
+        for i in range(node + 1, len(tokens)):
             inside[i] = inside[parents[i]]
         keep = [i for i in range(len(tokens)) if inside[i]]
-        local = {node: j for j, node in enumerate(keep)}
+        local = {n: j for j, n in enumerate(keep)}
         new_parents = [-1] + [local[parents[i]] for i in keep[1:]]
         probs = tree.draft_probs[keep] if tree.draft_probs is not None else None
-        return Tree([tokens[i] for i in keep], new_parents, probs), [first]
+        return Tree([tokens[i] for i in keep], new_parents, probs), skipped
 
     def decode_tree(self) -> Tree:
         """Plain autoregressive decoding: the one-node tree [root]."""
@@ -158,7 +165,6 @@ class TargetSession:
                       ) -> RoundResult:
         """Accept the longest lossless path, keep only its KV; `decision` as in commit_prefill."""
         path, bonus = decision if decision is not None else self.decide(logits, tree)
-        self._draft_behind = None
         start = self.cache.length
         self.cache.move_slots([start + i for i in path], start)
         self.cache.length = start + len(path)

@@ -7,9 +7,11 @@ the step's row budget, the next chunk of each newly arrived prompt; all of it ru
 the draft first (it is what the next round waits on), then hand them to the session's gRPC
 stream. Sessions join and leave between steps; a long prompt never stalls running sessions for
 more than one chunk. Sessions whose draft is gone (never paired, or it died mid-stream) continue
-target-only: same session, one-node trees. Any exception in a session's work (its message, its part
-of a step) ends that session alone, with its error, and frees its KV (runtime/session_failure.py,
-the policy the draft follows too); a failed forward ends the sessions of that step.
+target-only: same session, one-node trees; when a draft sends a subtree for such a session (the
+router re-opened it on a restarted draft, from the committed tokens), it speculates again. Any
+exception in a session's work (its message, its part of a step) ends that session alone, with its
+error, and frees its KV (runtime/session_failure.py, the policy the draft follows too); a failed
+forward ends the sessions of that step.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 
 from specmesh.services.runtime import telemetry
 from specmesh.services.runtime.actor import ChannelUp, EngineActor
-from specmesh.services.runtime.channel import Subtree, TensorChannel
+from specmesh.services.runtime.channel import CATCH_UP_TOKENS, Subtree, TensorChannel
 from specmesh.services.runtime.errors import InvalidRequest
 from specmesh.services.runtime.expiring_ids import ExpiringIds
 from specmesh.services.runtime.forward_batch import Runner, SeqRows
@@ -97,6 +99,7 @@ class Abort:
 @dataclass
 class SubtreeIn:
     subtree: Subtree
+    channel: TensorChannel | None = None  # the channel it came on (a replaced channel's are dropped)
 
 
 @dataclass
@@ -150,7 +153,7 @@ class TargetEngine(EngineActor):
 
     # -- messages ------------------------------------------------------------------------------
     def receive(self, channel: TensorChannel) -> object:
-        return SubtreeIn(channel.recv_subtree())
+        return SubtreeIn(channel.recv_subtree(), channel)
 
     def session_of(self, message: object) -> SessionState | None:
         if isinstance(message, Open):
@@ -169,8 +172,9 @@ class TargetEngine(EngineActor):
     def on_channel_lost(self, why: str) -> None:
         log.warning("running sessions continue target-only (%s)", why)
         for state in self.sessions.values():
-            state.speculative = False
+            state.speculative, state.sent_at = False, None
             state.trees.clear()
+        self.orphans.clear()  # that draft's sessions are gone with it
 
     def _on_open(self, message: Open) -> None:
         state = message.state
@@ -202,17 +206,22 @@ class TargetEngine(EngineActor):
 
     def _on_subtree(self, message: SubtreeIn) -> None:
         subtree = message.subtree
+        if message.channel is not None and message.channel is not self.channel:
+            return  # from a draft that is gone: its sessions are not the current draft's
         state = self.sessions.get(subtree.channel_id)
         if state is None:
             if str(subtree.channel_id) not in self.ended:
                 self._keep_orphan(subtree)
             return
-        if state.done or not state.speculative:
+        if state.done:
             return
         if not subtree.tokens:  # the draft gave up on this session: continue target-only
             state.speculative = False
             state.trees.clear()
             return
+        # The current draft holds this session (a session running target-only re-enters speculation
+        # here: the router re-opened it on a restarted draft); the tree is fitted when it is verified.
+        state.speculative = True
         state.trees.append((subtree, time.perf_counter()))
 
     def _keep_orphan(self, subtree: Subtree) -> None:
@@ -305,10 +314,16 @@ class TargetEngine(EngineActor):
 
     def _round_job(self, state: SessionState, budget: int) -> _Job | None:
         session = state.session
+        fitted = None
         if state.trees:
             subtree, received = state.trees[0]
-            tree, skipped = session.adopt_draft_tree(Tree(subtree.tokens, subtree.parents, subtree.q))
-            span = subtree.trace
+            fitted = session.adopt_draft_tree(Tree(subtree.tokens, subtree.parents, subtree.q), subtree.position)
+            if fitted is None or len(fitted[1]) > CATCH_UP_TOKENS:
+                state.trees.popleft()
+                self._draft_out_of_step(state, fitted)
+                fitted = None
+        if fitted is not None:
+            (tree, skipped), span = fitted, subtree.trace
         else:
             tree, skipped, span, received = session.decode_tree(), [], (0, 0, 0), time.perf_counter()
         rows = session.verify_rows(tree)
@@ -316,9 +331,31 @@ class TargetEngine(EngineActor):
             raise InvalidRequest(f"a tree of {rows.n} nodes exceeds --step-rows ({self.runner.max_rows})")
         if rows.n > budget:  # waits for the next step (adopting a tree changes nothing until it commits)
             return None
-        if state.trees:
+        if fitted is not None:
             state.trees.popleft()
         return _Job(state, rows, tree, skipped, span, received)
+
+    def _draft_out_of_step(self, state: SessionState, fitted: tuple[Tree, list[int]] | None) -> None:
+        """A subtree that cannot be verified now; the session goes on alone until the next one.
+
+        Too far behind (a draft that rejoined while the target ran alone): the draft is sent the
+        next CATCH_UP_TOKENS committed tokens, as a round of its own (round 0: nothing was verified,
+        so its planner learns nothing from it), and sends its next tree from there. Rooted at a
+        token the session never committed: the draft holds another history, so it is told to end
+        the session (the router's CloseSession finds it gone).
+        """
+        state.speculative, state.sent_at = False, None
+        if self.channel is None:
+            return
+        try:
+            if fitted is None:
+                log.warning("session %s: the draft's tree is not rooted in the committed tokens; target-only",
+                            state.session_id)
+                self.channel.send_verified(state.channel_id, state.rounds, [], end=True)
+            else:
+                self.channel.send_verified(state.channel_id, 0, fitted[1][:CATCH_UP_TOKENS], end=False)
+        except Exception as exc:
+            self.channel_failed(exc)
 
     def _decide(self, job: _Job, logits: torch.Tensor | None) -> Decision | None:
         session = job.state.session
