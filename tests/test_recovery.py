@@ -9,6 +9,7 @@ after that are speculative again with accepted draft tokens; nothing is left hel
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -145,3 +146,72 @@ def test_draft_killed_and_restarted_mid_stream_resumes_speculation(slow_mesh: Fu
     wait_kv_idle(slow_mesh.treekv.addr, timeout=10)
     _wait_no_sessions(slow_mesh.target.addr, mesh_pb2_grpc.TargetStub)
     _wait_no_sessions(slow_mesh.draft.addr, mesh_pb2_grpc.DraftStub)
+
+
+def test_a_draft_far_behind_is_sent_the_tokens_it_missed_then_its_tree_is_adopted(tiny_target: Any) -> None:
+    """The target engine over a real tensor channel, with this test as the draft: a tree rooted
+    more than CATCH_UP_TOKENS behind gets a catch-up message (the next CATCH_UP_TOKENS committed
+    tokens, round 0) while the session goes on alone; the next tree, rooted where that ended, is
+    fitted (the draft is sent what it missed in front of the round's tokens) and the session
+    speculates again."""
+    from specmesh.services.runtime.channel import CATCH_UP_TOKENS, DRAFT_RANK, TARGET_RANK, TensorChannel, \
+        host_store, join_store
+    from specmesh.services.runtime.model_worker import service_pool
+    from specmesh.services.target.config import TargetConfig
+    from specmesh.services.target.engine import SessionState, TargetEngine
+
+    prompt, n, vocab = [5, 6, 7, 8, 9], 500, tiny_target.vocab_size
+    ref = prompt + sum(generate_ar(tiny_target, Request(prompt, n), 2048), [])
+    store = host_store("127.0.0.1", 0)
+    joined: list[TensorChannel] = []
+    joiner = threading.Thread(target=lambda: joined.append(
+        TensorChannel(join_store("127.0.0.1", store.port), "t", DRAFT_RANK, 64, vocab)))
+    joiner.start()
+    target_end = TensorChannel(store, "t", TARGET_RANK, 64, vocab)
+    joiner.join(60)
+    draft_end = joined[0]
+    engine = TargetEngine(Runner(tiny_target, 64),
+                          service_pool(tiny_target, TargetConfig(pool_blocks=64, block_size=16), "target"),
+                          verify_delay_ms=20)
+    engine.attach_channel(target_end)
+
+    async def main() -> tuple[list[Any], Any, Any, Any]:
+        loop = asyncio.get_running_loop()
+        state = SessionState(channel_id=1, session_id="s", request=Request(prompt, n), num_blocks=48,
+                             speculative=False, out=asyncio.Queue(), loop=loop)
+        engine.open(state)
+        outs = [await state.out.get()]
+        while sum(len(o.tokens) for o in outs) < CATCH_UP_TOKENS + 20:  # the target alone, far ahead
+            outs.append(await state.out.get())
+        # A tree at the end of the prompt: too far behind to verify.
+        await asyncio.to_thread(draft_end.send_subtree, 1, 0, [prompt[-1]], [-1], None, (0, 0, 0), len(prompt) - 1)
+        catch_up = await asyncio.to_thread(draft_end.recv_verified)
+        # Rooted where the catch-up ended: the committed tokens that follow, as a chain (the
+        # target went on meanwhile, by fewer tokens than the chain holds).
+        at = len(prompt) - 1 + CATCH_UP_TOKENS
+        await asyncio.to_thread(draft_end.send_subtree, 1, 0, ref[at:at + 64], list(range(-1, 63)), None, (0, 0, 0),
+                                at)
+        adopted = await asyncio.to_thread(draft_end.recv_verified)
+        while sum(len(o.tokens) for o in outs) < at + 1 + len(adopted.tokens) - len(prompt):
+            outs.append(await state.out.get())  # up to the round that verified the chain
+        engine.abort(1)
+        end = await asyncio.to_thread(draft_end.recv_verified)
+        while outs[-1].finish is None:
+            outs.append(await state.out.get())
+        return outs, catch_up, adopted, end
+
+    try:
+        outs, catch_up, adopted, end = asyncio.run(main())
+    finally:
+        engine.stop()
+        draft_end.close()
+        target_end.close()
+    assert (catch_up.round, catch_up.end) == (0, False)
+    assert catch_up.tokens == ref[len(prompt):len(prompt) + CATCH_UP_TOKENS]
+    at = len(prompt) - 1 + CATCH_UP_TOKENS
+    assert adopted.tokens == ref[at + 1:at + 1 + len(adopted.tokens)] and not adopted.end
+    resumed = next(o for o in outs if o.speculative)
+    assert resumed.accepted > 0  # the chain beyond the target's root was accepted
+    assert [t for o in outs for t in o.tokens] == ref[len(prompt):len(prompt) + sum(len(o.tokens) for o in outs)]
+    assert end.end and outs[-1].finish == "abort"
+    assert engine.pool.snapshot().used_blocks == 0 and engine.active_sessions == 0
