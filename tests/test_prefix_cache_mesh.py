@@ -8,7 +8,6 @@ still being prefilled.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Iterator
 
 import grpc

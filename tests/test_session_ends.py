@@ -108,8 +108,8 @@ def test_failure_policy_names_the_error() -> None:
 def test_treekv_frees_leases_nobody_renews() -> None:
     with start_service(TREEKV, ["--lease-ttl-s", "1"]) as kv, grpc.insecure_channel(kv.addr) as ch:
         stub = mesh_pb2_grpc.TreeKVStub(ch)
-        stub.RegisterPool(mesh_pb2.PoolRegistration(pair="p0", model="target", instance_id="t", pool=mesh_pb2.PoolReport(
-            num_blocks=8, block_size=16)), timeout=5)
+        pool = mesh_pb2.PoolReport(num_blocks=8, block_size=16)
+        stub.RegisterPool(mesh_pb2.PoolRegistration(pair="p0", model="target", instance_id="t", pool=pool), timeout=5)
         for sid in ("renewed", "orphan"):
             stub.OpenSession(mesh_pb2.KVOpenRequest(session_id=sid, prompt_ids=[1], max_tokens=15), timeout=5)
         deadline = time.monotonic() + 10

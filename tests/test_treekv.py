@@ -360,8 +360,9 @@ def test_ledger_restore_counts_blocks_when_the_pool_registers() -> None:
 def _register(stub: mesh_pb2_grpc.TreeKVStub, pair: str = "p0", draft: int = 8, target: int = 4,
               block: int = 16, cached: tuple[str, ...] = ()) -> None:
     for model, blocks in (("draft", draft), ("target", target)):
-        stub.RegisterPool(mesh_pb2.PoolRegistration(pair=pair, model=model, instance_id=f"{model}-1", pool=mesh_pb2.PoolReport(
-            num_blocks=blocks, block_size=block, reserve_slots=0, cached_entries=cached)), timeout=5)
+        pool = mesh_pb2.PoolReport(num_blocks=blocks, block_size=block, reserve_slots=0, cached_entries=cached)
+        stub.RegisterPool(mesh_pb2.PoolRegistration(pair=pair, model=model, instance_id=f"{model}-1", pool=pool),
+                          timeout=5)
 
 
 @pytest.fixture

@@ -380,7 +380,8 @@ class KVLedger:
 
     def pool_stats(self) -> list[PoolStats]:
         """One snapshot per registered pool, in registration order."""
-        return [PoolStats(p.pair, p.model, p.report.block_size, p.report.num_blocks, p.used_blocks, p.report.cached_blocks,
+        return [PoolStats(p.pair, p.model, p.report.block_size, p.report.num_blocks, p.used_blocks,
+                          p.report.cached_blocks,
                           len(p.closed_at), p.hit_tokens, p.miss_tokens, p.rejections)
                 for p in self.pools.values()]
 
