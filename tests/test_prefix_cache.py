@@ -161,6 +161,29 @@ def test_a_live_source_still_prefilling_is_waited_for(pair: Pair, reference: Any
     assert results["r"].cached == 60
 
 
+def _hold_and_watch_reader(engine: Any) -> tuple[threading.Event, type, list[int]]:
+    """Make `engine` (target or draft) block on a posted Hold until the event is set, so sessions
+    opened meanwhile all exist before the first step, and record the source's KV length (session
+    1's) at the moment reader "r" starts."""
+    hold = threading.Event()
+
+    @dataclass
+    class Hold:
+        pass
+
+    engine.handle(Hold, lambda _: hold.wait(30))
+    started_at: list[int] = []
+    real_begin = engine._begin
+
+    def begin(state: Any) -> None:
+        real_begin(state)
+        if not state.waiting and state.session_id == "r":
+            started_at.append(engine.sessions[1].session.cache.length)  # the source's progress then
+
+    engine._begin = begin
+    return hold, Hold, started_at
+
+
 def test_target_session_waits_for_a_live_source(tiny_target: Any, reference: Any) -> None:
     """Deterministic: both sessions open before the first step, so the reader's source has computed
     nothing yet; it prepares no prefill rows until the source has computed its 40 tokens."""
@@ -170,23 +193,8 @@ def test_target_session_waits_for_a_live_source(tiny_target: Any, reference: Any
 
     engine = TargetEngine(Runner(tiny_target, 64), service_pool(tiny_target, ModelServiceConfig(pool_blocks=16),
                                                                 "target"), prefill_chunk=8)
-    hold = threading.Event()
-
-    @dataclass
-    class Hold:
-        pass
-
-    engine.handle(Hold, lambda _: hold.wait(30))
+    hold, Hold, started_at = _hold_and_watch_reader(engine)
     source, reader = _prompt(8, 48), _prompt(8, 48)[:40] + _prompt(9, 8)
-    started_at: list[int] = []
-    real_begin = engine._begin
-
-    def begin(state: SessionState) -> None:
-        real_begin(state)
-        if not state.waiting and state.session_id == "r":
-            started_at.append(engine.sessions[1].session.cache.length)  # the source's progress then
-
-    engine._begin = begin  # type: ignore[method-assign]
 
     async def main() -> list[list[Any]]:
         loop = asyncio.get_running_loop()
@@ -255,23 +263,8 @@ def test_draft_session_waits_for_a_live_source_and_copies_its_kv(tiny_draft: Any
 
     engine = DraftEngine(Runner(tiny_draft, 64), service_pool(tiny_draft, ModelServiceConfig(pool_blocks=16), "draft"),
                          prefill_chunk=8, session_idle_s=0)
-    hold = threading.Event()
-
-    @dataclass
-    class Hold:
-        pass
-
-    engine.handle(Hold, lambda _: hold.wait(30))
+    hold, Hold, started_at = _hold_and_watch_reader(engine)
     source, reader = _prompt(8, 48), _prompt(8, 48)[:40] + _prompt(9, 8)
-    started_at: list[int] = []
-    real_begin = engine._begin
-
-    def begin(state: DraftState) -> None:
-        real_begin(state)
-        if not state.waiting and state.session_id == "r":
-            started_at.append(engine.sessions[1].session.cache.length)
-
-    engine._begin = begin  # type: ignore[method-assign]
     try:
         engine.post(Hold())
         opened = [engine.open(DraftState(channel_id=i + 1, session_id=sid, prompt=prompt, sampling=SamplingParams(),
