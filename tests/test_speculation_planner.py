@@ -8,8 +8,9 @@ import pytest
 
 from specmesh.services.runtime.engines import DecodeStats, generate_ar, generate_serial
 from specmesh.services.runtime.request import Request
-from specmesh.services.runtime.speculation_planner import (Acceptance, Candidate, CostCurve, SpeculationPlanner,
-                                                           measure_cost_curve, plan, reach_of)
+from specmesh.services.runtime.speculation_planner import (PROBE_AFTER, Acceptance, Candidate, CostCurve,
+                                                           SpeculationPlanner, measure_cost_curve, plan, reach_of,
+                                                           tree_candidates)
 from specmesh.services.runtime.tree_params import TreeParams
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -69,6 +70,48 @@ def test_acceptance_calibration_learns_an_overconfident_draft() -> None:
     assert acc.factor(1) < 0.1
     cands = chain(0, [0.9] * 8)
     assert plan(cands, [0], STEEP, acc).sizes[0] < plan(cands, [0], STEEP, Acceptance()).sizes[0]
+
+
+def _chain_tree(probs: list[float]) -> tuple[list[int], list[float], list[int]]:
+    """(depth, score, best) of a chain tree whose nodes have the running products of `probs`."""
+    depth, score, p = [0], [0.0], 1.0
+    for d, x in enumerate(probs, start=1):
+        p *= x
+        depth.append(d)
+        score.append(math.log(p))
+    return depth, score, list(range(len(depth)))
+
+
+def test_the_learned_round_overhead_grows_the_trees() -> None:
+    """A mesh round costs more than the forward the curve predicts (channel, router, the target's
+    other work); once the planner has seen that, extra rows are cheap by comparison."""
+    depth, score, best = _chain_tree([0.7] * 12)
+    planner = SpeculationPlanner(STEEP)
+    alone, _ = planner.subtree_size(0, depth, score, best)
+    for _ in range(30):
+        planner.observe_round(planner.last.forward_ms + 200.0, planner.last)
+        planner.subtree_size(0, depth, score, best)
+    assert planner.overhead_ms == pytest.approx(200.0, rel=0.01)
+    assert planner.subtree_size(0, depth, score, best)[0] > alone > 1
+    assert planner.last.step_ms == pytest.approx(planner.last.forward_ms + planner.overhead_ms)
+    planner.observe_round(0.0, planner.last)  # a round faster than predicted: no negative overhead
+    assert planner.overhead_ms > 0
+
+
+def test_a_root_only_planner_probes_and_recovers() -> None:
+    """An underconfident draft (says 20%, always right) planned to the root alone: a full subtree
+    goes out every PROBE_AFTER + 1 plans, calibration learns from it, and the planner speculates."""
+    depth, score, best = _chain_tree([0.2] * 8)
+    planner = SpeculationPlanner(STEEP)
+    sizes = [planner.subtree_size(0, depth, score, best)[0] for _ in range(2 * (PROBE_AFTER + 1))]
+    assert sizes == ([1] * PROBE_AFTER + [len(best)]) * 2
+    assert all(c.prob < 0.25 for c in tree_candidates(0, depth, score, best))  # hopeless as the draft says it
+    for _ in range(3):
+        size, reach = planner.subtree_size(0, depth, score, best)
+        while size == 1:
+            size, reach = planner.subtree_size(0, depth, score, best)
+        planner.record(reach, accepted=len(best) - 1)
+    assert planner.subtree_size(0, depth, score, best)[0] > 1
 
 
 def test_serial_with_the_planner_is_lossless_and_adapts(tiny_target: Any, tiny_draft: Any) -> None:

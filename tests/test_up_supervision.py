@@ -43,9 +43,7 @@ def test_up_restarts_a_dead_treekv_and_draft_while_streams_run(tmp_path: Path) -
         up = subprocess.Popen([sys.executable, "-m", "specmesh.clients.cli", "up", "--tiny", "--port", "0",
                                "--http-port", "-1", "--ready-file", str(ready), "--dtype", "fp32",
                                "--pool-blocks", "256", "--target-threads", "1", "--draft-threads", "1",
-                               # --no-plan: on a loaded machine the planner may rightly send the root
-                               # alone, and the last check wants to see speculation
-                               "--no-plan", "--extra-target-args", "--verify-delay-ms 5"],
+                               "--extra-target-args", "--verify-delay-ms 5"],
                               stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         info = json.loads(_wait_for("start-up", lambda: ready.exists() and ready.read_text(), console, 300))

@@ -35,7 +35,7 @@ from specmesh.services.runtime.forward_batch import Runner, SeqRows
 from specmesh.services.runtime.prefix_cache import SessionPool
 from specmesh.services.runtime.sampling import SamplingParams
 from specmesh.services.runtime.session_failure import FAILED, SessionFailure, describe
-from specmesh.services.runtime.speculation_planner import CostCurve, SpeculationPlanner
+from specmesh.services.runtime.speculation_planner import CostCurve, Plan, SpeculationPlanner
 from specmesh.services.runtime.tree_params import TreeParams
 
 from . import metrics
@@ -70,6 +70,7 @@ class DraftState:
     sent_size: int = 0  # nodes in the last subtree sent
     sent_tokens: float = 0.0  # tokens the planner expected that subtree to commit
     sent_reach: dict | None = None  # its predicted acceptance per depth (planned sends only)
+    sent_plan: Plan | None = None  # the planner's choice behind it (planned sends only)
 
 
 # -- inbox messages ------------------------------------------------------------------------------
@@ -243,8 +244,9 @@ class DraftEngine(EngineActor):
         state.round_idle_s = now - state.idle_since if state.idle_since is not None else 0.0
         metrics.IDLE.inc(state.round_idle_s)
         state.idle_since = None
-        if state.sent_reach is not None and self.planner is not None:
+        if state.sent_reach is not None and state.sent_plan is not None and self.planner is not None:
             self.planner.record(state.sent_reach, len(verified.tokens) - 1)
+            self.planner.observe_round((now - state.round_started) * 1000, state.sent_plan)
         result = state.session.reroot(verified.tokens)
         metrics.REROOT.observe(time.perf_counter() - now)
         metrics.REROOTS.labels("hit" if result.hit else "new_tree").inc()
@@ -345,7 +347,7 @@ class DraftEngine(EngineActor):
         size: how many nodes are sent must not depend on what the draft drew."""
         cap = state.tree_params.subtree_size
         if self.planner is None or not state.sampling.greedy or state.round == 0:
-            state.sent_size, state.sent_tokens = cap, 0.0
+            state.sent_size, state.sent_tokens, state.sent_plan = cap, 0.0, None
             return cap, None  # round 0: the first tree is re-rooted by the target, its depths shift
         others = [s for s in self.sessions.values() if s is not state and not s.owed and s.sent_at is not None]
         t = state.session.tree
@@ -353,7 +355,7 @@ class DraftEngine(EngineActor):
                                                 sum(s.sent_size for s in others),
                                                 sum(s.sent_tokens for s in others))
         chosen = self.planner.last
-        state.sent_size, state.sent_tokens = size, chosen.tokens_per_round
+        state.sent_size, state.sent_tokens, state.sent_plan = size, chosen.tokens_per_round, chosen
         metrics.PLANNED_SIZE.observe(size)
         metrics.PREDICTED_TOKENS.set(chosen.tokens_per_round)
         metrics.PREDICTED_STEP_MS.set(chosen.step_ms)

@@ -14,8 +14,14 @@ goodput: expected committed tokens per second of target time.
   rounds over predicted ones, as an exponential average) corrects a draft that is over- or
   under-confident.
 - `plan`: merges candidate nodes best first (a best-first prefix of a session's nodes is always a
-  subtree) and picks the row count M that maximises (sessions + expected accepted(M)) / cost(M +
-  rows other sessions already put in the step).
+  subtree) and picks the row count M that maximises (sessions + expected accepted(M)) / (cost(M +
+  rows other sessions already put in the step) + what a round costs besides the forward).
+- `SpeculationPlanner`: what a draft keeps. In the mesh a round costs more than the target's forward
+  (the channel both ways, the router, the target's other work); it learns that overhead from the
+  rounds it sees, since a cost curve measured alone would size trees for a round that never
+  happens. And since calibration learns only from nodes that were sent, a planner that chose the
+  root alone for PROBE_AFTER rounds in a row sends its full subtree once: a start-up curve measured
+  on a busy machine, or a draft that improved, can never lock it into plain decoding.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ from .forward_batch import Logits, Runner, SeqRows, causal
 
 MEASURED_ROWS = (1, 2, 4, 8, 12, 16, 24, 32)
 RECENT_WEIGHT = 0.1  # weight of the newest plan in PlanStats' averages of the current choice
+PROBE_AFTER = 16  # root-only plans in a row after which one full subtree is sent (calibration)
+OVERHEAD_WEIGHT = 0.2  # weight of the newest round in the learned per-round overhead
 
 
 @dataclass
@@ -132,7 +140,8 @@ class Candidate:
 class Plan:
     sizes: dict[int, int]          # session -> subtree size (1 = the root alone)
     tokens_per_round: float        # expected committed tokens of these sessions per step
-    step_ms: float                 # predicted target step time
+    step_ms: float                 # predicted round time: the target's forward plus fixed_ms
+    forward_ms: float = 0.0        # the forward's share of it (the cost curve)
 
     @property
     def tokens_per_s(self) -> float:
@@ -165,14 +174,16 @@ class PlanStats:
 
 
 def plan(candidates: list[Candidate], sessions: list[int], curve: CostCurve, acceptance: Acceptance,
-         other_rows: int = 0, other_tokens: float = 0.0, max_rows: int = 64, fixed_ms: float = 0.0) -> Plan:
+         other_rows: int = 0, other_tokens: float = 0.0, max_rows: int = 64, fixed_ms: float = 0.0,
+         take_all: bool = False) -> Plan:
     """Subtree sizes maximising (committed tokens) / (step time) over the sessions given.
 
     `candidates`: non-root nodes of every session's tree, with prob = exp(score). A session's
     candidates taken best first form a subtree (scores never increase from parent to child), so
     taking the globally best nodes keeps every session's choice a subtree. `other_rows` /
     `other_tokens`: what sessions not planned here already put into the step. `fixed_ms`: time a
-    round costs besides the target forward (the serial engine's draft expansions).
+    round costs besides the target forward (the serial engine's draft expansions, the mesh's
+    learned overhead). `take_all`: every candidate within max_rows (a probe), with its prediction.
     """
     # The draft's own order (raw scores): a best-first prefix of it is what select_subtree sends.
     ranked = sorted(candidates, key=lambda c: -c.prob)
@@ -183,12 +194,13 @@ def plan(candidates: list[Candidate], sessions: list[int], curve: CostCurve, acc
     for m, c in enumerate(ranked[:max(0, max_rows - base_rows)], start=1):
         gained += min(1.0, c.prob * acceptance.factor(c.depth))
         rate = gained / (curve.at(base_rows + m) + fixed_ms)
-        if rate > best_rate:
+        if rate > best_rate or take_all:
             best_m, best_rate, best_tokens = m, rate, gained
     sizes = {s: 1 for s in sessions}
     for c in ranked[:best_m]:
         sizes[c.session] += 1
-    return Plan(sizes, best_tokens - other_tokens, curve.at(base_rows + best_m) + fixed_ms)
+    forward_ms = curve.at(base_rows + best_m)
+    return Plan(sizes, best_tokens - other_tokens, forward_ms + fixed_ms, forward_ms)
 
 
 def tree_candidates(session: int, depth: list[int], score: list[float], nodes: list[int]) -> list[Candidate]:
@@ -206,14 +218,21 @@ def reach_of(depths: list[int], probs: list[float]) -> dict[int, float]:
 
 
 class SpeculationPlanner:
-    """One session group's planner: the target's cost curve plus the online acceptance calibration."""
+    """One session group's planner: the target's cost curve, the online acceptance calibration and
+    the learned per-round overhead.
+
+    `fixed_ms`: a round's known cost besides the forward (the serial engine's draft expansions);
+    `overhead_ms`: the rest, learned by `observe_round` (0 until a round is observed).
+    """
 
     def __init__(self, curve: CostCurve, fixed_ms: float = 0.0) -> None:
         self.curve = curve
         self.fixed_ms = fixed_ms
+        self.overhead_ms = 0.0
         self.acceptance = Acceptance()
         self.last: Plan | None = None
         self.stats = PlanStats()
+        self.root_only_streak = 0
 
     def subtree_size(self, session: int, depth: list[int], score: list[float], best: list[int],
                      other_rows: int = 0, other_tokens: float = 0.0) -> tuple[int, dict[int, float]]:
@@ -221,15 +240,23 @@ class SpeculationPlanner:
         to send, and the predicted reach of that subtree (to `record` once it is verified)."""
         cands = tree_candidates(session, depth, score, best)
         chosen = plan(cands, [session], self.curve, self.acceptance, other_rows, other_tokens,
-                      max_rows=other_rows + len(best), fixed_ms=self.fixed_ms)
+                      max_rows=other_rows + len(best), fixed_ms=self.fixed_ms + self.overhead_ms,
+                      take_all=self.root_only_streak == PROBE_AFTER)  # a probe: what the draft is worth now
         self.last = chosen
         size = chosen.sizes[session]
+        self.root_only_streak = self.root_only_streak + 1 if size == 1 else 0
         self.stats.add(size, chosen)
         sent = sorted(best[:size])
         return size, reach_of([depth[i] for i in sent], [math.exp(score[i]) for i in sent])
 
     def record(self, reach: dict[int, float], accepted: int) -> None:
         self.acceptance.record(reach, accepted)
+
+    def observe_round(self, round_ms: float, planned: Plan) -> None:
+        """One round of a planned send took `round_ms` from verified tokens to verified tokens:
+        what it cost beyond the predicted forward is overhead (an exponential average)."""
+        extra = max(0.0, round_ms - planned.forward_ms - self.fixed_ms)
+        self.overhead_ms += OVERHEAD_WEIGHT * (extra - self.overhead_ms)
 
 
 def serial_planner(target: "Transformer", draft: "Transformer",  # noqa: F821
