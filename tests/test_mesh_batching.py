@@ -149,6 +149,10 @@ def test_eight_sessions_joining_and_leaving_at_random_are_lossless(batching_mesh
     assert_all_blocks_free(batching_mesh)
     buckets = scrape(batching_mesh.target, "specmesh_target_step_sessions")
     assert buckets["+Inf"] > buckets["1.0"], "no target step ever held more than one session"
+    body = urllib.request.urlopen(f"http://127.0.0.1:{batching_mesh.target.ready['metrics_port']}/metrics",
+                                  timeout=10).read().decode()
+    # Steps ran anyway while some subtrees were on their way: those sessions decoded a token in them.
+    assert float(re.search(r'^specmesh_target_rounds_total{mode="ahead"} (\S+)$', body, re.M).group(1)) > 0
     # Greedy sessions' subtrees were sized by the planner, from the cost curve the target sent.
     assert scrape(batching_mesh.draft, "specmesh_draft_planned_subtree_size")["+Inf"] > 0
 

@@ -18,6 +18,7 @@ no lease outlives its request.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -245,7 +246,7 @@ class DraftEngine(EngineActor):
         metrics.IDLE.inc(state.round_idle_s)
         state.idle_since = None
         if state.sent_reach is not None and state.sent_plan is not None and self.planner is not None:
-            self.planner.record(state.sent_reach, len(verified.tokens) - 1)
+            self.planner.record(state.sent_reach, state.session.tree_hits(verified.tokens))
             self.planner.observe_round((now - state.round_started) * 1000, state.sent_plan)
         result = state.session.reroot(verified.tokens)
         metrics.REROOT.observe(time.perf_counter() - now)
@@ -324,7 +325,7 @@ class DraftEngine(EngineActor):
         session = state.session
         if not state.owed or self.channel is None or not session.ready:
             return
-        if len(session.tree) < state.tree_params.subtree_size and session.can_expand():
+        if len(session.tree) < self._ready_size(state) and session.can_expand():
             return  # too small to be worth a target forward; grow first
         size, state.sent_reach = self._plan_size(state)
         tokens, parents, q = session.select_subtree(size)
@@ -340,6 +341,15 @@ class DraftEngine(EngineActor):
         state.owed, state.grown, state.sent_at = False, 0, time.perf_counter()
         if not self._wants_forward(state):
             state.idle_since = time.perf_counter()
+
+    def _ready_size(self, state: DraftState) -> int:
+        """Tree nodes a session needs before its subtree goes out: subtree_size, or for planned
+        sessions about what the planner has lately sent. After a miss the tree starts again from
+        its root, and growing it to a size the planner would not send only keeps the target waiting."""
+        cap = state.tree_params.subtree_size
+        if self.planner is None or not state.sampling.greedy or state.round == 0:
+            return cap
+        return min(cap, max(2, math.ceil(self.planner.stats.size) + 1))
 
     def _plan_size(self, state: DraftState) -> tuple[int, dict | None]:
         """The subtree size for this send: the planner's choice for greedy sessions (given what the

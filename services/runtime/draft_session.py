@@ -268,6 +268,18 @@ class DraftSession:
         return tokens, parents, q
 
     # -- committing ----------------------------------------------------------------------------
+    def tree_hits(self, verified: list[int]) -> int:
+        """How many of the verified tokens before the bonus lie on a path of the tree from its root
+        (the draft tokens the round accepted; tokens the target committed in plain rounds while
+        the subtree was on its way count only where the tree proposed them)."""
+        node, hits = 0, 0
+        for tok in verified[:-1]:
+            nxt = self.tree.child_with_token(node, tok)
+            if nxt is None:
+                break
+            node, hits = nxt, hits + 1
+        return hits
+
     def reroot(self, verified: list[int]) -> RerootResult:
         """Commit the target's verified tokens (accepted draft tokens + bonus) and move the root."""
         self.tokens.extend(verified)

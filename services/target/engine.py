@@ -112,6 +112,7 @@ class _Job:
     skipped: list[int] = field(default_factory=list)
     draft_span: tuple[int, int, int] = (0, 0, 0)
     received: float = 0.0
+    ahead: bool = False  # a plain round while the draft's subtree is on its way: the draft is not told
 
 
 class TargetEngine(EngineActor):
@@ -303,6 +304,21 @@ class TargetEngine(EngineActor):
             if job is not None and job is not FAILED:
                 jobs.append(job)
                 budget -= job.rows.n
+        if jobs or any(self._prefilling(s) for s in states):
+            # The step runs anyway: a session whose draft has not sent its subtree yet decodes one
+            # token in it instead of waiting a whole step. Under load the mesh then never falls
+            # behind the target alone; the subtree, when it comes, is fitted behind that token.
+            stepping = {id(job.state) for job in jobs}
+            for state in states:
+                if budget <= 0:
+                    break
+                if id(state) in stepping or state.done or state.waiting or state.session.prefilling or \
+                        not state.speculative or state.trees:
+                    continue
+                job = self.for_session(state, self._ahead_job, state)
+                if job is not FAILED:
+                    jobs.append(job)
+                    budget -= job.rows.n
         for state in states:
             if state.done or not self._prefilling(state) or budget <= 0:
                 continue
@@ -311,6 +327,10 @@ class TargetEngine(EngineActor):
                 jobs.append(_Job(state, rows))
                 budget -= rows.n
         return jobs
+
+    def _ahead_job(self, state: SessionState) -> _Job:
+        tree = state.session.decode_tree()
+        return _Job(state, state.session.verify_rows(tree), tree, received=time.perf_counter(), ahead=True)
 
     def _round_job(self, state: SessionState, budget: int) -> _Job | None:
         session = state.session
@@ -382,11 +402,12 @@ class TargetEngine(EngineActor):
     def _commit_round(self, job: _Job, decision: Decision, t0: float, t1: float) -> None:
         state = job.state
         result = state.session.commit_verify(job.tree, None, decision)
-        wait_s = job.received - state.sent_at if state.sent_at is not None and state.speculative else None
+        wait_s = job.received - state.sent_at if state.sent_at is not None and state.speculative and not job.ahead \
+            else None
         chunk, reason = clip_chunk(result.tokens, state.produced, state.request)
         state.produced += len(chunk)
         state.rounds += 1
-        if state.speculative and self.channel is not None:
+        if state.speculative and self.channel is not None and not job.ahead:
             try:  # the draft first: it is what the next round waits on
                 self.channel.send_verified(state.channel_id, state.rounds, [*job.skipped, *result.tokens],
                                            end=reason is not None)
@@ -395,11 +416,11 @@ class TargetEngine(EngineActor):
                 self.channel_failed(exc)
         out = RoundOut(chunk, result.accepted_draft, result.tree_size, state.rounds, reason, (t1 - t0) * 1000,
                        len(job.tree) > 1)
-        metrics.record_round(result.accepted_draft, result.tree_size, len(chunk), t1 - t0, wait_s)
+        metrics.record_round(result.accepted_draft, result.tree_size, len(chunk), t1 - t0, wait_s, job.ahead)
         if telemetry.trace_round() and state.trace_ctx is not None:
             self._trace_round(state, out, result.tokens[-1], job.draft_span, job.received, t0, t1)
         if reason is not None:
-            self._finish(state, out, notify_draft=False)
+            self._finish(state, out, notify_draft=job.ahead)  # else the verified tokens said end
         else:
             state.emit(out)
 

@@ -20,9 +20,11 @@ SESSIONS = Gauge("specmesh_target_sessions_active", "sessions on the target")
 MAX_POSITIONS = 16
 
 
-def record_round(accepted: int, tree_size: int, tokens: int, verify_s: float, wait_s: float | None) -> None:
+def record_round(accepted: int, tree_size: int, tokens: int, verify_s: float, wait_s: float | None,
+                 ahead: bool = False) -> None:
+    """One committed round; `ahead`: a plain round while the session's subtree was on its way."""
     speculative = tree_size > 1
-    ROUNDS.labels("speculative" if speculative else "target_only").inc()
+    ROUNDS.labels("speculative" if speculative else "ahead" if ahead else "target_only").inc()
     TOKENS.inc(tokens)
     VERIFY.observe(verify_s)
     if not speculative:
