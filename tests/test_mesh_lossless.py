@@ -8,8 +8,10 @@ killed mid-stream.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -98,6 +100,38 @@ def test_fully_rejected_trees_and_tensor_parallel_target(rejecting_tp_mesh: Full
         rejected_rounds += sum(r.chunk.accepted == 0 and r.chunk.tree_size > 1
                                for r in responses if r.HasField("chunk"))
     assert rejected_rounds > 0
+
+
+@pytest.fixture(scope="module")
+def pausing_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullMesh]:
+    """The rejecting draft with its planner on: it sends the root alone, pauses, looks again."""
+    base = tmp_path_factory.mktemp("pausing")
+    pair = make_tiny_pair(base / "pair", seed=7, draft_arch="llama")
+    yield from serve_mesh(base, pair=pair, target_args=[*FP32, "--verify-delay-ms", "8"],
+                          draft_args=[*FP32, "--plain-pause-s", "0.3", "--metrics-port", "0"])
+
+
+def test_paused_and_resumed_sessions_stay_lossless(pausing_mesh: FullMesh) -> None:
+    """Sessions whose trees never pay run target-only for a while (the draft sent an empty subtree),
+    then the draft sends a subtree rooted where it stopped, and the target fits it behind the
+    tokens it committed alone. Three at once, so ahead rounds come into it too."""
+    results: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        results[i] = tokens_of(stream(pausing_mesh.router.addr, PROMPTS[i], 240))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i in range(3):
+        assert results[i] == reference(pausing_mesh.target_dir, PROMPTS[i], 240), PROMPTS[i]
+    body = urllib.request.urlopen(f"http://127.0.0.1:{pausing_mesh.draft.ready['metrics_port']}/metrics",
+                                  timeout=10).read().decode()
+    events = dict(re.findall(r'^specmesh_draft_pauses_total{event="(\w+)"} (\S+)$', body, re.M))
+    assert float(events.get("paused", 0)) > 0 and float(events.get("resumed", 0)) > 0, events
+    wait_kv_idle(pausing_mesh.treekv.addr)
 
 
 def test_draft_killed_mid_stream_finishes_target_only(rejecting_tp_mesh: FullMesh) -> None:

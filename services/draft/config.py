@@ -21,5 +21,9 @@ class DraftConfig(CommonConfig, ModelServiceConfig):
     plan: bool = dataclasses.field(default=True, metadata={"help": "size each greedy subtree by expected tokens "
                                                                    "per second (--no-plan: always the router's "
                                                                    "subtree size)"})
+    plain_pause_s: float = dataclasses.field(default=4.0, metadata={"help": "a greedy session the planner sent "
+                                                                             "the root alone for 8 rounds in a row "
+                                                                             "runs target-only this long, then the "
+                                                                             "draft looks again (0 = never pause)"})
     expand_delay_ms: float = dataclasses.field(default=0.0, metadata={"help": "testing: random extra delay per "
                                                                                "expansion, uniform in [0, x] ms"})

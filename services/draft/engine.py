@@ -42,6 +42,8 @@ from specmesh.services.runtime.tree_params import TreeParams
 from . import metrics
 
 log = logging.getLogger("specmesh.draft")
+PLAIN_SIZE = 1.5  # a recent mean planned subtree size below this is plain decoding, near enough
+PAUSE_AFTER = 8  # root-only plans in a row after which a session pauses (runs target-only) for plain_pause_s
 _TRACER = telemetry.tracer("specmesh.draft")
 IDLE_CHECK_S = 1.0  # how often the worker looks for sessions nobody talks to any more
 
@@ -72,6 +74,8 @@ class DraftState:
     sent_tokens: float = 0.0  # tokens the planner expected that subtree to commit
     sent_reach: dict | None = None  # its predicted acceptance per depth (planned sends only)
     sent_plan: Plan | None = None  # the planner's choice behind it (planned sends only)
+    plain_plans: int = 0  # root-only plans in a row
+    paused_at: float | None = None  # the target runs it alone since then (speculation did not pay)
 
 
 # -- inbox messages ------------------------------------------------------------------------------
@@ -103,13 +107,15 @@ class DraftEngine(EngineActor):
     name = "draft"
 
     def __init__(self, runner: Runner, pool: SessionPool, expand_delay_ms: float = 0.0,
-                 prefill_chunk: int = 256, session_idle_s: float = 0.0, plan: bool = True) -> None:
+                 prefill_chunk: int = 256, session_idle_s: float = 0.0, plan: bool = True,
+                 plain_pause_s: float = 0.0) -> None:
         super().__init__()
         self.runner, self.pool = runner, pool
         self.model = runner.model
         self.sessions: dict[int, DraftState] = {}
         self.session_idle_s = session_idle_s  # 0 = never give idle sessions up
-        self.tick_s = IDLE_CHECK_S if session_idle_s else None
+        self.plain_pause_s = plain_pause_s  # 0 = never pause a session
+        self.tick_s = min(IDLE_CHECK_S, plain_pause_s or IDLE_CHECK_S) if session_idle_s or plain_pause_s else None
         self._idle_checked_at = 0.0
         # Session ids opened here (gRPC side adds, worker removes) and the ids closed before they
         # opened; both under _ids_lock so an open and a close cannot interleave.
@@ -186,10 +192,14 @@ class DraftEngine(EngineActor):
         for state in [s for s in self.sessions.values() if s.waiting]:
             self.for_session(state, self._begin, state)
         now = time.monotonic()
+        for state in [s for s in self.sessions.values() if s.paused_at is not None]:
+            if now - state.paused_at >= self.plain_pause_s:
+                self.for_session(state, self._resume, state)
         if not self.session_idle_s or now - self._idle_checked_at < IDLE_CHECK_S:
             return
         self._idle_checked_at = now
-        for state in [s for s in self.sessions.values() if now - s.heard_at > self.session_idle_s]:
+        for state in [s for s in self.sessions.values()
+                      if s.paused_at is None and now - s.heard_at > self.session_idle_s]:
             self._abandon(state, SessionFailure("DEADLINE_EXCEEDED",
                                                 f"nothing from the target for {self.session_idle_s:.0f}s"))
 
@@ -263,7 +273,7 @@ class DraftEngine(EngineActor):
 
     # -- steps ---------------------------------------------------------------------------------
     def _wants_forward(self, s: DraftState) -> bool:
-        if s.waiting:
+        if s.waiting or s.paused_at is not None:
             return False
         if not s.session.ready:
             return True  # catching up: no tree to send until this runs
@@ -273,6 +283,8 @@ class DraftEngine(EngineActor):
             return True
         if s.grown >= s.tree_params.depth:
             return False
+        if self._planned_plain(s) and len(s.session.tree) >= self._ready_size(s):
+            return False  # a deeper tree would not be sent, and it takes the target's memory bandwidth
         if s.sent_at is not None and self.round_trip_s:
             return time.perf_counter() + self.expand_s < s.sent_at + self.round_trip_s
         return True
@@ -328,6 +340,10 @@ class DraftEngine(EngineActor):
         if len(session.tree) < self._ready_size(state) and session.can_expand():
             return  # too small to be worth a target forward; grow first
         size, state.sent_reach = self._plan_size(state)
+        state.plain_plans = state.plain_plans + 1 if size == 1 and state.sent_plan is not None else 0
+        if self.plain_pause_s and state.plain_plans >= PAUSE_AFTER:
+            self._pause(state)
+            return
         tokens, parents, q = session.select_subtree(size)
         trace_ids = self._trace_round(state, len(tokens)) if telemetry.trace_round() else (0, 0, 0)
         metrics.SUBTREE.observe(len(tokens))
@@ -341,6 +357,12 @@ class DraftEngine(EngineActor):
         state.owed, state.grown, state.sent_at = False, 0, time.perf_counter()
         if not self._wants_forward(state):
             state.idle_since = time.perf_counter()
+
+    def _planned_plain(self, state: DraftState) -> bool:
+        """The planner has lately sent this greedy session's root (nearly) alone: the load or the
+        hardware make speculation not pay, so its tree grows only as far as a plan looks."""
+        return self.planner is not None and state.sampling.greedy and state.round > 0 and \
+            self.planner.stats.rounds > 0 and self.planner.stats.size < PLAIN_SIZE
 
     def _ready_size(self, state: DraftState) -> int:
         """Tree nodes a session needs before its subtree goes out: subtree_size, or for planned
@@ -385,6 +407,28 @@ class DraftEngine(EngineActor):
                                               "specmesh.session_id": state.session_id})
         span.end()
         return telemetry.span_ids(span)
+
+    def _pause(self, state: DraftState) -> None:
+        """Speculation does not pay for this session now (the load, or a draft it keeps rejecting):
+        an empty subtree lets the target go on alone, at its own pace, and this draft stops
+        following the session until `_resume` (its KV stays)."""
+        try:
+            self.channel.send_subtree(state.channel_id, state.round, [], [])
+        except Exception as exc:
+            self.channel_failed(exc)
+            return
+        state.paused_at, state.owed, state.sent_plan, state.sent_reach = time.monotonic(), False, None, None
+        state.idle_since = None
+        metrics.PAUSES.labels("paused").inc()
+
+    def _resume(self, state: DraftState) -> None:
+        """Look again: the subtree sent now is rooted where the draft stopped, and the target fits
+        it behind the tokens it committed alone (or sends them first, beyond CATCH_UP_TOKENS)."""
+        state.paused_at, state.plain_plans, state.owed = None, 0, True
+        state.heard_at = time.monotonic()
+        state.round_started = time.perf_counter()
+        metrics.PAUSES.labels("resumed").inc()
+        self._maybe_send(state)
 
     def _abandon(self, state: DraftState, failure: SessionFailure) -> None:
         """Give up on one session without stalling it: an empty subtree tells the target to go on alone."""

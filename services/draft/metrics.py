@@ -22,3 +22,5 @@ PREDICTED_TOKENS = Gauge("specmesh_draft_predicted_tokens_per_round",
                          "tokens the last planned subtree is expected to commit (accepted + bonus)")
 PREDICTED_STEP_MS = Gauge("specmesh_draft_predicted_step_ms",
                           "target step time the planner predicted for its last choice (all sessions' rows)")
+PAUSES = Counter("specmesh_draft_pauses", "greedy sessions handed to the target alone because speculation did not "
+                 "pay (paused), and looked at again (resumed)", ["event"])

@@ -111,7 +111,7 @@ async def serve(config: DraftConfig) -> None:
     forward_ms = (await asyncio.to_thread(measure_cost_curve, model, (config.tree_width,))).ms[0]
     log.info("one expansion of %d leaves takes %.1f ms", config.tree_width, forward_ms)
     engine = DraftEngine(runner, service_pool(model, config, "draft"), config.expand_delay_ms, config.prefill_chunk,
-                         config.session_idle_s, config.plan)
+                         config.session_idle_s, config.plan, config.plain_pause_s)
     servicer = DraftServicer(config, engine, forward_ms)
     metrics_port = start_metrics(config.host, config.metrics_port)
     health_servicer = health.aio.HealthServicer()
