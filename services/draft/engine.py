@@ -257,7 +257,10 @@ class DraftEngine(EngineActor):
         state.idle_since = None
         if state.sent_reach is not None and state.sent_plan is not None and self.planner is not None:
             self.planner.record(state.sent_reach, state.session.tree_hits(verified.tokens))
-            self.planner.observe_round((now - state.round_started) * 1000, state.sent_plan)
+            if not any(s is not state and s.paused_at is None for s in self.sessions.values()):
+                # Alone, a round is its forward plus the overhead. With others it also holds their
+                # steps, which the cost curve already prices (their rows are in the plan).
+                self.planner.observe_round((now - state.round_started) * 1000, state.sent_plan)
         result = state.session.reroot(verified.tokens)
         metrics.REROOT.observe(time.perf_counter() - now)
         metrics.REROOTS.labels("hit" if result.hit else "new_tree").inc()
