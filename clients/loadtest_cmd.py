@@ -31,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> str:
     p.add_argument("--limit", type=int, default=8, help="prompts per level, spread over categories (0 = all)")
     p.add_argument("--max-tokens", type=int, default=96, help="tokens generated per stream")
     p.add_argument("--raw", action="store_true", help="send prompts as raw text (no chat template)")
+    p.add_argument("--cached-prompts", action="store_true",
+                   help="repeat the prompts exactly at every level and system, so later runs start from the "
+                        "prefix cache (default: each run tags its prompts, so every system prefills them)")
     p.add_argument("--out", default="loadtest-results", help="directory for loadtest.json and loadtest.png")
     return NAME
 
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r.system} x{r.concurrency}: {r.tokens_per_s:.1f} tok/s, ITL p99 {r.itl_p99_ms:.1f} ms"
               + (f", {len(r.errors)} errors" if r.errors else ""), file=sys.stderr)
 
-    results = run_loadtest(systems, prompts, levels, args.max_tokens, args.raw, progress)
+    results = run_loadtest(systems, prompts, levels, args.max_tokens, args.raw, progress, args.cached_prompts)
     errors = [e for r in results for e in r.errors]
     if errors and all(r.tokens == 0 for r in results):
         return fail(f"every stream failed; first error: {errors[0]}")

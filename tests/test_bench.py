@@ -20,6 +20,7 @@ import pytest
 
 from specmesh.clients import bench_cmd
 from specmesh.clients.bench.llamacpp import completion_request, server_command
+from specmesh.clients.bench.loadtest import request_for
 from specmesh.clients.bench.peers import PeerError, find_llama_server, llama_server_path
 from specmesh.clients.bench.prompts import DEFAULT_PROMPTS, Prompt, PromptError, load_prompts, select
 from specmesh.clients.bench.report import build_systems, figures, first_divergence, normalize, table
@@ -120,6 +121,17 @@ def test_bad_arguments_fail_in_one_line() -> None:
 
 
 # ------------------------------------------------------------------------------------------ llama.cpp peer
+
+def test_loadtest_tags_each_run_so_nothing_comes_from_the_prefix_cache() -> None:
+    prompt = Prompt("q1", "qa", "What is a radix tree?")
+    chat = request_for(prompt, 8, raw=False, tag="[mesh x2 1] hi")
+    assert [(m.role, m.content) for m in chat.messages.messages] == [("system", "[mesh x2 1] hi"),
+                                                                     ("user", "What is a radix tree?")]
+    assert request_for(prompt, 8, raw=True, tag="[mesh x2 1]").prompt == "[mesh x2 1]\nWhat is a radix tree?"
+    assert request_for(prompt, 8, raw=True).prompt == "What is a radix tree?"  # --cached-prompts
+    plain = request_for(prompt, 8, raw=False)
+    assert [m.role for m in plain.messages.messages] == ["user"] and plain.max_tokens == 8
+
 
 def test_llamacpp_server_command_line() -> None:
     ar = server_command("/bin/llama-server", "/m/t.gguf", 8123, 2, 4096)

@@ -6,6 +6,10 @@ level it reports aggregate tokens/s (all tokens over the level's wall time), p50
 first token, p50/p99 inter-token latency (a round's gap spread over the tokens it brought), and
 the mean tree size the target verified per round. Running it against a second router whose
 mesh has no draft gives "target alone" beside "mesh" at every level.
+
+Both systems share one target and its prefix cache. So that every system prefills what it is
+timed on, each (system, level) run tags its prompts with its own first line, unless asked to
+repeat them exactly (`cached=True`: later runs then start from the prefix cache).
 """
 from __future__ import annotations
 
@@ -58,11 +62,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def request_for(prompt: Prompt, max_tokens: int, raw: bool) -> pb.GenerateRequest:
+def request_for(prompt: Prompt, max_tokens: int, raw: bool, tag: str = "") -> pb.GenerateRequest:
+    """The prompt's greedy request; `tag` (if any) goes first, as a system message or a first line."""
     req = pb.GenerateRequest(max_tokens=max_tokens, ignore_eos=True, sampling=pb.SamplingOptions(temperature=0.0))
     if raw:
-        req.prompt = prompt.text
+        req.prompt = f"{tag}\n{prompt.text}" if tag else prompt.text
     else:
+        if tag:
+            req.messages.messages.append(pb.ChatMessage(role="system", content=tag))
         req.messages.messages.append(pb.ChatMessage(role="user", content=prompt.text))
     return req
 
@@ -92,7 +99,7 @@ def stream_once(stub: pb_grpc.GenerationStub, request: pb.GenerateRequest, timeo
 
 
 def run_level(addr: str, system: str, prompts: list[Prompt], concurrency: int, max_tokens: int,
-              raw: bool = False, timeout: float = 600.0) -> LevelResult:
+              raw: bool = False, timeout: float = 600.0, tag: str = "") -> LevelResult:
     """All prompts through `concurrency` concurrent streams; the level's numbers."""
     work: queue.Queue = queue.Queue()
     for p in prompts:
@@ -108,7 +115,7 @@ def run_level(addr: str, system: str, prompts: list[Prompt], concurrency: int, m
                     prompt = work.get_nowait()
                 except queue.Empty:
                     return
-                record = stream_once(stub, request_for(prompt, max_tokens, raw), timeout)
+                record = stream_once(stub, request_for(prompt, max_tokens, raw, tag), timeout)
                 with lock:
                     records.append(record)
 
@@ -130,12 +137,15 @@ def run_level(addr: str, system: str, prompts: list[Prompt], concurrency: int, m
 
 
 def run_loadtest(systems: dict[str, str], prompts: list[Prompt], levels: list[int], max_tokens: int,
-                 raw: bool = False, progress=None) -> list[LevelResult]:  # type: ignore[no-untyped-def]
+                 raw: bool = False, progress=None, cached: bool = False) -> list[LevelResult]:  # type: ignore[no-untyped-def]
     """Every system (name -> router address) at every concurrency level, in that order."""
     results = []
+    run_id = time.time_ns()  # tags differ from any earlier load test's, whose KV may still be cached
     for name, addr in systems.items():
         for level in levels:
-            result = run_level(addr, name, prompts, level, max_tokens, raw)
+            # What differs comes first: runs share at most a token or two of it.
+            tag = "" if cached else f"[{name} x{level} {run_id}] You are a helpful assistant."
+            result = run_level(addr, name, prompts, level, max_tokens, raw, tag=tag)
             if progress is not None:
                 progress(result)
             results.append(result)
