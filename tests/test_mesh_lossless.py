@@ -76,19 +76,24 @@ def test_greedy_mesh_equals_target_only_under_random_delays(delayed_mesh: FullMe
     assert speculative > 0 and accepted > 0  # the draft really took part
 
 
-def test_concurrent_sessions_stay_lossless(delayed_mesh: FullMesh) -> None:
+def assert_concurrent_streams_lossless(mesh: FullMesh, streams: int, n: int) -> None:
+    """PROMPTS[:streams] at once, n tokens each: each equals target-only greedy decoding."""
     results: dict[int, list[int]] = {}
 
     def run(i: int) -> None:
-        results[i] = tokens_of(stream(delayed_mesh.router.addr, PROMPTS[i], 30))
+        results[i] = tokens_of(stream(mesh.router.addr, PROMPTS[i], n))
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    for i in range(4):
-        assert results[i] == reference(delayed_mesh.target_dir, PROMPTS[i], 30)
+    for i in range(streams):
+        assert results.get(i) == reference(mesh.target_dir, PROMPTS[i], n), PROMPTS[i]
+
+
+def test_concurrent_sessions_stay_lossless(delayed_mesh: FullMesh) -> None:
+    assert_concurrent_streams_lossless(delayed_mesh, 4, 30)
     wait_kv_idle(delayed_mesh.treekv.addr)
 
 
@@ -115,18 +120,7 @@ def test_paused_and_resumed_sessions_stay_lossless(pausing_mesh: FullMesh) -> No
     """Sessions whose trees never pay run target-only for a while (the draft sent an empty subtree),
     then the draft sends a subtree rooted where it stopped, and the target fits it behind the
     tokens it committed alone. Three at once, so ahead rounds come into it too."""
-    results: dict[int, list[int]] = {}
-
-    def run(i: int) -> None:
-        results[i] = tokens_of(stream(pausing_mesh.router.addr, PROMPTS[i], 240))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    for i in range(3):
-        assert results[i] == reference(pausing_mesh.target_dir, PROMPTS[i], 240), PROMPTS[i]
+    assert_concurrent_streams_lossless(pausing_mesh, 3, 240)
     body = urllib.request.urlopen(f"http://127.0.0.1:{pausing_mesh.draft.ready['metrics_port']}/metrics",
                                   timeout=10).read().decode()
     events = dict(re.findall(r'^specmesh_draft_pauses_total{event="(\w+)"} (\S+)$', body, re.M))
