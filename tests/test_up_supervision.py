@@ -13,8 +13,10 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import grpc
 import pytest
@@ -37,16 +39,39 @@ def _wait_for(what: str, check: Any, log: Path, timeout: float = 120) -> Any:
     return value
 
 
-def test_up_restarts_a_dead_treekv_and_draft_while_streams_run(tmp_path: Path) -> None:
+@dataclass
+class UpRun:
+    proc: subprocess.Popen
+    ready: Path  # the ready file (rewritten when a service restarts)
+    console: Path
+    info: dict  # the ready file at start-up
+
+
+@contextmanager
+def _running_up(tmp_path: Path, *args: str) -> Iterator[UpRun]:
+    """`specmesh up --tiny` (fp32, one thread per model) with `args`, once it is ready. A body that
+    succeeds ends it with SIGTERM, which must exit 0; anything else kills its process group."""
     ready, console = tmp_path / "up.json", tmp_path / "console.txt"
     with open(console, "wb") as out:
         up = subprocess.Popen([sys.executable, "-m", "specmesh.clients.cli", "up", "--tiny", "--port", "0",
-                               "--http-port", "-1", "--ready-file", str(ready), "--dtype", "fp32",
-                               "--pool-blocks", "256", "--target-threads", "1", "--draft-threads", "1",
-                               "--extra-target-args", "--verify-delay-ms 5"],
+                               "--ready-file", str(ready), "--dtype", "fp32", "--target-threads", "1",
+                               "--draft-threads", "1", *args],
                               stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         info = json.loads(_wait_for("start-up", lambda: ready.exists() and ready.read_text(), console, 300))
+        yield UpRun(up, ready, console, info)
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(60) == 0, console.read_text()[-4000:]
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait(10)
+
+
+def test_up_restarts_a_dead_treekv_and_draft_while_streams_run(tmp_path: Path) -> None:
+    with _running_up(tmp_path, "--http-port", "-1", "--pool-blocks", "256",
+                     "--extra-target-args", "--verify-delay-ms 5") as run:
+        up, ready, console, info = run.proc, run.ready, run.console, run.info
         treekv_addr = f"127.0.0.1:{info['services']['treekv']['port']}"
         channel = grpc.insecure_channel(info["addr"])
         stub = pb_grpc.GenerationStub(channel)
@@ -120,12 +145,6 @@ def test_up_restarts_a_dead_treekv_and_draft_while_streams_run(tmp_path: Path) -
         assert done[-1].final.usage.rounds < 32  # speculating again
         wait_kv_idle(treekv_addr, timeout=10)  # the aborted stream's lease too, long before its TTL
         channel.close()
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(60) == 0, console.read_text()[-4000:]
-    finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait(10)
 
 
 def test_up_runs_n_pairs_behind_the_router(tmp_path: Path) -> None:
@@ -133,14 +152,8 @@ def test_up_runs_n_pairs_behind_the_router(tmp_path: Path) -> None:
     target i (its /health lists both pairs, named by their targets' addresses), requests served."""
     import urllib.request
 
-    ready, console = tmp_path / "up.json", tmp_path / "console.txt"
-    with open(console, "wb") as out:
-        up = subprocess.Popen([sys.executable, "-m", "specmesh.clients.cli", "up", "--tiny", "--pairs", "2",
-                               "--port", "0", "--http-port", "0", "--ready-file", str(ready), "--dtype", "fp32",
-                               "--pool-blocks", "64", "--target-threads", "1", "--draft-threads", "1"],
-                              stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        info = json.loads(_wait_for("start-up", lambda: ready.exists() and ready.read_text(), console, 300))
+    with _running_up(tmp_path, "--pairs", "2", "--http-port", "0", "--pool-blocks", "64") as run:
+        info, console = run.info, run.console
         names = ("treekv", "target", "draft", "target-1", "draft-1", "router")
         assert sorted(info["services"]) == sorted(names) and sorted(info["pids"]) == sorted(names)
         assert len({info["services"][n]["port"] for n in names}) == len(names)
@@ -158,9 +171,3 @@ def test_up_runs_n_pairs_behind_the_router(tmp_path: Path) -> None:
                                       timeout=60))
         assert done[-1].final.finish_reason == pb.FINISH_REASON_LENGTH
         assert "2 draft/target pairs" in console.read_text()
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(60) == 0, console.read_text()[-4000:]
-    finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait(10)

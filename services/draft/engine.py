@@ -255,14 +255,14 @@ class DraftEngine(EngineActor):
         state.round_idle_s = now - state.idle_since if state.idle_since is not None else 0.0
         metrics.IDLE.inc(state.round_idle_s)
         state.idle_since = None
+        result = state.session.reroot(verified.tokens)
+        metrics.REROOT.observe(time.perf_counter() - now)
         if state.sent_reach is not None and state.sent_plan is not None and self.planner is not None:
-            self.planner.record(state.sent_reach, state.session.tree_hits(verified.tokens))
+            self.planner.record(state.sent_reach, result.tree_hits)
             if not any(s is not state and s.paused_at is None for s in self.sessions.values()):
                 # Alone, a round is its forward plus the overhead. With others it also holds their
                 # steps, which the cost curve already prices (their rows are in the plan).
                 self.planner.observe_round((now - state.round_started) * 1000, state.sent_plan)
-        result = state.session.reroot(verified.tokens)
-        metrics.REROOT.observe(time.perf_counter() - now)
         metrics.REROOTS.labels("hit" if result.hit else "new_tree").inc()
         state.round, state.owed, state.reroot_hit = verified.round, True, result.hit
         state.round_started, state.round_expansions, state.grown = now, 0, 0

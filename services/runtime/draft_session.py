@@ -91,6 +91,8 @@ class RerootResult:
     hit: bool  # the new root was already forwarded: its subtree and KV carry over
     kept_nodes: int
     forwarded_tokens: int  # tokens the draft had to run because the tree never ran them
+    tree_hits: int  # verified tokens before the bonus that lay on a path of the tree (accepted draft
+    # tokens; tokens the target committed alone count only where the tree proposed them)
 
 
 @dataclass
@@ -268,18 +270,6 @@ class DraftSession:
         return tokens, parents, q
 
     # -- committing ----------------------------------------------------------------------------
-    def tree_hits(self, verified: list[int]) -> int:
-        """How many of the verified tokens before the bonus lie on a path of the tree from its root
-        (the draft tokens the round accepted; tokens the target committed in plain rounds while
-        the subtree was on its way count only where the tree proposed them)."""
-        node, hits = 0, 0
-        for tok in verified[:-1]:
-            nxt = self.tree.child_with_token(node, tok)
-            if nxt is None:
-                break
-            node, hits = nxt, hits + 1
-        return hits
-
     def reroot(self, verified: list[int]) -> RerootResult:
         """Commit the target's verified tokens (accepted draft tokens + bonus) and move the root."""
         self.tokens.extend(verified)
@@ -308,14 +298,14 @@ class DraftSession:
             self._rebuild(keep, keep_ran)
             if redraw:
                 self._draw_children([0], self._q[:1])
-            return RerootResult(True, len(keep), 0)
+            return RerootResult(True, len(keep), 0, len(path) - 1)
         base = self.cache.length
         if ran:
             self.cache.move_slots([base + t.kv_slot[n] for n in ran], base)
             self.cache.length = base + len(ran)
         catch_up = [t.tokens[n] for n in path[len(ran):]] + missing + [verified[-1]]
         self._catch_up(catch_up)
-        return RerootResult(False, 1, len(catch_up))
+        return RerootResult(False, 1, len(catch_up), len(path) - 1)
 
     def _rebuild(self, keep: list[int], keep_ran: list[int]) -> None:
         """Re-index the surviving subtree (root first) and its slots, preserving their order."""

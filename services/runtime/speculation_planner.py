@@ -141,7 +141,7 @@ class Plan:
     sizes: dict[int, int]          # session -> subtree size (1 = the root alone)
     tokens_per_round: float        # expected committed tokens of these sessions per step
     step_ms: float                 # predicted round time: the target's forward plus fixed_ms
-    forward_ms: float = 0.0        # the forward's share of it (the cost curve)
+    forward_ms: float              # the forward's share of it (the cost curve)
 
     @property
     def tokens_per_s(self) -> float:
