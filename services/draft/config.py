@@ -23,7 +23,10 @@ class DraftConfig(CommonConfig, ModelServiceConfig):
                                                                    "subtree size)"})
     plain_pause_s: float = dataclasses.field(default=4.0, metadata={"help": "a greedy session the planner sent "
                                                                              "the root alone for 8 rounds in a row "
-                                                                             "runs target-only this long, then the "
-                                                                             "draft looks again (0 = never pause)"})
+                                                                             "runs target-only this long (a pause "
+                                                                             "the next look confirms lasts twice as "
+                                                                             "long, up to 8x), or until the load "
+                                                                             "halves; then the draft looks again "
+                                                                             "(0 = never pause)"})
     expand_delay_ms: float = dataclasses.field(default=0.0, metadata={"help": "testing: random extra delay per "
                                                                                "expansion, uniform in [0, x] ms"})

@@ -40,10 +40,10 @@ from specmesh.services.runtime.speculation_planner import CostCurve, Plan, Specu
 from specmesh.services.runtime.tree_params import TreeParams
 
 from . import metrics
+from .pause_policy import PausePolicy, SessionPause
 
 log = logging.getLogger("specmesh.draft")
 PLAIN_SIZE = 1.5  # a recent mean planned subtree size below this is plain decoding, near enough
-PAUSE_AFTER = 8  # root-only plans in a row after which a session pauses (runs target-only) for plain_pause_s
 _TRACER = telemetry.tracer("specmesh.draft")
 IDLE_CHECK_S = 1.0  # how often the worker looks for sessions nobody talks to any more
 
@@ -74,8 +74,7 @@ class DraftState:
     sent_tokens: float = 0.0  # tokens the planner expected that subtree to commit
     sent_reach: dict | None = None  # its predicted acceptance per depth (planned sends only)
     sent_plan: Plan | None = None  # the planner's choice behind it (planned sends only)
-    plain_plans: int = 0  # root-only plans in a row
-    paused_at: float | None = None  # the target runs it alone since then (speculation did not pay)
+    pause: SessionPause = field(default_factory=SessionPause)  # runs target-only while speculation does not pay
 
 
 # -- inbox messages ------------------------------------------------------------------------------
@@ -114,7 +113,7 @@ class DraftEngine(EngineActor):
         self.model = runner.model
         self.sessions: dict[int, DraftState] = {}
         self.session_idle_s = session_idle_s  # 0 = never give idle sessions up
-        self.plain_pause_s = plain_pause_s  # 0 = never pause a session
+        self.pausing = PausePolicy(plain_pause_s)  # 0 s = never pause a session
         self.tick_s = min(IDLE_CHECK_S, plain_pause_s or IDLE_CHECK_S) if session_idle_s or plain_pause_s else None
         self._idle_checked_at = 0.0
         # Session ids opened here (gRPC side adds, worker removes) and the ids closed before they
@@ -192,14 +191,14 @@ class DraftEngine(EngineActor):
         for state in [s for s in self.sessions.values() if s.waiting]:
             self.for_session(state, self._begin, state)
         now = time.monotonic()
-        for state in [s for s in self.sessions.values() if s.paused_at is not None]:
-            if now - state.paused_at >= self.plain_pause_s:
+        for state in [s for s in self.sessions.values() if s.pause.paused]:
+            if self.pausing.resume_due(state.pause, now, len(self.sessions)):
                 self.for_session(state, self._resume, state)
         if not self.session_idle_s or now - self._idle_checked_at < IDLE_CHECK_S:
             return
         self._idle_checked_at = now
         for state in [s for s in self.sessions.values()
-                      if s.paused_at is None and now - s.heard_at > self.session_idle_s]:
+                      if not s.pause.paused and now - s.heard_at > self.session_idle_s]:
             self._abandon(state, SessionFailure("DEADLINE_EXCEEDED",
                                                 f"nothing from the target for {self.session_idle_s:.0f}s"))
 
@@ -259,7 +258,7 @@ class DraftEngine(EngineActor):
         metrics.REROOT.observe(time.perf_counter() - now)
         if state.sent_reach is not None and state.sent_plan is not None and self.planner is not None:
             self.planner.record(state.sent_reach, result.tree_hits)
-            if not any(s is not state and s.paused_at is None for s in self.sessions.values()):
+            if not any(s is not state and not s.pause.paused for s in self.sessions.values()):
                 # Alone, a round is its forward plus the overhead. With others it also holds their
                 # steps, which the cost curve already prices (their rows are in the plan).
                 self.planner.observe_round((now - state.round_started) * 1000, state.sent_plan)
@@ -276,7 +275,7 @@ class DraftEngine(EngineActor):
 
     # -- steps ---------------------------------------------------------------------------------
     def _wants_forward(self, s: DraftState) -> bool:
-        if s.waiting or s.paused_at is not None:
+        if s.waiting or s.pause.paused:
             return False
         if not s.session.ready:
             return True  # catching up: no tree to send until this runs
@@ -343,8 +342,7 @@ class DraftEngine(EngineActor):
         if len(session.tree) < self._ready_size(state) and session.can_expand():
             return  # too small to be worth a target forward; grow first
         size, state.sent_reach = self._plan_size(state)
-        state.plain_plans = state.plain_plans + 1 if size == 1 and state.sent_plan is not None else 0
-        if self.plain_pause_s and state.plain_plans >= PAUSE_AFTER:
+        if state.sent_plan is not None and self.pausing.should_pause(state.pause, size, state.sent_plan.probe):
             self._pause(state)
             return
         tokens, parents, q = session.select_subtree(size)
@@ -420,18 +418,25 @@ class DraftEngine(EngineActor):
         except Exception as exc:
             self.channel_failed(exc)
             return
-        state.paused_at, state.owed, state.sent_plan, state.sent_reach = time.monotonic(), False, None, None
+        self.pausing.pause(state.pause, time.monotonic(), len(self.sessions))
+        state.owed, state.sent_plan, state.sent_reach = False, None, None
         state.idle_since = None
         metrics.PAUSES.labels("paused").inc()
+        self._count_paused()
 
     def _resume(self, state: DraftState) -> None:
         """Look again: the subtree sent now is rooted where the draft stopped, and the target fits
         it behind the tokens it committed alone (or sends them first, beyond CATCH_UP_TOKENS)."""
-        state.paused_at, state.plain_plans, state.owed = None, 0, True
+        self.pausing.resume(state.pause)
+        state.owed = True
         state.heard_at = time.monotonic()
         state.round_started = time.perf_counter()
         metrics.PAUSES.labels("resumed").inc()
+        self._count_paused()
         self._maybe_send(state)
+
+    def _count_paused(self) -> None:
+        metrics.PAUSED.set(sum(s.pause.paused for s in self.sessions.values()))
 
     def _abandon(self, state: DraftState, failure: SessionFailure) -> None:
         """Give up on one session without stalling it: an empty subtree tells the target to go on alone."""
@@ -451,6 +456,7 @@ class DraftEngine(EngineActor):
         its KV may be half-written)."""
         state = self.sessions.pop(channel_id, None)
         metrics.SESSIONS.set(len(self.sessions))
+        self._count_paused()
         if state is not None:
             self.pool.close(state.session_id, state.session.cache.length if keep else 0)
             with self._ids_lock:

@@ -142,6 +142,7 @@ class Plan:
     tokens_per_round: float        # expected committed tokens of these sessions per step
     step_ms: float                 # predicted round time: the target's forward plus fixed_ms
     forward_ms: float              # the forward's share of it (the cost curve)
+    probe: bool = False            # forced (take_all), not the planner's choice
 
     @property
     def tokens_per_s(self) -> float:
@@ -200,7 +201,7 @@ def plan(candidates: list[Candidate], sessions: list[int], curve: CostCurve, acc
     for c in ranked[:best_m]:
         sizes[c.session] += 1
     forward_ms = curve.at(base_rows + best_m)
-    return Plan(sizes, best_tokens - other_tokens, forward_ms + fixed_ms, forward_ms)
+    return Plan(sizes, best_tokens - other_tokens, forward_ms + fixed_ms, forward_ms, probe=take_all)
 
 
 def tree_candidates(session: int, depth: list[int], score: list[float], nodes: list[int]) -> list[Candidate]:

@@ -1,0 +1,69 @@
+"""When a greedy session stops speculating for a while, and when the draft looks again.
+
+Under load (or with a draft the target keeps rejecting) the planner sends a session's root alone:
+plain decoding. A draft that still follows that session only spends memory bandwidth the target
+needs, so after `PAUSE_AFTER` root-only plans in a row the session is paused: the target runs it
+alone and the draft does no work for it. A pause is a bet that the reason lasts, so it ends either
+when its time is up or when the load that caused it has halved. Then the draft looks again: a
+resumed session that the planner still sends alone within `RECHECK_AFTER` plans was paused for
+the right reason, and pauses again for twice as long (up to `MAX_DOUBLINGS` times), so a steadily
+loaded server spends almost all its time target-only. One speculative plan resets the backoff.
+
+Probes (the planner's forced full subtrees, for calibration) neither count towards a pause nor
+reset one: they are not the planner's choice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PAUSE_AFTER = 8  # root-only plans in a row after which a session pauses
+RECHECK_AFTER = 3  # after a resume, root-only plans that confirm the pause
+MAX_DOUBLINGS = 3  # a pause lasts at most pause_s * 2**MAX_DOUBLINGS
+
+
+@dataclass
+class SessionPause:
+    """One session's pause state."""
+
+    streak: int = 0  # root-only plans in a row (probes not counted)
+    doublings: int = 0  # pauses confirmed in a row, without a speculative plan between
+    looking: bool = False  # resumed, and no speculative plan since
+    paused_at: float | None = None  # the target runs the session alone since then
+    sessions_at_pause: int = 0  # the draft's sessions when it paused
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None
+
+
+@dataclass
+class PausePolicy:
+    """The draft's rule for pausing sessions; `pause_s` = 0 never pauses."""
+
+    pause_s: float
+
+    def should_pause(self, p: SessionPause, size: int, probe: bool) -> bool:
+        """Record one plan of size `size` (1 = the root alone); True when the session should pause now."""
+        if not self.pause_s or probe:
+            return False
+        if size > 1:
+            p.streak, p.doublings, p.looking = 0, 0, False
+            return False
+        p.streak += 1
+        return p.streak >= (RECHECK_AFTER if p.looking else PAUSE_AFTER)
+
+    def pause(self, p: SessionPause, now: float, sessions: int) -> None:
+        if p.looking:  # the look confirmed the pause: wait longer this time
+            p.doublings = min(MAX_DOUBLINGS, p.doublings + 1)
+        p.paused_at, p.sessions_at_pause, p.streak, p.looking = now, sessions, 0, False
+
+    def duration(self, p: SessionPause) -> float:
+        return self.pause_s * 2 ** p.doublings
+
+    def resume_due(self, p: SessionPause, now: float, sessions: int) -> bool:
+        """Time is up, or the load that caused the pause has halved."""
+        return p.paused_at is not None and (now - p.paused_at >= self.duration(p) or
+                                            2 * sessions <= p.sessions_at_pause)
+
+    def resume(self, p: SessionPause) -> None:
+        p.paused_at, p.streak, p.looking = None, 0, True

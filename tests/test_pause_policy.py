@@ -1,0 +1,65 @@
+"""The draft's pause rule: when a session runs target-only, and for how long."""
+from __future__ import annotations
+
+from specmesh.services.draft.pause_policy import (MAX_DOUBLINGS, PAUSE_AFTER, RECHECK_AFTER, PausePolicy,
+                                                  SessionPause)
+
+
+def plans(policy: PausePolicy, p: SessionPause, sizes: list[int], probe: bool = False) -> list[bool]:
+    return [policy.should_pause(p, size, probe) for size in sizes]
+
+
+def test_pauses_after_a_streak_of_root_only_plans_and_a_speculative_plan_resets_it() -> None:
+    policy, p = PausePolicy(4.0), SessionPause()
+    assert not any(plans(policy, p, [1] * (PAUSE_AFTER - 1) + [3] + [1] * (PAUSE_AFTER - 1)))
+    assert policy.should_pause(p, 1, probe=False)
+
+
+def test_probes_neither_count_nor_reset() -> None:
+    """A forced full subtree is not the planner's choice: the streak survives it."""
+    policy, p = PausePolicy(4.0), SessionPause()
+    assert not any(plans(policy, p, [1] * (PAUSE_AFTER - 1)))
+    assert not policy.should_pause(p, 16, probe=True)
+    assert not policy.should_pause(p, 1, probe=True)
+    assert policy.should_pause(p, 1, probe=False)
+
+
+def test_zero_pause_never_pauses() -> None:
+    policy, p = PausePolicy(0.0), SessionPause()
+    assert not any(plans(policy, p, [1] * 100))
+
+
+def test_confirmed_pauses_double_up_to_a_cap_and_speculation_resets_the_backoff() -> None:
+    policy, p = PausePolicy(4.0), SessionPause()
+    plans(policy, p, [1] * PAUSE_AFTER)
+    now = 100.0
+    lengths = []
+    for _ in range(MAX_DOUBLINGS + 2):
+        policy.pause(p, now, sessions=8)
+        lengths.append(policy.duration(p))
+        assert p.paused and not policy.resume_due(p, now + lengths[-1] - 0.01, sessions=8)
+        now += lengths[-1]
+        assert policy.resume_due(p, now, sessions=8)
+        policy.resume(p)
+        assert not p.paused
+        # the look: RECHECK_AFTER root-only plans confirm the pause
+        assert plans(policy, p, [1] * RECHECK_AFTER) == [False] * (RECHECK_AFTER - 1) + [True]
+    assert lengths == [4.0 * 2 ** min(i, MAX_DOUBLINGS) for i in range(MAX_DOUBLINGS + 2)]
+    policy.pause(p, now, sessions=8)
+    policy.resume(p)
+    assert not policy.should_pause(p, 2, probe=False)  # the draft pays again
+    assert not any(plans(policy, p, [1] * (PAUSE_AFTER - 1)))  # back to the full streak
+    assert policy.should_pause(p, 1, probe=False)
+    policy.pause(p, now, sessions=8)
+    assert policy.duration(p) == 4.0
+
+
+def test_a_pause_ends_early_when_the_load_that_caused_it_halves() -> None:
+    policy, p = PausePolicy(4.0), SessionPause()
+    policy.pause(p, 0.0, sessions=6)
+    assert not policy.resume_due(p, 1.0, sessions=4)
+    assert policy.resume_due(p, 1.0, sessions=3)
+    alone = SessionPause()
+    policy.pause(alone, 0.0, sessions=1)  # a rejecting draft, not the load: only time ends it
+    assert not policy.resume_due(alone, 3.9, sessions=1)
+    assert policy.resume_due(alone, 4.0, sessions=1)
