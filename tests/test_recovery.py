@@ -212,6 +212,8 @@ def test_a_draft_far_behind_is_sent_the_tokens_it_missed_then_its_tree_is_adopte
     assert catch_up.tokens == ref[len(prompt):len(prompt) + CATCH_UP_TOKENS]
     at = len(prompt) - 1 + CATCH_UP_TOKENS
     assert adopted.tokens == ref[at + 1:at + 1 + len(adopted.tokens)] and not adopted.end
+    # the tokens the target committed alone past the chain's root lead, and are marked as such
+    assert 20 <= adopted.skipped < len(adopted.tokens) and catch_up.skipped == 0
     resumed = next(o for o in outs if o.speculative)
     assert resumed.accepted > 0  # the chain beyond the target's root was accepted
     assert [t for o in outs for t in o.tokens] == ref[len(prompt):len(prompt) + sum(len(o.tokens) for o in outs)]

@@ -257,7 +257,9 @@ class DraftEngine(EngineActor):
         result = state.session.reroot(verified.tokens)
         metrics.REROOT.observe(time.perf_counter() - now)
         if state.sent_reach is not None and state.sent_plan is not None and self.planner is not None:
-            self.planner.record(state.sent_reach, result.tree_hits)
+            # Tokens the target committed before this subtree came (its ahead rounds) cost the draft
+            # nothing to predict and saved no step: only what the subtree itself verified counts.
+            self.planner.record(state.sent_reach, max(0, result.tree_hits - verified.skipped))
             if not any(s is not state and not s.pause.paused for s in self.sessions.values()):
                 # Alone, a round is its forward plus the overhead. With others it also holds their
                 # steps, which the cost curve already prices (their rows are in the plan).
@@ -380,19 +382,29 @@ class DraftEngine(EngineActor):
         size: how many nodes are sent must not depend on what the draft drew."""
         cap = state.tree_params.subtree_size
         if self.planner is None or not state.sampling.greedy or state.round == 0:
-            state.sent_size, state.sent_tokens, state.sent_plan = cap, 0.0, None
+            state.sent_size, state.sent_tokens, state.sent_plan = cap, 1.0, None
             return cap, None  # round 0: the first tree is re-rooted by the target, its depths shift
-        others = [s for s in self.sessions.values() if s is not state and not s.owed and s.sent_at is not None]
+        shares = [self._step_share(s) for s in self.sessions.values() if s is not state]
         t = state.session.tree
         size, reach = self.planner.subtree_size(state.channel_id, t.depth, t.score, t.best(cap),
-                                                sum(s.sent_size for s in others),
-                                                sum(s.sent_tokens for s in others))
+                                                sum(rows for rows, _ in shares), sum(tokens for _, tokens in shares))
         chosen = self.planner.last
         state.sent_size, state.sent_tokens, state.sent_plan = size, chosen.tokens_per_round, chosen
         metrics.PLANNED_SIZE.observe(size)
         metrics.PREDICTED_TOKENS.set(chosen.tokens_per_round)
         metrics.PREDICTED_STEP_MS.set(chosen.step_ms)
         return size, reach
+
+    @staticmethod
+    def _step_share(s: DraftState) -> tuple[int, float]:
+        """Rows and expected tokens another session puts into the target's steps: its subtree in
+        flight, else one row (the target runs paused sessions, and owed ones as ahead rounds, in
+        every step it takes); none while it waits for its prefix."""
+        if s.waiting or s.session is None:
+            return 0, 0.0
+        if not s.pause.paused and not s.owed and s.sent_at is not None:
+            return s.sent_size, s.sent_tokens
+        return 1, 1.0
 
     def _trace_round(self, state: DraftState, size: int) -> tuple[int, int, int]:
         """The draft's work for one round as a span; its ids ride in the subtree header."""

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# kind, channel id, round, n, flags, has_q, trace id hi, trace id lo, span id (0 = untraced), root position
+# subtree: kind, channel id, round, n, flags, has_q, trace id hi, trace id lo, span id (0 = untraced), root position
+# verified: kind, channel id, round, n, flags, skipped, 0, 0, 0, 0
 HEADER = 10
 CATCH_UP_TOKENS = 256  # most committed tokens a verified message carries for a draft that is behind
 KIND_SUBTREE, KIND_VERIFIED = 1, 2
@@ -47,6 +48,7 @@ class Verified:
     round: int
     tokens: list[int]
     end: bool
+    skipped: int = 0  # leading tokens the target committed without this subtree (it came late)
 
 
 def host_store(host: str, port: int) -> dist.TCPStore:
@@ -123,7 +125,7 @@ class TensorChannel:
         self.t2d.recv([buf], self.peer, 0).wait()
         head = buf[:HEADER].tolist()
         n = head[3]
-        return Verified(head[1], head[2], buf[HEADER:HEADER + n].tolist(), bool(head[4] & FLAG_END))
+        return Verified(head[1], head[2], buf[HEADER:HEADER + n].tolist(), bool(head[4] & FLAG_END), head[5])
 
     # -- target side ---------------------------------------------------------------------------
     def recv_subtree(self) -> Subtree:
@@ -139,11 +141,11 @@ class TensorChannel:
             q = q.clone()  # the buffer is reused by the next receive while this round verifies
         return Subtree(head[1], head[2], body[:n], body[n:], q, (head[6], head[7], head[8]), head[9])
 
-    def send_verified(self, channel_id: int, round_: int, tokens: list[int], end: bool) -> None:
+    def send_verified(self, channel_id: int, round_: int, tokens: list[int], end: bool, skipped: int = 0) -> None:
         n = len(tokens)
         buf = self._verified_buf
-        buf[:HEADER + n] = torch.tensor([KIND_VERIFIED, channel_id, round_, n, FLAG_END if end else 0, 0, 0, 0, 0, 0]
-                                        + tokens)
+        buf[:HEADER + n] = torch.tensor([KIND_VERIFIED, channel_id, round_, n, FLAG_END if end else 0, skipped,
+                                         0, 0, 0, 0] + tokens)
         self.t2d.send([buf], self.peer, 0).wait()
 
     def close(self) -> None:

@@ -410,7 +410,7 @@ class TargetEngine(EngineActor):
         if state.speculative and self.channel is not None and not job.ahead:
             try:  # the draft first: it is what the next round waits on
                 self.channel.send_verified(state.channel_id, state.rounds, [*job.skipped, *result.tokens],
-                                           end=reason is not None)
+                                           end=reason is not None, skipped=len(job.skipped))
                 state.sent_at = time.perf_counter()
             except Exception as exc:
                 self.channel_failed(exc)
