@@ -128,6 +128,29 @@ def test_paused_and_resumed_sessions_stay_lossless(pausing_mesh: FullMesh) -> No
     wait_kv_idle(pausing_mesh.treekv.addr)
 
 
+@pytest.fixture(scope="module")
+def late_draft_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullMesh]:
+    """A draft often later than the target's patience (0-60 ms per expansion, 30 ms patience), and a
+    target slow enough (0-50 ms per step) that a late subtree is only a token or two behind."""
+    yield from serve_mesh(tmp_path_factory.mktemp("late"),
+                          target_args=[*FP32, "--draft-patience-ms", "30", "--verify-delay-ms", "50",
+                                       "--metrics-port", "0"],
+                          draft_args=[*FP32, "--expand-delay-ms", "60"])
+
+
+def test_a_late_draft_is_not_waited_for_and_output_stays_lossless(late_draft_mesh: FullMesh) -> None:
+    """One stream: with no other session to step, a target whose draft is late decodes a token
+    alone (an ahead round), and the subtrees that come later are fitted behind those tokens."""
+    prompt, n = PROMPTS[3], 100
+    responses = stream(late_draft_mesh.router.addr, prompt, n)
+    assert tokens_of(responses) == reference(late_draft_mesh.target_dir, prompt, n)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{late_draft_mesh.target.ready['metrics_port']}/metrics",
+                                  timeout=10).read().decode()
+    rounds = dict(re.findall(r'^specmesh_target_rounds_total{mode="(\w+)"} (\S+)$', body, re.M))
+    assert float(rounds.get("ahead", 0)) > 0 and float(rounds.get("speculative", 0)) > 0, rounds
+    wait_kv_idle(late_draft_mesh.treekv.addr)
+
+
 def test_draft_killed_mid_stream_finishes_target_only(rejecting_tp_mesh: FullMesh) -> None:
     prompt, n = PROMPTS[4], 400
     got: list[int] = []

@@ -20,5 +20,8 @@ class TargetConfig(CommonConfig, ModelServiceConfig):
     prefill_threads: int = dataclasses.field(default=0, metadata={
         "help": "torch threads for steps that only prefill (0 = every core): prefill is compute-bound and "
                 "comes before any round, so it may borrow the draft's cores; rounds keep --threads"})
+    draft_patience_ms: float = dataclasses.field(default=0.0, metadata={
+        "help": "how long a session waits for its draft's subtree before it decodes a token alone "
+                "(0 = two 1-row forwards as timed at start-up, at least 50 ms)"})
     verify_delay_ms: float = dataclasses.field(default=0.0, metadata={"help": "testing: random extra delay per "
                                                                                "round, uniform in [0, x] ms"})

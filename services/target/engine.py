@@ -115,17 +115,21 @@ class _Job:
     ahead: bool = False  # a plain round while the draft's subtree is on its way: the draft is not told
 
 
+MIN_PATIENCE_MS = 50.0  # the least default draft patience: scheduling noise alone is a few ms
+
+
 class TargetEngine(EngineActor):
     name = "target"
 
     def __init__(self, runner: Runner, pool: SessionPool, tp: Any = None, verify_delay_ms: float = 0.0,
-                 prefill_chunk: int = 256, prefill_threads: int | None = None) -> None:
+                 prefill_chunk: int = 256, prefill_threads: int | None = None, draft_patience_s: float = 0.0) -> None:
         super().__init__()
         self.runner, self.pool = runner, pool
         self.model = runner.model
         self.verify_delay_ms = verify_delay_ms
         self.prefill_chunk = prefill_chunk
         self.prefill_threads = prefill_threads  # None: prefill steps keep the process's threads
+        self.draft_patience_s = draft_patience_s  # 0 = wait for the draft as long as it takes
         self.tp = tp  # TPLeader when the target is tensor parallel: broadcasts batches and decisions
         self.sessions: dict[int, SessionState] = {}
         # Subtrees that beat their session's open, with when the first arrived: a session that
@@ -244,8 +248,28 @@ class TargetEngine(EngineActor):
     def _prefilling(self, state: SessionState) -> bool:
         return not state.waiting and state.session.prefilling
 
+    def _tree_due_s(self, state: SessionState, now: float) -> float | None:
+        """Seconds until a speculating session waiting for its subtree has waited draft_patience_s
+        (<= 0: it is late, and decodes a token alone in the next step); None if it waits for nothing."""
+        if not self.draft_patience_s or state.done or not state.speculative or state.trees or \
+                state.sent_at is None or state.waiting or state.session.prefilling:
+            return None
+        return state.sent_at + self.draft_patience_s - now
+
+    def _late(self, state: SessionState, now: float) -> bool:
+        due = self._tree_due_s(state, now)
+        return due is not None and due <= 0
+
+    @property
+    def tick_s(self) -> float | None:
+        """Wake when the first session waiting for its subtree runs out of patience."""
+        now = time.perf_counter()
+        dues = [d for d in (self._tree_due_s(s, now) for s in self.sessions.values()) if d is not None]
+        return max(0.001, min(dues)) if dues else None
+
     def has_work(self) -> bool:
-        return any(self._prefilling(s) or self._has_round(s) for s in self.sessions.values())
+        now = time.perf_counter()
+        return any(self._prefilling(s) or self._has_round(s) or self._late(s, now) for s in self.sessions.values())
 
     def step(self) -> None:
         jobs = self._gather()
@@ -304,10 +328,12 @@ class TargetEngine(EngineActor):
             if job is not None and job is not FAILED:
                 jobs.append(job)
                 budget -= job.rows.n
-        if jobs or any(self._prefilling(s) for s in states):
-            # The step runs anyway: a session whose draft has not sent its subtree yet decodes one
-            # token in it instead of waiting a whole step. Under load the mesh then never falls
-            # behind the target alone; the subtree, when it comes, is fitted behind that token.
+        now = time.perf_counter()
+        if jobs or any(self._prefilling(s) or self._late(s, now) for s in states):
+            # The step runs anyway (or a draft is later than draft_patience_s): a session whose
+            # draft has not sent its subtree yet decodes one token in it instead of waiting. Under
+            # load, or while the draft prefills a new prompt, the mesh then never falls behind the
+            # target alone; the subtree, when it comes, is fitted behind that token.
             stepping = {id(job.state) for job in jobs}
             for state in states:
                 if budget <= 0:
@@ -393,6 +419,8 @@ class TargetEngine(EngineActor):
         # The first token comes from the prefill itself: time to first token does not wait for the draft.
         chunk, reason = clip_chunk([first], 0, state.request)
         state.produced, state.rounds = len(chunk), 1
+        if state.speculative:
+            state.sent_at = t1  # from now on the session waits for the draft's first subtree
         out = RoundOut(chunk, 0, 1, 1, reason, (t1 - t0) * 1000, False, cached_tokens=state.cached)
         if reason is not None:
             self._finish(state, out)
@@ -402,8 +430,9 @@ class TargetEngine(EngineActor):
     def _commit_round(self, job: _Job, decision: Decision, t0: float, t1: float) -> None:
         state = job.state
         result = state.session.commit_verify(job.tree, None, decision)
-        wait_s = job.received - state.sent_at if state.sent_at is not None and state.speculative and not job.ahead \
-            else None
+        # (the first subtree often comes before the prefill ends: no wait)
+        wait_s = max(0.0, job.received - state.sent_at) if state.sent_at is not None and state.speculative and \
+            not job.ahead else None
         chunk, reason = clip_chunk(result.tokens, state.produced, state.request)
         state.produced += len(chunk)
         state.rounds += 1

@@ -24,7 +24,7 @@ from specmesh.services.runtime.service_main import service_main, start_metrics, 
 from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 from .config import TargetConfig
-from .engine import RoundOut, SessionState, TargetEngine
+from .engine import MIN_PATIENCE_MS, RoundOut, SessionState, TargetEngine
 from .tensor_parallel import TPLeader
 
 log = logging.getLogger("specmesh.target")
@@ -148,6 +148,7 @@ async def serve(config: TargetConfig) -> None:
         tp.attach(runner, pool.kv)
     engine = TargetEngine(runner, pool, tp=tp, verify_delay_ms=config.verify_delay_ms,
                           prefill_chunk=config.prefill_chunk,
+                          draft_patience_s=(config.draft_patience_ms or max(MIN_PATIENCE_MS, 2 * curve.ms[0])) / 1000,
                           # tensor-parallel ranks already share the cores: their prefill keeps --threads
                           prefill_threads=(config.prefill_threads or os.cpu_count() or 1) if config.tp == 1 else None)
     servicer = TargetServicer(config, engine, curve, store)
