@@ -59,6 +59,7 @@ class DraftState:
     prefix: tuple[str, int] | None = None  # treekv's prefix-cache hint: (entry id, tokens)
     session: DraftSession | None = None
     waiting: bool = True  # for its prefix source to compute the tokens it may copy (no catch-up yet)
+    held: bool = False  # for the target's word that it prefilled the prompt (no catch-up yet)
     owed: bool = True  # the target is waiting for (or about to want) this session's next subtree
     round: int = 0
     grown: int = 0  # expansions since the last send
@@ -100,6 +101,7 @@ class AttachChannel:
     channel: TensorChannel
     vocab_width: int
     target_cost: CostCurve | None  # the target's verify time by rows, for the planner
+    waits_for_prefill: bool = False  # new sessions wait for the target's FLAG_PREFILLED
 
 
 class DraftEngine(EngineActor):
@@ -130,6 +132,7 @@ class DraftEngine(EngineActor):
         self.expand_s = 0.0
         self.round_trip_s = 0.0
         self.plan = plan
+        self.waits_for_prefill = False  # the paired target's ChannelEndpoint.draft_waits_for_prefill
         self.planner: SpeculationPlanner | None = None  # set on pairing, from the target's cost curve
         self.handle(Open, self._on_open)
         self.handle(Close, self._on_close)
@@ -164,8 +167,9 @@ class DraftEngine(EngineActor):
         self.post(Close(session_id, done))
         return done
 
-    def attach_channel(self, channel: TensorChannel, vocab_width: int, target_cost: CostCurve | None = None) -> None:
-        self.post(AttachChannel(channel, vocab_width, target_cost))
+    def attach_channel(self, channel: TensorChannel, vocab_width: int, target_cost: CostCurve | None = None,
+                       waits_for_prefill: bool = False) -> None:
+        self.post(AttachChannel(channel, vocab_width, target_cost, waits_for_prefill))
 
     @property
     def active_sessions(self) -> int:
@@ -209,11 +213,13 @@ class DraftEngine(EngineActor):
 
     def _on_attach(self, message: AttachChannel) -> None:
         self.vocab_width = message.vocab_width
+        self.waits_for_prefill = message.waits_for_prefill
         self.planner = SpeculationPlanner(message.target_cost) if self.plan and message.target_cost else None
         self._on_channel_up(ChannelUp(message.channel))
 
     def _on_open(self, message: Open) -> None:
         state = message.state
+        state.held = state.held and self.waits_for_prefill
         try:
             cache = self.pool.open(state.session_id, state.num_blocks, state.prompt, state.prefix)
         except Exception as exc:  # the caller's RPC fails with it; nothing was placed
@@ -246,6 +252,10 @@ class DraftEngine(EngineActor):
         if verified.end:
             self._free(verified.channel_id)
             return
+        if verified.prefilled:
+            state.held = False
+            state.heard_at = time.monotonic()
+            return
         now = time.perf_counter()
         state.heard_at = time.monotonic()
         if state.sent_at is not None:
@@ -277,7 +287,7 @@ class DraftEngine(EngineActor):
 
     # -- steps ---------------------------------------------------------------------------------
     def _wants_forward(self, s: DraftState) -> bool:
-        if s.waiting or s.pause.paused:
+        if s.waiting or s.held or s.pause.paused:
             return False
         if not s.session.ready:
             return True  # catching up: no tree to send until this runs

@@ -47,7 +47,7 @@ class DraftServicer(mesh_pb2_grpc.DraftServicer):
             raise ServiceUnavailable(f"cannot join the tensor channel at {request.host}:{request.port}: "
                                      f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         curve = CostCurve.from_by_rows(list(request.verify_ms_by_rows)) if request.verify_ms_by_rows else None
-        self.engine.attach_channel(channel, request.vocab_size, curve)
+        self.engine.attach_channel(channel, request.vocab_size, curve, request.draft_waits_for_prefill)
         return mesh_pb2.Empty()
 
     @rpc.rpc_errors
@@ -64,7 +64,8 @@ class DraftServicer(mesh_pb2_grpc.DraftServicer):
         await asyncio.wrap_future(self.engine.open(DraftState(
             channel_id=request.channel_slot, session_id=request.session_id, prompt=list(request.prompt_ids),
             sampling=sampling_from_proto(request.sampling), tree_params=tree, num_blocks=num_blocks,
-            prefix=prefix_hint(request.lease), trace_ctx=telemetry.current_context())))
+            prefix=prefix_hint(request.lease), held=request.after_target_prefill,
+            trace_ctx=telemetry.current_context())))
         return mesh_pb2.Empty()
 
     async def CloseSession(self, request: mesh_pb2.SessionRef, context: grpc.aio.ServicerContext

@@ -306,7 +306,7 @@ class Router:
         try:
             await draft.call("OpenSession", mesh_pb2.DraftOpenRequest(
                 session_id=s.session_id, prompt_ids=p.prompt_ids, sampling=sampling_to_proto(p.sampling),
-                tree=self.tree_options(pairing), lease=reply.draft, channel_slot=s.slot))
+                tree=self.tree_options(pairing), lease=reply.draft, channel_slot=s.slot, after_target_prefill=True))
             s.speculate, s.draft_generation = True, generation
         except SpecmeshError as exc:
             log.warning("request %s: no draft session, generating target-only: %s", p.request_id, exc)

@@ -27,6 +27,7 @@ HEADER = 10
 CATCH_UP_TOKENS = 256  # most committed tokens a verified message carries for a draft that is behind
 KIND_SUBTREE, KIND_VERIFIED = 1, 2
 FLAG_END = 1  # verified: the session is over, free it
+FLAG_PREFILLED = 2  # verified (no tokens): the target prefilled the prompt, the draft may start its own
 TARGET_RANK, DRAFT_RANK = 0, 1
 FOREVER = datetime.timedelta(days=365)  # an idle pairing is normal; peer death surfaces as an error
 
@@ -49,6 +50,7 @@ class Verified:
     tokens: list[int]
     end: bool
     skipped: int = 0  # leading tokens the target committed without this subtree (it came late)
+    prefilled: bool = False  # no tokens: the target's prefill is done (DraftOpenRequest.after_target_prefill)
 
 
 def host_store(host: str, port: int) -> dist.TCPStore:
@@ -125,7 +127,8 @@ class TensorChannel:
         self.t2d.recv([buf], self.peer, 0).wait()
         head = buf[:HEADER].tolist()
         n = head[3]
-        return Verified(head[1], head[2], buf[HEADER:HEADER + n].tolist(), bool(head[4] & FLAG_END), head[5])
+        return Verified(head[1], head[2], buf[HEADER:HEADER + n].tolist(), bool(head[4] & FLAG_END), head[5],
+                        bool(head[4] & FLAG_PREFILLED))
 
     # -- target side ---------------------------------------------------------------------------
     def recv_subtree(self) -> Subtree:
@@ -142,10 +145,16 @@ class TensorChannel:
         return Subtree(head[1], head[2], body[:n], body[n:], q, (head[6], head[7], head[8]), head[9])
 
     def send_verified(self, channel_id: int, round_: int, tokens: list[int], end: bool, skipped: int = 0) -> None:
+        self._send_verified(channel_id, round_, tokens, FLAG_END if end else 0, skipped)
+
+    def send_prefilled(self, channel_id: int) -> None:
+        """Tell the draft the target's prefill of this session is done."""
+        self._send_verified(channel_id, 0, [], FLAG_PREFILLED, 0)
+
+    def _send_verified(self, channel_id: int, round_: int, tokens: list[int], flags: int, skipped: int) -> None:
         n = len(tokens)
         buf = self._verified_buf
-        buf[:HEADER + n] = torch.tensor([KIND_VERIFIED, channel_id, round_, n, FLAG_END if end else 0, skipped,
-                                         0, 0, 0, 0] + tokens)
+        buf[:HEADER + n] = torch.tensor([KIND_VERIFIED, channel_id, round_, n, flags, skipped, 0, 0, 0, 0] + tokens)
         self.t2d.send([buf], self.peer, 0).wait()
 
     def close(self) -> None:

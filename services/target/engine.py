@@ -80,6 +80,7 @@ class SessionState:
     done: bool = False
     trace_ctx: Any = None  # the Generate span's context: round spans are its children
     sent_at: float | None = None  # when verified tokens last went to the draft
+    draft_told_prefilled: bool = False  # the draft heard this session's prefill is done
 
     def emit(self, item: RoundOut) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -129,6 +130,8 @@ class TargetEngine(EngineActor):
         self.verify_delay_ms = verify_delay_ms
         self.prefill_chunk = prefill_chunk
         self.prefill_threads = prefill_threads  # None: prefill steps keep the process's threads
+        # Prefill-only steps take the draft's cores too: the draft then prefills after the target.
+        self.borrows_cores = prefill_threads is not None and prefill_threads > torch.get_num_threads()
         self.draft_patience_s = draft_patience_s  # 0 = wait for the draft as long as it takes
         self.tp = tp  # TPLeader when the target is tensor parallel: broadcasts batches and decisions
         self.sessions: dict[int, SessionState] = {}
@@ -299,13 +302,38 @@ class TargetEngine(EngineActor):
         for job, decision in decided:
             commit = self._commit_prefill if job.tree is None else self._commit_round
             self.for_session(job.state, commit, job, decision, t0, t1)
+        self._tell_draft_prefilled()
+
+    def _tell_draft_prefilled(self) -> None:
+        """Where the target borrows the draft's cores for prefill (borrows_cores), the draft starts
+        a new session's catch-up once the target prefilled it. While the draft follows no session
+        (a burst of new prompts) that waits until no prompt is left to prefill, so the two never
+        prefill at once; sessions meanwhile decode alone. Once the draft follows one, prefill
+        shares every step with its rounds, on --threads, and new sessions are told at once."""
+        if self.channel is None or not self.borrows_cores:
+            return
+        sessions = self.sessions.values()
+        if not any(s.speculative and s.draft_told_prefilled and not s.done for s in sessions) \
+                and any(s.waiting or self._prefilling(s) for s in sessions):
+            return
+        for state in sessions:
+            if state.speculative and not state.draft_told_prefilled and not state.done and not state.waiting \
+                    and not state.session.prefilling:
+                state.draft_told_prefilled = True
+                try:
+                    self.channel.send_prefilled(state.channel_id)
+                except Exception as exc:
+                    self.channel_failed(exc)
+                    return
 
     @contextlib.contextmanager
     def _threads_for(self, jobs: list["_Job"]) -> Iterator[None]:
-        """All cores for a step of prefill chunks only (TTFT is prefill-bound); --threads otherwise."""
+        """All cores for a step of prefill chunks only (TTFT is prefill-bound); --threads otherwise.
+        Such a step never overlaps the draft's work: every session the draft follows is in every
+        step (a round or an ahead round), and it starts following a new one only after the
+        prefills (_tell_draft_prefilled)."""
         threads = torch.get_num_threads()
-        wide = self.prefill_threads is not None and self.prefill_threads > threads and \
-            all(job.tree is None for job in jobs)
+        wide = self.borrows_cores and all(job.tree is None for job in jobs)
         if wide:
             torch.set_num_threads(self.prefill_threads)
         try:

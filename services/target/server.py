@@ -53,7 +53,8 @@ class TargetServicer(mesh_pb2_grpc.TargetServicer):
         endpoint = mesh_pb2.ChannelEndpoint(host=self.config.advertise_host or self.config.host, port=self.store.port,
                                             epoch=epoch, subtree_capacity=self.config.subtree_capacity,
                                             vocab_size=model.vocab_size, backend=self.backend,
-                                            verify_ms_by_rows=self.curve.by_rows())
+                                            verify_ms_by_rows=self.curve.by_rows(),
+                                            draft_waits_for_prefill=self.engine.borrows_cores)
 
         def pair() -> None:  # blocks until the draft joins with the same epoch
             with self._pairing_lock:
