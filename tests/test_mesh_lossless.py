@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Iterator
@@ -116,15 +117,45 @@ def pausing_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullMesh]
                           draft_args=[*FP32, "--plain-pause-s", "0.3", "--metrics-port", "0"])
 
 
+def pause_events(mesh: FullMesh) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{mesh.draft.ready['metrics_port']}/metrics",
+                                  timeout=10).read().decode()
+    return {k: float(v) for k, v in re.findall(r'^specmesh_draft_pauses_total{event="(\w+)"} (\S+)$', body, re.M)}
+
+
 def test_paused_and_resumed_sessions_stay_lossless(pausing_mesh: FullMesh) -> None:
     """Sessions whose trees never pay run target-only for a while (the draft sent an empty subtree),
     then the draft sends a subtree rooted where it stopped, and the target fits it behind the
     tokens it committed alone. Three at once, so ahead rounds come into it too."""
     assert_concurrent_streams_lossless(pausing_mesh, 3, 240)
-    body = urllib.request.urlopen(f"http://127.0.0.1:{pausing_mesh.draft.ready['metrics_port']}/metrics",
-                                  timeout=10).read().decode()
-    events = dict(re.findall(r'^specmesh_draft_pauses_total{event="(\w+)"} (\S+)$', body, re.M))
-    assert float(events.get("paused", 0)) > 0 and float(events.get("resumed", 0)) > 0, events
+    events = pause_events(pausing_mesh)
+    assert events.get("paused", 0) > 0 and events.get("resumed", 0) > 0, events
+    wait_kv_idle(pausing_mesh.treekv.addr)
+
+
+def test_sessions_opened_under_plain_load_start_paused_and_stay_lossless(pausing_mesh: FullMesh) -> None:
+    """Once the planner sends a running session's root alone, new sessions start paused (no
+    catch-up until their first look, when the load halves): their draft joins them mid-stream."""
+    before = pause_events(pausing_mesh)
+    first: dict[int, list[int]] = {}
+    runner = threading.Thread(target=lambda: first.update({0: tokens_of(stream(pausing_mesh.router.addr,
+                                                                                PROMPTS[0], 400))}))
+    runner.start()
+    deadline = time.monotonic() + 60
+    while pause_events(pausing_mesh).get("paused", 0) <= before.get("paused", 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    results: dict[int, list[int]] = {}
+    joiners = [threading.Thread(target=lambda i=i: results.update({i: tokens_of(stream(
+        pausing_mesh.router.addr, PROMPTS[i], 150))})) for i in (1, 2)]
+    for t in [*joiners]:
+        t.start()
+    for t in [runner, *joiners]:
+        t.join(120)
+    assert first.get(0) == reference(pausing_mesh.target_dir, PROMPTS[0], 400)
+    for i in (1, 2):
+        assert results.get(i) == reference(pausing_mesh.target_dir, PROMPTS[i], 150), PROMPTS[i]
+    after = pause_events(pausing_mesh)
+    assert after.get("started_paused", 0) > before.get("started_paused", 0), after
     wait_kv_idle(pausing_mesh.treekv.addr)
 
 

@@ -63,3 +63,15 @@ def test_a_pause_ends_early_when_the_load_that_caused_it_halves() -> None:
     policy.pause(alone, 0.0, sessions=1)  # a rejecting draft, not the load: only time ends it
     assert not policy.resume_due(alone, 3.9, sessions=1)
     assert policy.resume_due(alone, 4.0, sessions=1)
+
+
+def test_a_session_that_starts_paused_waits_for_the_longest_pause_or_half_the_load() -> None:
+    policy, p = PausePolicy(4.0), SessionPause()
+    policy.start_paused(p, 0.0, sessions=8)
+    longest = 4.0 * 2 ** MAX_DOUBLINGS
+    assert p.paused and policy.duration(p) == longest
+    assert not policy.resume_due(p, longest - 0.1, sessions=5)
+    assert policy.resume_due(p, 1.0, sessions=4) and policy.resume_due(p, longest, sessions=8)
+    policy.resume(p)
+    assert not policy.should_pause(p, 2, probe=False)  # its first look speculates: back to normal
+    assert p.doublings == 0

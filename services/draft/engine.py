@@ -234,6 +234,9 @@ class DraftEngine(EngineActor):
         state.round_started = time.perf_counter()
         message.done.set_result(None)
         self._begin(state)
+        if self._starts_paused(state):
+            state.held = False  # its catch-up comes with its first look, whenever that is
+            self._pause(state, start=True)
 
     def _begin(self, state: DraftState) -> None:
         """Copy the session's cached prefix and start catching up, unless its source is not there yet."""
@@ -377,6 +380,13 @@ class DraftEngine(EngineActor):
         return self.planner is not None and state.sampling.greedy and state.round > 0 and \
             self.planner.stats.rounds > 0 and self.planner.stats.size < PLAIN_SIZE
 
+    def _starts_paused(self, state: DraftState) -> bool:
+        """A new greedy session joins a load under which at least half the other sessions are paused."""
+        if not self.pausing.pause_s or self.planner is None or self.channel is None or not state.sampling.greedy:
+            return False
+        others = [s for s in self.sessions.values() if s is not state]
+        return bool(others) and 2 * sum(s.pause.paused for s in others) >= len(others)
+
     def _ready_size(self, state: DraftState) -> int:
         """Tree nodes a session needs before its subtree goes out: subtree_size, or for planned
         sessions about what the planner has lately sent. After a miss the tree starts again from
@@ -431,7 +441,7 @@ class DraftEngine(EngineActor):
         span.end()
         return telemetry.span_ids(span)
 
-    def _pause(self, state: DraftState) -> None:
+    def _pause(self, state: DraftState, start: bool = False) -> None:
         """Speculation does not pay for this session now (the load, or a draft it keeps rejecting):
         an empty subtree lets the target go on alone, at its own pace, and this draft stops
         following the session until `_resume` (its KV stays)."""
@@ -440,10 +450,10 @@ class DraftEngine(EngineActor):
         except Exception as exc:
             self.channel_failed(exc)
             return
-        self.pausing.pause(state.pause, time.monotonic(), len(self.sessions))
+        (self.pausing.start_paused if start else self.pausing.pause)(state.pause, time.monotonic(), len(self.sessions))
         state.owed, state.sent_plan, state.sent_reach = False, None, None
         state.idle_since = None
-        metrics.PAUSES.labels("paused").inc()
+        metrics.PAUSES.labels("started_paused" if start else "paused").inc()
         self._count_paused()
 
     def _resume(self, state: DraftState) -> None:

@@ -8,6 +8,7 @@ when its time is up or when the load that caused it has halved. Then the draft l
 resumed session that the planner still sends alone within `RECHECK_AFTER` plans was paused for
 the right reason, and pauses again for twice as long (up to `MAX_DOUBLINGS` times), so a steadily
 loaded server spends almost all its time target-only. One speculative plan resets the backoff.
+A session that opens while at least half the others are paused starts paused (`start_paused`).
 
 Probes (the planner's forced full subtrees, for calibration) neither count towards a pause nor
 reset one: they are not the planner's choice.
@@ -55,6 +56,13 @@ class PausePolicy:
     def pause(self, p: SessionPause, now: float, sessions: int) -> None:
         if p.looking:  # the look confirmed the pause: wait longer this time
             p.doublings = min(MAX_DOUBLINGS, p.doublings + 1)
+        p.paused_at, p.sessions_at_pause, p.streak, p.looking = now, sessions, 0, False
+
+    def start_paused(self, p: SessionPause, now: float, sessions: int) -> None:
+        """A session that opens while most others are paused would only be caught up to pause
+        PAUSE_AFTER rounds later: it starts paused, for the longest pause or until the load halves
+        (its catch-up then comes with the look)."""
+        p.doublings = MAX_DOUBLINGS
         p.paused_at, p.sessions_at_pause, p.streak, p.looking = now, sessions, 0, False
 
     def duration(self, p: SessionPause) -> float:
