@@ -133,30 +133,41 @@ def test_paused_and_resumed_sessions_stay_lossless(pausing_mesh: FullMesh) -> No
     wait_kv_idle(pausing_mesh.treekv.addr)
 
 
-def test_sessions_opened_under_plain_load_start_paused_and_stay_lossless(pausing_mesh: FullMesh) -> None:
+@pytest.fixture(scope="module")
+def long_pause_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullMesh]:
+    """The rejecting draft, planner on, with pauses long enough to open sessions during one."""
+    base = tmp_path_factory.mktemp("long-pause")
+    pair = make_tiny_pair(base / "pair", seed=7, draft_arch="llama")
+    yield from serve_mesh(base, pair=pair, target_args=[*FP32, "--verify-delay-ms", "8"],
+                          draft_args=[*FP32, "--plain-pause-s", "5", "--metrics-port", "0"])
+
+
+def test_sessions_opened_under_plain_load_start_paused_and_stay_lossless(long_pause_mesh: FullMesh) -> None:
     """Once the planner sends a running session's root alone, new sessions start paused (no
     catch-up until their first look, when the load halves): their draft joins them mid-stream."""
-    before = pause_events(pausing_mesh)
+    mesh = long_pause_mesh
+    before = pause_events(mesh)
     first: dict[int, list[int]] = {}
-    runner = threading.Thread(target=lambda: first.update({0: tokens_of(stream(pausing_mesh.router.addr,
-                                                                                PROMPTS[0], 400))}))
+    long = 1000  # the first stream pauses early on and runs on while the others open
+    runner = threading.Thread(target=lambda: first.update({0: tokens_of(stream(mesh.router.addr,
+                                                                                PROMPTS[0], long))}))
     runner.start()
-    deadline = time.monotonic() + 60
-    while pause_events(pausing_mesh).get("paused", 0) <= before.get("paused", 0) and time.monotonic() < deadline:
+    while pause_events(mesh).get("paused", 0) <= before.get("paused", 0) and runner.is_alive():
         time.sleep(0.05)
+    assert runner.is_alive(), "the first stream ended before its session paused"
     results: dict[int, list[int]] = {}
     joiners = [threading.Thread(target=lambda i=i: results.update({i: tokens_of(stream(
-        pausing_mesh.router.addr, PROMPTS[i], 150))})) for i in (1, 2)]
+        mesh.router.addr, PROMPTS[i], 150))})) for i in (1, 2)]
     for t in [*joiners]:
         t.start()
     for t in [runner, *joiners]:
         t.join(120)
-    assert first.get(0) == reference(pausing_mesh.target_dir, PROMPTS[0], 400)
+    assert first.get(0) == reference(mesh.target_dir, PROMPTS[0], long)
     for i in (1, 2):
-        assert results.get(i) == reference(pausing_mesh.target_dir, PROMPTS[i], 150), PROMPTS[i]
-    after = pause_events(pausing_mesh)
+        assert results.get(i) == reference(mesh.target_dir, PROMPTS[i], 150), PROMPTS[i]
+    after = pause_events(mesh)
     assert after.get("started_paused", 0) > before.get("started_paused", 0), after
-    wait_kv_idle(pausing_mesh.treekv.addr)
+    wait_kv_idle(mesh.treekv.addr)
 
 
 @pytest.fixture(scope="module")
