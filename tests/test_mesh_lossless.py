@@ -108,13 +108,16 @@ def test_fully_rejected_trees_and_tensor_parallel_target(rejecting_tp_mesh: Full
     assert rejected_rounds > 0
 
 
-@pytest.fixture(scope="module")
-def pausing_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullMesh]:
+def rejecting_planned_mesh(base: Path, pause_s: float) -> Iterator[FullMesh]:
     """The rejecting draft with its planner on: it sends the root alone, pauses, looks again."""
-    base = tmp_path_factory.mktemp("pausing")
     pair = make_tiny_pair(base / "pair", seed=7, draft_arch="llama")
     yield from serve_mesh(base, pair=pair, target_args=[*FP32, "--verify-delay-ms", "8"],
-                          draft_args=[*FP32, "--plain-pause-s", "0.3", "--metrics-port", "0"])
+                          draft_args=[*FP32, "--plain-pause-s", str(pause_s), "--metrics-port", "0"])
+
+
+@pytest.fixture(scope="module")
+def pausing_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullMesh]:
+    yield from rejecting_planned_mesh(tmp_path_factory.mktemp("pausing"), 0.3)
 
 
 def pause_events(mesh: FullMesh) -> dict[str, float]:
@@ -135,11 +138,8 @@ def test_paused_and_resumed_sessions_stay_lossless(pausing_mesh: FullMesh) -> No
 
 @pytest.fixture(scope="module")
 def long_pause_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullMesh]:
-    """The rejecting draft, planner on, with pauses long enough to open sessions during one."""
-    base = tmp_path_factory.mktemp("long-pause")
-    pair = make_tiny_pair(base / "pair", seed=7, draft_arch="llama")
-    yield from serve_mesh(base, pair=pair, target_args=[*FP32, "--verify-delay-ms", "8"],
-                          draft_args=[*FP32, "--plain-pause-s", "5", "--metrics-port", "0"])
+    """Pauses long enough to open sessions during one."""
+    yield from rejecting_planned_mesh(tmp_path_factory.mktemp("long-pause"), 5.0)
 
 
 def test_sessions_opened_under_plain_load_start_paused_and_stay_lossless(long_pause_mesh: FullMesh) -> None:

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from specmesh.services.runtime.channel import DRAFT_RANK, TARGET_RANK, TensorChannel, host_store, join_store
 from specmesh.services.runtime.engines import generate_ar
 from specmesh.services.runtime.forward_batch import Runner
 from specmesh.services.runtime.model_worker import service_pool
@@ -20,16 +19,7 @@ from specmesh.services.runtime.request import Request
 from specmesh.services.target.config import TargetConfig
 from specmesh.services.target.engine import SessionState, TargetEngine
 
-
-def channel_pair(vocab: int) -> tuple[TensorChannel, TensorChannel]:
-    store = host_store("127.0.0.1", 0)
-    joined: list[TensorChannel] = []
-    joiner = threading.Thread(target=lambda: joined.append(
-        TensorChannel(join_store("127.0.0.1", store.port), "t", DRAFT_RANK, 64, vocab)))
-    joiner.start()
-    target_end = TensorChannel(store, "t", TARGET_RANK, 64, vocab)
-    joiner.join(60)
-    return target_end, joined[0]
+from channel_testing import channel_pair
 
 
 def test_the_draft_hears_of_prefills_once_none_is_left_and_told_sessions_stop_wide_prefill(tiny_target: Any) -> None:

@@ -32,6 +32,7 @@ from specmesh.v1 import generation_pb2 as pb
 from specmesh.v1 import generation_pb2_grpc as pb_grpc
 from specmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
+from channel_testing import channel_pair
 from router_testing import DRAFT, FullMesh, serve_mesh, wait_kv_idle
 from service_helpers import start_service
 
@@ -156,22 +157,14 @@ def test_a_draft_far_behind_is_sent_the_tokens_it_missed_then_its_tree_is_adopte
     tokens, round 0) while the session goes on alone; the next tree, rooted where that ended, is
     fitted (the draft is sent what it missed in front of the round's tokens) and the session
     speculates again."""
-    from specmesh.services.runtime.channel import CATCH_UP_TOKENS, DRAFT_RANK, TARGET_RANK, TensorChannel, \
-        host_store, join_store
+    from specmesh.services.runtime.channel import CATCH_UP_TOKENS
     from specmesh.services.runtime.model_worker import service_pool
     from specmesh.services.target.config import TargetConfig
     from specmesh.services.target.engine import SessionState, TargetEngine
 
     prompt, n, vocab = [5, 6, 7, 8, 9], 500, tiny_target.vocab_size
     ref = prompt + sum(generate_ar(tiny_target, Request(prompt, n), 2048), [])
-    store = host_store("127.0.0.1", 0)
-    joined: list[TensorChannel] = []
-    joiner = threading.Thread(target=lambda: joined.append(
-        TensorChannel(join_store("127.0.0.1", store.port), "t", DRAFT_RANK, 64, vocab)))
-    joiner.start()
-    target_end = TensorChannel(store, "t", TARGET_RANK, 64, vocab)
-    joiner.join(60)
-    draft_end = joined[0]
+    target_end, draft_end = channel_pair(vocab)
     engine = TargetEngine(Runner(tiny_target, 64),
                           service_pool(tiny_target, TargetConfig(pool_blocks=64, block_size=16), "target"),
                           verify_delay_ms=20)
