@@ -1,6 +1,7 @@
 """The draft's pause rule: when a session runs target-only, and for how long."""
 from __future__ import annotations
 
+from specmesh.services.draft.engine import DraftEngine, DraftState
 from specmesh.services.draft.pause_policy import (MAX_DOUBLINGS, PAUSE_AFTER, RECHECK_AFTER, PausePolicy,
                                                   SessionPause)
 
@@ -75,3 +76,24 @@ def test_a_session_that_starts_paused_waits_for_the_longest_pause_or_half_the_lo
     policy.resume(p)
     assert not policy.should_pause(p, 2, probe=False)  # its first look speculates: back to normal
     assert p.doublings == 0
+
+
+def test_the_planner_counts_every_session_the_target_steps() -> None:
+    """A subtree in flight with its rows; a paused session, or one waiting for its subtree (the
+    target gives it an ahead round), as one row and one token; a session waiting for its prefix
+    source not at all. (Counting only subtrees in flight made trees look cheap under load.)"""
+    from specmesh.services.runtime.sampling import SamplingParams
+    from specmesh.services.runtime.tree_params import TreeParams
+
+    def state(**kw: object) -> DraftState:
+        s = DraftState(1, "s", [1, 2], SamplingParams(), TreeParams(2, 8, 3), 4, **kw)
+        s.session = object()  # type: ignore[assignment]  # only its presence matters here
+        return s
+
+    in_flight = state(waiting=False, owed=False, sent_at=1.0, sent_size=5, sent_tokens=2.5)
+    owed = state(waiting=False, owed=True, sent_at=1.0, sent_size=5, sent_tokens=2.5)
+    paused = state(waiting=False, owed=False, sent_at=1.0, sent_size=5, sent_tokens=2.5)
+    paused.pause.paused_at = 0.5
+    waiting = state(waiting=True)
+    assert [DraftEngine._step_share(s) for s in (in_flight, owed, paused, waiting)] == \
+        [(5, 2.5), (1, 1.0), (1, 1.0), (0, 0.0)]

@@ -450,7 +450,10 @@ class DraftEngine(EngineActor):
         except Exception as exc:
             self.channel_failed(exc)
             return
-        (self.pausing.start_paused if start else self.pausing.pause)(state.pause, time.monotonic(), len(self.sessions))
+        if start:
+            self.pausing.start_paused(state.pause, time.monotonic(), len(self.sessions))
+        else:
+            self.pausing.pause(state.pause, time.monotonic(), len(self.sessions))
         state.owed, state.sent_plan, state.sent_reach = False, None, None
         state.idle_since = None
         metrics.PAUSES.labels("started_paused" if start else "paused").inc()

@@ -56,13 +56,17 @@ class PausePolicy:
     def pause(self, p: SessionPause, now: float, sessions: int) -> None:
         if p.looking:  # the look confirmed the pause: wait longer this time
             p.doublings = min(MAX_DOUBLINGS, p.doublings + 1)
-        p.paused_at, p.sessions_at_pause, p.streak, p.looking = now, sessions, 0, False
+        self._hold(p, now, sessions)
 
     def start_paused(self, p: SessionPause, now: float, sessions: int) -> None:
         """A session that opens while most others are paused would only be caught up to pause
         PAUSE_AFTER rounds later: it starts paused, for the longest pause or until the load halves
         (its catch-up then comes with the look)."""
         p.doublings = MAX_DOUBLINGS
+        self._hold(p, now, sessions)
+
+    @staticmethod
+    def _hold(p: SessionPause, now: float, sessions: int) -> None:
         p.paused_at, p.sessions_at_pause, p.streak, p.looking = now, sessions, 0, False
 
     def duration(self, p: SessionPause) -> float:

@@ -313,18 +313,20 @@ class TargetEngine(EngineActor):
         if self.channel is None or not self.borrows_cores:
             return
         sessions = self.sessions.values()
-        if not any(s.speculative and s.draft_told_prefilled and not s.done for s in sessions) \
-                and any(s.waiting or self._prefilling(s) for s in sessions):
+        due = [s for s in sessions if s.speculative and not s.draft_told_prefilled and not s.done and
+               not s.waiting and not s.session.prefilling]
+        if not due:
             return
-        for state in sessions:
-            if state.speculative and not state.draft_told_prefilled and not state.done and not state.waiting \
-                    and not state.session.prefilling:
-                state.draft_told_prefilled = True
-                try:
-                    self.channel.send_prefilled(state.channel_id)
-                except Exception as exc:
-                    self.channel_failed(exc)
-                    return
+        if not any(s.speculative and s.draft_told_prefilled and not s.done for s in sessions) and \
+                any(s.waiting or self._prefilling(s) for s in sessions):
+            return
+        for state in due:
+            state.draft_told_prefilled = True
+            try:
+                self.channel.send_prefilled(state.channel_id)
+            except Exception as exc:
+                self.channel_failed(exc)
+                return
 
     @contextlib.contextmanager
     def _threads_for(self, jobs: list["_Job"]) -> Iterator[None]:
