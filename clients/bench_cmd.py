@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     threads = args.threads or os.cpu_count() or 1
     base = {
         "target_dir": str(target_dir), "draft_dir": str(draft_dir), "dtype": args.dtype, "threads": threads,
-        "weights": args.weights, "context": args.context, "max_new_tokens": max_new, "warmup_tokens": min(args.warmup_tokens, max_new),
+        "weights": args.weights, "activations": args.activations, "context": args.context, "max_new_tokens": max_new, "warmup_tokens": min(args.warmup_tokens, max_new),
         "eos_ids": eos, "pad_id": pad, "prompts": encoded, "assist_tokens": assist,
         "tree": {"width": args.width, "subtree_size": args.subtree_size, "depth": args.depth},
         "plan": not args.no_plan,
@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
         "config": {
             "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
             "systems": systems, "target": str(target_dir), "draft": str(draft_dir), "tiny": args.tiny,
-            "dtype": args.dtype, "weights": args.weights, "threads": threads, "max_new_tokens": max_new,
+            "dtype": args.dtype, "weights": args.weights, "activations": args.activations, "threads": threads, "max_new_tokens": max_new,
             "warmup_tokens": base["warmup_tokens"], "context": args.context, "greedy": True,
             "prompts_file": str(args.prompts or "(default set)"), "quick": args.quick,
             "assist_tokens": assist, "tree": base["tree"], "plan": base["plan"], "mesh_threads": base["mesh"],

@@ -25,11 +25,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_weights_argument(p: argparse.ArgumentParser) -> None:
-    from specmesh.services.runtime.weight_formats import WEIGHT_FORMATS
+    from specmesh.services.runtime.weight_formats import ACTIVATIONS, WEIGHT_FORMATS
 
     p.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS,
                    help="projection weights: gguf (the GGUF's own quantization), bf16, int8, int4; "
                         "auto = gguf for GGUF models on CPU, else bf16")
+    p.add_argument("--activations", default="auto", choices=ACTIVATIONS,
+                   help="activations of the quantized kernels: int8 (per 32 columns, as llama.cpp's Q8_0; "
+                        "faster at several rows), exact; auto = int8 in bf16 on CPU, else exact")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,7 +81,7 @@ def resolve_pair(args: argparse.Namespace, need_draft: bool = True) -> LoadedPai
     import torch
 
     from specmesh.models.weight_cache import load_runner
-    from specmesh.services.runtime.model_worker import calibrate_weights
+    from specmesh.services.runtime.model_worker import prepare_weights
     from specmesh.services.runtime.loader import check_pair, load_tokenizer, parse_dtype
 
     if args.threads > 0:
@@ -93,7 +96,7 @@ def resolve_pair(args: argparse.Namespace, need_draft: bool = True) -> LoadedPai
         check_pair(tokenizer, load_tokenizer(draft_dir), target.vocab_size, draft.vocab_size)
     for model in (target, draft):
         if model is not None:
-            calibrate_weights(model)
+            prepare_weights(model, args.activations)
     return LoadedPair(target, draft, tokenizer, eos_ids(tokenizer, target_dir))
 
 

@@ -183,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
     common = ["--host", args.host, "--log-level", args.log_level]
     metrics = ["--metrics-port", "0"] if args.metrics else []
     pools = ["--pool-blocks", str(args.pool_blocks), "--block-size", str(args.block_size),
-             "--max-context", str(args.max_context), "--dtype", args.dtype, "--weights", args.weights]
+             "--max-context", str(args.max_context), "--dtype", args.dtype, "--weights", args.weights,
+             "--activations", args.activations]
     try:
         # treekv learns the pools' sizes from the services (the router registers them).
         mesh.start("treekv", [*common, *metrics, "--port", "0", "--state-file", str(mesh.workdir / "treekv.leases"),

@@ -3,8 +3,8 @@
     python -m specmesh.clients.bench.kernels [--threads 1 2] [--rows 1 2 4 8 16] [--repeats 7]
 
 Compares ATen's ``_weight_int4pack_mm_for_cpu`` (int4, g32), specmesh's AVX-512 kernel
-(kernels/int4_gemm, int4 g32, bf16 scales: the same 4.5 bits per weight) and dense bf16
-``F.linear``, with bf16 activations. Two tables per thread count:
+(kernels/int4_gemm, int4 g32, bf16 scales: the same 4.5 bits per weight) with bf16 activations and
+with int8 (Q8) activations, and dense bf16 ``F.linear``. Two tables per thread count:
 
 - per shape (qkv, o, gate_up, down, lm_head): the small shapes sit partly in cache, so these are
   lower bounds;
@@ -34,7 +34,9 @@ from specmesh.services.runtime.quant import Int4Groups
 SHAPES = {"qkv": (2048, 1536), "o": (1536, 1536), "gate_up": (17920, 1536), "down": (1536, 8960)}
 LM_HEAD = (151936, 1536)
 LAYERS = 28
-FORMATS = ("aten_int4", "specmesh_int4", "bf16")
+FORMATS = ("aten_int4", "specmesh_int4", "specmesh_int4_q8", "bf16")
+LABELS = {"aten_int4": "ATen int4", "specmesh_int4": "specmesh int4", "specmesh_int4_q8": "specmesh int4 q8",
+          "bf16": "bf16 F.linear"}
 
 
 def make_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -48,7 +50,8 @@ def make_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> Callable[[tor
         sz = torch.rand(k // 32, n, 2, generator=gen).to(torch.bfloat16)
         return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
     packed4 = k4.pack(Int4Groups(q, torch.rand(n, k // 32, generator=gen), torch.rand(n, k // 32, generator=gen)))
-    return lambda x: k4.int4_gemm_cpu(x, packed4)
+    q8 = fmt == "specmesh_int4_q8"
+    return lambda x: k4.int4_gemm_cpu(x, packed4, int8_activations=q8)
 
 
 def median_ms(fn: Callable[[], object], repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
@@ -62,12 +65,16 @@ def median_ms(fn: Callable[[], object], repeats: int, clock: Callable[[], float]
 
 
 def table(title: str, rows: list[int], times: dict[tuple[str, int], float]) -> str:
-    lines = [f"### {title}", "", "| M | ATen int4 | specmesh int4 | bf16 F.linear | ATen / specmesh | "
-             "bf16 / specmesh | specmesh M / M=1 |", "|---|---|---|---|---|---|---|"]
+    """Milliseconds per format, then each format's time over the q8 kernel's and q8's M over M=1."""
+    others = [f for f in FORMATS if f != "specmesh_int4_q8"]
+    head = " | ".join(LABELS[f] for f in FORMATS)
+    ratios = " | ".join(f"{LABELS[f]} / q8" for f in others)
+    lines = [f"### {title}", "", f"| M | {head} | {ratios} | q8 M / M=1 |", "|---" * (len(FORMATS) + len(others) + 2) + "|"]
     for m in rows:
-        a, s, b = (times[(f, m)] for f in FORMATS)
-        lines.append(f"| {m} | {a:.2f} | {s:.2f} | {b:.2f} | {a / s:.2f}x | {b / s:.2f}x | "
-                     f"{s / times[('specmesh_int4', rows[0])]:.2f}x |")
+        q8 = times[("specmesh_int4_q8", m)]
+        cells = " | ".join(f"{times[(f, m)]:.2f}" for f in FORMATS)
+        rel = " | ".join(f"{times[(f, m)] / q8:.2f}x" for f in others)
+        lines.append(f"| {m} | {cells} | {rel} | {q8 / times[('specmesh_int4_q8', rows[0])]:.2f}x |")
     return "\n".join(lines)
 
 

@@ -195,17 +195,17 @@ def run_hf(spec: dict, progress: Progress, assisted: bool) -> dict:
 def load_specmesh_model(spec: dict, role: str) -> Any:
     from specmesh.models.weight_cache import load_runner
     from specmesh.services.runtime.loader import parse_dtype
-    from specmesh.services.runtime.model_worker import calibrate_weights
+    from specmesh.services.runtime.model_worker import prepare_weights
 
     model = load_runner(Path(spec[f"{role}_dir"]), spec.get("weights", "auto"), parse_dtype(spec["dtype"]),
                         max_positions=spec["context"] + 256)
-    calibrate_weights(model)
+    prepare_weights(model, spec.get("activations", "auto"))
     return model
 
 
 def specmesh_model_flags(spec: dict) -> list[str]:
     return ["--target", spec["target_dir"], "--draft", spec["draft_dir"], "--dtype", spec["dtype"],
-            "--weights", spec.get("weights", "auto")]
+            "--weights", spec.get("weights", "auto"), "--activations", spec.get("activations", "auto")]
 
 
 def run_specmesh_inprocess(spec: dict, progress: Progress, serial: bool) -> dict:

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import torch
 
+from .errors import ModelError
 from .kv_pool import KVPool
 from .loader import parse_dtype
 from .model import Transformer
 from .prefix_cache import SessionPool
-from .quant import calibrate_kernel_rows
+from .quant import calibrate_kernel_rows, use_int8_activations
+from .weight_formats import ACTIVATIONS
 
 log = logging.getLogger("specmesh.worker")
 
@@ -34,6 +36,10 @@ class ModelServiceConfig:
         "help": "projection weight format: gguf (the GGUF's own quantization, repacked for the CPU int4/int8 "
                 "kernels) | bf16 (dense) | int8 | int4 (quantized on load) | auto (gguf for a GGUF model on "
                 "CPU, else bf16)"})
+    activations: str = dataclasses.field(default="auto", metadata={
+        "help": "activations of the quantized-weight kernels: int8 (quantized per row and 32 columns, as "
+                "llama.cpp's Q8_0, and multiplied in exact integers: about 1.5x faster at 4-16 rows) | exact "
+                "(the dtype's own) | auto (int8 in bf16; exact in fp32, the exactness mode of the tests)"})
     prefill_dense: bool = dataclasses.field(default=True, metadata={
         "help": "keep a dense copy of quantized weights for many-row forwards (prefill): about 2x faster "
                 "prefill for about 2 bytes per parameter of memory"})
@@ -49,6 +55,7 @@ def load_service_model(cfg: ModelServiceConfig, role: str, tp_rank: int = 0, tp_
     from specmesh.models.store import resolve_model_dir
     from specmesh.models.weight_cache import load_runner, resolve_weights
 
+    check_activations(cfg.activations)  # before minutes of loading
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     model_dir = resolve_model_dir(cfg.model or None, role)  # type: ignore[arg-type]
@@ -58,13 +65,34 @@ def load_service_model(cfg: ModelServiceConfig, role: str, tp_rank: int = 0, tp_
                         max_positions=cfg.max_context + 256, keep_dense=cfg.prefill_dense)
     log.info("%s model %s loaded in %.1fs (%s, weights %s, %d threads)", role, model_dir, time.perf_counter() - t0,
              cfg.dtype, weights, torch.get_num_threads())
-    calibrate_weights(model)
+    prepare_weights(model, cfg.activations)
     return model, model_dir
 
 
 def service_pool(model: Transformer, cfg: ModelServiceConfig, label: str, record: bool = False) -> SessionPool:
     """The service's KV pool (label "draft" / "target"); `record`: keep ops for tensor-parallel followers."""
     return SessionPool(KVPool.for_model(model, cfg.pool_blocks, cfg.block_size, f"{label} pool", record), label)
+
+
+def prepare_weights(model: Transformer, activations: str = "auto") -> None:
+    """What every loader of a serving model runs once loaded: pick the quantized kernels'
+    activations (`ModelServiceConfig.activations`), then calibrate their row crossovers."""
+    check_activations(activations)
+    cpu_bf16 = model.dtype == torch.bfloat16 and model.device.type == "cpu"
+    if activations == "int8" or (activations == "auto" and cpu_bf16):
+        switched = use_int8_activations(model_weights(model))
+        log.info("%d quantized weights take int8 activations (--activations %s)", switched, activations)
+    calibrate_weights(model)
+
+
+def check_activations(activations: str) -> None:
+    if activations not in ACTIVATIONS:
+        raise ModelError(f"unknown activations '{activations}' (use {', '.join(ACTIVATIONS)})")
+
+
+def model_weights(model: Transformer) -> list:
+    """Every projection weight of the model, the LM head last."""
+    return [*(w for layer in model.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)), model.lm_head]
 
 
 def calibrate_weights(model: Transformer) -> dict[str, int]:
@@ -75,8 +103,7 @@ def calibrate_weights(model: Transformer) -> dict[str, int]:
     """
     if model.dtype != torch.bfloat16:
         return {}
-    weights = [w for layer in model.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-    chosen = calibrate_kernel_rows([*weights, model.lm_head])
+    chosen = calibrate_kernel_rows(model_weights(model))
     if chosen:
         log.info("weight-only kernels serve up to %s rows (dense copies above)", chosen)
     return chosen

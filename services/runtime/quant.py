@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from specmesh.kernels import int4_gemm
+from specmesh.kernels import int4_gemm, int8_gemm
 from specmesh.kernels.int4_gemm import Int4Packed
+from specmesh.kernels.int8_gemm import Int8Packed
 
 INT4_GROUP = 32  # the group of Q4_0 / Q4_1 / Q4_K sub-blocks
 INT4_ROW_ALIGN = 16  # the ATen CPU int4 packer needs N % 16 == 0
@@ -34,18 +35,24 @@ INT4_ROW_ALIGN = 16  # the ATen CPU int4 packer needs N % 16 == 0
 
 @dataclass
 class Int8Weight:
-    """Per-output-channel symmetric int8: w ~= q * scale[:, None]."""
+    """Per-output-channel symmetric int8: w ~= q * scale[:, None].
 
-    q: torch.Tensor  # [N, K] int8
+    `q` feeds ATen's `_weight_int8pack_mm` (bf16/fp32 activations). With Q8 activations
+    (`use_int8_activations`) the codes move into `tiles`, the layout of specmesh's VNNI kernel
+    (kernels/int8_gemm), and `q` is dropped.
+    """
+
+    q: torch.Tensor | None  # [N, K] int8
     scale: torch.Tensor  # [N], activation dtype
     dense: torch.Tensor | None = None  # the same values, dense, for many-row forwards
     # Forwards of more rows use `dense`. The default is the crossover on the 2-core EPYC of
     # shared/PERF.md (whole 1.5B forward); calibrate_kernel_rows measures it on the machine at hand.
     kernel_max_rows: int = 8
+    tiles: Int8Packed | None = None
 
     @property
     def shape(self) -> torch.Size:
-        return self.q.shape
+        return self.tiles.shape if self.tiles is not None else self.q.shape
 
 
 @dataclass
@@ -65,6 +72,9 @@ class Int4Weight:
     tiles: Int4Packed | None = None
     dense: torch.Tensor | None = None
     kernel_max_rows: int = 12  # as for Int8Weight: int4 wins to about 12 rows there
+    # `tiles` only: quantize activations to int8 per row and 32 columns (llama.cpp's Q8_0) and
+    # multiply in integers, about 1.5x faster at 4-16 rows (set_int8_activations).
+    int8_activations: bool = False
 
     @property
     def shape(self) -> torch.Size:
@@ -164,6 +174,8 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype, keep_dense: bool = False)
 
 def dequantize(w: Weight) -> torch.Tensor:
     """The dense values a quantized weight's kernel computes with (in its scales' dtype)."""
+    if isinstance(w, Int8Weight) and w.tiles is not None:
+        return int8_gemm.dequantize(w.tiles).to(w.scale.dtype)
     if isinstance(w, Int8Weight):
         return w.q.to(w.scale.dtype) * w.scale[:, None]
     if isinstance(w, Int4Weight) and w.tiles is not None:
@@ -185,6 +197,8 @@ def dequantize(w: Weight) -> torch.Tensor:
 
 def weight_bytes(w: Weight) -> int:
     """Bytes a forward reads for this weight (the dense copy is only read by many-row forwards)."""
+    if isinstance(w, Int8Weight) and w.tiles is not None:
+        return w.tiles.nbytes()
     if isinstance(w, Int8Weight):
         return w.q.numel() + w.scale.numel() * w.scale.element_size()
     if isinstance(w, Int4Weight) and w.tiles is not None:
@@ -200,10 +214,12 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
         return F.linear(x, w, bias)
     if x.shape[0] > w.kernel_max_rows:
         return F.linear(x, w.dense if w.dense is not None else dequantize(w), bias)
+    if isinstance(w, Int8Weight) and w.tiles is not None:
+        return int8_gemm.int8_gemm_cpu(x.contiguous(), w.tiles, bias)
     if isinstance(w, Int8Weight):
         y = torch._weight_int8pack_mm(x.contiguous(), w.q, w.scale)
     elif w.tiles is not None:
-        return int4_gemm.int4_gemm_cpu(x.contiguous(), w.tiles, bias)
+        return int4_gemm.int4_gemm_cpu(x.contiguous(), w.tiles, bias, w.int8_activations)
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w.packed, w.group_size, w.scales_zeros)
     return y if bias is None else y + bias
@@ -214,7 +230,8 @@ def weight_tensors(name: str, w: Weight) -> tuple[dict[str, torch.Tensor], dict]
     if isinstance(w, torch.Tensor):
         return {name: w}, {"format": "dense"}
     if isinstance(w, Int8Weight):
-        tensors, meta = {f"{name}.q": w.q, f"{name}.scale": w.scale}, {"format": "int8"}
+        q = w.q if w.q is not None else int8_gemm.unpack_q(w.tiles)
+        tensors, meta = {f"{name}.q": q, f"{name}.scale": w.scale}, {"format": "int8"}
     elif w.tiles is not None:
         tensors = {f"{name}.tiles": w.tiles.data}
         meta = {"format": "int4", "layout": "tiles", "in_features": w.in_features, "out_features": w.out_features,
@@ -228,21 +245,48 @@ def weight_tensors(name: str, w: Weight) -> tuple[dict[str, torch.Tensor], dict]
     return tensors, meta
 
 
+def _aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """`t`, copied to a fresh (64-byte-aligned) allocation if its data is not so aligned."""
+    return t.clone() if t.data_ptr() % alignment else t
+
+
 def weight_from_tensors(name: str, tensors: dict[str, torch.Tensor], meta: dict) -> Weight:
     """Inverse of `weight_tensors`."""
     if meta["format"] == "dense":
         return tensors[name]
     dense = tensors.get(f"{name}.dense")
     if meta["format"] == "int8":
-        return Int8Weight(tensors[f"{name}.q"], tensors[f"{name}.scale"], dense)
+        # safetensors places tensors at any byte offset; ATen's int8 kernel faults on unaligned rows
+        return Int8Weight(_aligned(tensors[f"{name}.q"]), tensors[f"{name}.scale"], dense)
     if meta["layout"] == "tiles":
-        data = tensors[f"{name}.tiles"]
-        if data.data_ptr() % 64:  # the kernel streams 64-byte records
-            data = data.clone()
+        data = _aligned(tensors[f"{name}.tiles"])  # the kernel streams 64-byte records
         tiles = Int4Packed(data, meta["out_features"], meta["in_features"], getattr(torch, meta["scale_dtype"]))
         return Int4Weight(meta["in_features"], meta["out_features"], tiles=tiles, dense=dense)
     return Int4Weight(meta["in_features"], meta["out_features"], meta["group_size"], tensors[f"{name}.packed"],
                       tensors[f"{name}.scales_zeros"], dense=dense)
+
+
+def use_int8_activations(weights: list[Weight]) -> int:
+    """Switch quantized weights to the Q8-activation kernels; returns how many were switched.
+
+    int4 (`tiles` layout) and int8 weights then quantize each row's activations to int8 per group
+    of 32 columns (llama.cpp's Q8_0) and multiply in exact integer arithmetic (AVX-512 VNNI):
+    about 1.5x faster than the bf16-activation kernels at 4-16 rows, where tree verification and
+    batched decoding live. Rows stay bit-identical whatever the batch. Needs the kernels'
+    extension (int4_gemm.available()); weights it cannot take keep their kernels.
+    """
+    if not int4_gemm.available():
+        return 0
+    switched = 0
+    for w in weights:
+        if isinstance(w, Int4Weight) and w.tiles is not None:
+            w.int8_activations = True
+        elif isinstance(w, Int8Weight) and w.tiles is None and w.q.shape[1] % int8_gemm.layout.GROUP_K == 0:
+            w.tiles, w.q = int8_gemm.pack(w.q, w.scale.float()), None
+        else:
+            continue
+        switched += 1
+    return switched
 
 
 def calibrate_kernel_rows(weights: list[Weight], rows: tuple[int, ...] = (8, 12, 16, 24, 32),
