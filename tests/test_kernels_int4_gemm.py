@@ -8,7 +8,9 @@ Tolerances against the fp32 reference (which dequantizes and runs one fp32 BLAS 
 - fp32 activations: |y - ref| <= 2e-5 * max|ref| (the kernel splits x into two bf16 halves, about
   16 mantissa bits, and sums in its own fixed order);
 - bf16 activations: within 2^-7 relative plus 1e-4 * max|ref| (both round an fp32 sum to bf16:
-  sums that differ in the last fp32 bits may round one bf16 ulp apart).
+  sums that differ in the last fp32 bits may round one bf16 ulp apart);
+- Q8 activations (int8 codes per row and 32 columns): the reference quantizes the same way, so
+  against it fp32 outputs agree to 1e-6 * max|ref| (one code off would cost about 1e-3).
 """
 from __future__ import annotations
 
@@ -85,20 +87,51 @@ def test_kernel_matches_reference(kernel: None, n: int, k: int, scale_dtype: tor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_rows_are_bit_identical_whatever_the_batch(kernel: None, n: int, k: int, dtype: torch.dtype) -> None:
+def test_q8_activations_match_reference(kernel: None, n: int, k: int, scale_dtype: torch.dtype,
+                                        dtype: torch.dtype) -> None:
+    packed = layout.pack(random_groups(n, k, seed=6), scale_dtype)
+    for m, with_bias in [(1, False), (3, True), (8, False), (9, True), (17, True)]:
+        x = random_x(m, k, dtype, seed=m)
+        x[0, :32] = 0.0  # an all-zero group: scale 0, codes 0
+        bias = torch.randn(n).to(dtype) if with_bias else None
+        y = k4.int4_gemm(x, packed, bias, int8_activations=True)
+        ref = k4.int4_gemm_reference(x, packed, bias, int8_activations=True)
+        top = ref.float().abs().max().item()
+        if dtype == torch.float32:
+            torch.testing.assert_close(y, ref, rtol=0, atol=1e-6 * top)
+        else:
+            torch.testing.assert_close(y.float(), ref.float(), rtol=2**-7, atol=1e-4 * top)
+        exact = k4.int4_gemm_reference(x.float(), packed, None if bias is None else bias.float())
+        assert (y.float() - exact).abs().max() < 0.03 * exact.abs().max()  # 8-bit activations, not garbage
+
+
+def test_q8_codes_round_half_to_even_and_saturate() -> None:
+    x = torch.zeros(1, 32)
+    x[0, 0], x[0, 1], x[0, 2], x[0, 3] = 127.0, 0.5, 1.5, -127.0
+    codes, scale = k4.quantize_activations_q8(x)
+    assert codes[0, :4].tolist() == [127, 0, 2, -127] and scale.tolist() == [[1.0]]
+
+
+@pytest.mark.parametrize("int8_activations", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_rows_are_bit_identical_whatever_the_batch(kernel: None, n: int, k: int, dtype: torch.dtype,
+                                                   int8_activations: bool) -> None:
     packed = layout.pack(random_groups(n, k, seed=2))
     bias = torch.randn(n).to(dtype)
     for m in range(1, 18):
         x = random_x(m, k, dtype, seed=100 + m)
-        y = k4.int4_gemm(x, packed, bias)
+        y = k4.int4_gemm(x, packed, bias, int8_activations)
         other = random_x(m, k, dtype, seed=200 + m)  # different neighbours for every row
         for i in range(m):
-            alone = k4.int4_gemm(x[i:i + 1], packed, bias)
+            alone = k4.int4_gemm(x[i:i + 1], packed, bias, int8_activations)
             assert torch.equal(y[i:i + 1], alone), f"row {i} of {m} differs from its one-row call"
             mixed = other.clone()
             mixed[i] = x[i]
-            assert torch.equal(k4.int4_gemm(mixed, packed, bias)[i], y[i]), f"row {i} of {m} depends on others"
+            assert torch.equal(k4.int4_gemm(mixed, packed, bias, int8_activations)[i], y[i]), \
+                f"row {i} of {m} depends on others"
 
 
 def test_rows_do_not_depend_on_thread_count(kernel: None) -> None:

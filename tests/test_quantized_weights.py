@@ -5,7 +5,8 @@
 - a tiny model written as a real GGUF (gguf's writer and quantizers), converted by transformers,
   loaded with `--weights gguf` through the cache;
 - lossless: with those weights, serial tree speculation and the mesh (real processes) give exactly
-  the target-only output in fp32, for several tree shapes and with fully rejected trees.
+  the target-only output in fp32, for several tree shapes and with fully rejected trees, with the
+  kernels' exact activations and with Q8 (int8) activations.
 """
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ from specmesh.services.runtime.engines import DecodeStats, generate_ar, generate
 from specmesh.services.runtime.request import Request
 from specmesh.services.runtime.errors import ModelError
 from specmesh.services.runtime.loader import load_transformer, read_model_config
+from specmesh.kernels import int4_gemm
+from specmesh.services.runtime.model_worker import check_activations, model_weights
 from specmesh.services.runtime.quant import (Int4Groups, Int4Weight, Int8Weight, calibrate_kernel_rows, dequantize,
-                                             int4_groups_from_dense, linear, pack_int4, quantize_int8)
+                                             int4_groups_from_dense, linear, pack_int4, quantize_int8,
+                                             use_int8_activations, weight_from_tensors, weight_tensors)
 from specmesh.services.runtime.tree_params import TreeParams
 
 from runner_testing import run_rows
@@ -96,6 +100,30 @@ def test_kernels_match_a_dense_matmul_of_the_same_values(dtype: torch.dtype) -> 
             # fp32: specmesh's int4 kernel multiplies fp32 activations as two bf16 halves (~16 bits)
             tol = (3e-5 if dtype == torch.float32 else 0.05) * ref.abs().max()
             assert (linear(x, w).float() - ref).abs().max() <= tol, (type(w).__name__, rows)
+
+
+def test_int8_activations_switch_both_kernels_and_keep_the_cache_format() -> None:
+    if not int4_gemm.available():
+        pytest.skip(int4_gemm.unavailable_reason())
+    torch.manual_seed(1)
+    dense = torch.randn(128, 256)
+    w4, w8 = pack_int4(int4_groups_from_dense(dense), torch.float32, keep_dense=False), quantize_int8(dense, torch.float32)
+    values = [dequantize(w).clone() for w in (w4, w8)]
+    q8 = w8.q.clone()
+    x = torch.randn(5, 256)
+    assert use_int8_activations([w4, w8, dense]) == 2  # a dense weight stays as it is
+    assert w4.int8_activations and w8.q is None and w8.tiles is not None
+    for w, v in zip((w4, w8), values):
+        assert torch.equal(dequantize(w), v)  # the same weights, only the activations change
+        ref = x @ v.t()
+        y = linear(x, w)
+        assert 0 < (y - ref).abs().max() < 0.03 * ref.abs().max()
+        assert torch.equal(y[2:3], linear(x[2:3], w))
+    tensors, meta = weight_tensors("w", w8)
+    assert torch.equal(tensors["w.q"], q8)  # the repacked-weights cache keeps ATen's int8 layout
+    assert torch.equal(dequantize(weight_from_tensors("w", tensors, meta)), values[1])
+    with pytest.raises(ModelError, match="unknown activations 'int4'"):
+        check_activations("int4")
 
 
 def test_calibration_sets_a_crossover_per_shape() -> None:
@@ -203,11 +231,28 @@ PROMPTS = [[5, 6, 7, 8, 9], [100, 3, 45, 200, 7, 7, 7], [42], list(range(60, 90)
 SHAPES = [TreeParams(1, 1, 1), TreeParams(2, 4, 2), TreeParams(4, 16, 4), TreeParams(3, 6, 5, max_tree=8)]
 
 
+def with_activations(model: Any, activations: str) -> Any:
+    """`model` with Q8 activations in every quantized kernel, for all row counts (the dense copies
+    compute with exact activations, so a tree wider than `kernel_max_rows` would not be the same
+    kernel as a one-row decode)."""
+    if activations == "int8":
+        if not int4_gemm.available():
+            pytest.skip(int4_gemm.unavailable_reason())
+        weights = model_weights(model)
+        assert use_int8_activations(weights) > 0
+        for w in weights:
+            if not isinstance(w, torch.Tensor):
+                w.kernel_max_rows = 1 << 20
+    return model
+
+
+@pytest.mark.parametrize("activations", ["exact", "int8"])
 @pytest.mark.parametrize("weights", ["gguf", "int4"])
 def test_serial_speculation_equals_ar_with_quantized_weights(gguf_pair: dict[str, Any], weights: str,
-                                                             single_thread: None) -> None:
-    target = load(gguf_pair, "target", weights)
+                                                             activations: str, single_thread: None) -> None:
+    target = with_activations(load(gguf_pair, "target", weights), activations)
     drafts = {"noisy": load(gguf_pair, "draft", weights), "llama (rejected)": load(gguf_pair, "llama", weights)}
+    drafts = {name: with_activations(d, activations) for name, d in drafts.items()}
     rejected = 0
     for prompt in PROMPTS:
         ref = sum(generate_ar(target, Request(prompt, 40), 512), [])
@@ -232,7 +277,9 @@ def gguf_mesh(gguf_pair: dict[str, Any]) -> Iterator[Any]:
     fp32 = ["--dtype", "fp32", "--weights", "gguf"]
     yield from serve_mesh(gguf_pair["base"] / "mesh", pair=(gguf_pair["files"]["target"], gguf_pair["files"]["llama"]),
                           target_args=[*fp32, "--tp", "2", "--verify-delay-ms", "10"],
-                          draft_args=[*fp32, "--expand-delay-ms", "5", "--no-plan"],  # send trees it rejects
+                          # the draft sends trees the target rejects; its numerics cannot change the
+                          # output, so it runs the Q8 kernels (the bf16 default) in a real process
+                          draft_args=[*fp32, "--activations", "int8", "--expand-delay-ms", "5", "--no-plan"],
                           env=env)
 
 

@@ -12,7 +12,9 @@ def quantize_activations_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     m, k = x.shape
     xg = x.float().view(m, k // GROUP_K, GROUP_K)
     amax = xg.abs().amax(-1)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # 127 / amax as one correctly rounded division, like the kernel (a Python scalar over a tensor
+    # would be computed as 127 * (1 / amax), which rounds differently and moves codes at ties)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     codes = torch.round(xg * inv[..., None]).clamp_(-127, 127)
     return codes.to(torch.int8).view(m, k), amax / 127.0
 
