@@ -149,7 +149,10 @@ def test_one_batched_forward_equals_each_sequence_alone(pair: tuple[Any, Any]) -
             r = random.Random(committed + 1)
             if kind == "chunk":
                 toks = random_prompt(r, ours.vocab_size, 5)
-                rows.append((cache, SeqRows(cache, toks, list(range(4, 9)), 4, 4, causal(5, ours.device))))
+                # Logits.LAST: the runner puts the token rows of the others first and must hand
+                # every sequence its own logits back in the callers' order
+                rows.append((cache, SeqRows(cache, toks, list(range(4, 9)), 4, 4, causal(5, ours.device),
+                                            Logits.LAST)))
             elif kind == "tree":
                 toks, parents = random_tree(r, 7, ours.vocab_size)
                 depth = [len(path_to(parents, i)) - 1 for i in range(7)]

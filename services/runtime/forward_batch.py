@@ -74,6 +74,11 @@ class ForwardBatch:
     starts: list[int]
     layout: TreeLayout       # rows, visible slots, prefix and tree mask per sequence
     logit_rows: torch.Tensor | None  # [L] row indices that need logits; None = no logits at all
+    # The leading rows, and logit rows, that carry tokens being decoded (verify, expansion, decode:
+    # Logits.ALL). They always run the quantized kernels (specmesh's give bit-identical rows
+    # whatever the batch), so a speculative step computes every token as a one-row decode would;
+    # only prompt rows may take the dense copies (quant.linear).
+    token_rows: int = 0
 
     @property
     def max_end(self) -> int:
@@ -130,7 +135,11 @@ class Runner:
                 raise InvalidRequest(f"context full: {s.end} slots > {s.cache.capacity}")
         if self.on_forward is not None:
             self.on_forward(seqs)
+        # Token rows first (see ForwardBatch.token_rows); the logits go back in the callers' order.
+        order = sorted(range(len(seqs)), key=lambda i: seqs[i].logits is not Logits.ALL)
+        seqs = [seqs[i] for i in order]
         tokens, positions, picks, q_start, at = [], [], [], [], 0
+        token_rows = sum(s.n for s in seqs if s.logits is Logits.ALL)
         for s in seqs:
             tokens += s.tokens
             positions += s.positions
@@ -149,13 +158,13 @@ class Runner:
         layout = TreeLayout(q_start, [s.n for s in seqs], [s.end for s in seqs], [s.prefix for s in seqs],
                             [s.mask for s in seqs])
         batch = ForwardBatch(self._tokens[:rows], self._positions[:rows], [s.cache for s in seqs],
-                             [s.start for s in seqs], layout, logit_rows)
+                             [s.start for s in seqs], layout, logit_rows, token_rows)
         logits = self.model.forward(batch)
-        out: list[torch.Tensor | None] = []
+        out: list[torch.Tensor | None] = [None] * len(seqs)
         at = 0
-        for s in seqs:
+        for i, s in zip(order, seqs):
             k = s.logit_rows
-            out.append(logits[at:at + k] if k else None)
+            out[i] = logits[at:at + k] if k else None
             at += k
         return out
 

@@ -107,9 +107,10 @@ class Transformer:
         sin = self._sin[batch.positions].to(self.dtype)[:, None, :]
         spans = [(a, a + m, s) for a, m, s in zip(batch.layout.q_start, batch.layout.q_len, batch.starts)]
         h = self.embed[batch.tokens]
+        kernel_rows = batch.token_rows
         for i, w in enumerate(self.layers):
             x = rms_norm(h, w.input_norm, cfg.rms_norm_eps)
-            qkv = linear(x, w.qkv, w.qkv_bias)
+            qkv = linear(x, w.qkv, w.qkv_bias, kernel_rows)
             q = self._rope(qkv[:, :q_size].view(n, nh, hd), cos, sin)
             k = self._rope(qkv[:, q_size:q_size + kv_size].view(n, nkv, hd), cos, sin).transpose(0, 1)
             v = qkv[:, q_size + kv_size:].view(n, nkv, hd).transpose(0, 1)
@@ -118,13 +119,13 @@ class Transformer:
                 cache.v[i, :, start:start + b - a] = v[:, a:b]
             attn = tree_attention(q.transpose(0, 1), [c.k[i] for c in batch.caches], [c.v[i] for c in batch.caches],
                                   batch.layout, self.scale)
-            h = h + self._all_reduce(linear(attn.transpose(0, 1).reshape(n, q_size), w.o))
+            h = h + self._all_reduce(linear(attn.transpose(0, 1).reshape(n, q_size), w.o, None, kernel_rows))
             if w.o_bias is not None:
                 h = h + w.o_bias
             x = rms_norm(h, w.post_norm, cfg.rms_norm_eps)
-            gate, up = linear(x, w.gate_up).chunk(2, dim=-1)
-            h = h + self._all_reduce(linear(F.silu(gate) * up, w.down))
+            gate, up = linear(x, w.gate_up, None, kernel_rows).chunk(2, dim=-1)
+            h = h + self._all_reduce(linear(F.silu(gate) * up, w.down, None, kernel_rows))
         if batch.logit_rows is None:
             return h[:0, :0]
         h = h.index_select(0, batch.logit_rows)
-        return linear(rms_norm(h, self.final_norm, cfg.rms_norm_eps), self.lm_head)
+        return linear(rms_norm(h, self.final_norm, cfg.rms_norm_eps), self.lm_head, None, kernel_rows)

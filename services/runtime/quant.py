@@ -14,9 +14,13 @@ keeps weights in the layout of the fastest kernel this torch has:
 The weight-only kernels win at few rows and lose at many (they dequantize per row block and become
 compute-bound): on the 2-core EPYC of PERF.md int4 is 4x faster than bf16 at 1 row, even at 8 and
 slower at 16. A quantized weight may therefore carry a `dense` copy of the *same* values (the
-dequantized weights) for forwards of more than `kernel_max_rows` rows (prefill, wide trees).
-Which path a forward takes depends only on its row count, so speculative and plain decoding of
-the same prompt read the same weights through the same kernels row for row.
+dequantized weights) for prompt rows, when a step holds more than `kernel_max_rows` of them.
+Rows of tokens being decoded (verify, expansion, decode) always take the kernel, however many
+(`linear`'s `kernel_rows`), so speculative and plain decoding read the same weights through the
+same kernels row for row.
+
+`Int4Weight` (tiles) and `Int8Weight` can also take Q8 activations (`use_int8_activations`):
+int8 codes per row and 32 columns, multiplied in exact integers by specmesh's VNNI kernels.
 """
 from __future__ import annotations
 
@@ -208,12 +212,27 @@ def weight_bytes(w: Weight) -> int:
     return w.numel() * w.element_size()
 
 
-def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ w.T + bias through the weight's kernel (its dense copy above `kernel_max_rows` rows)."""
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, kernel_rows: int = 0) -> torch.Tensor:
+    """y = x @ w.T + bias through the weight's kernel, or its dense copy for many rows.
+
+    The first `kernel_rows` rows (tokens being decoded: ForwardBatch.token_rows) always take the
+    kernel, whose rows do not depend on the batch; the others take the dense copy when there are
+    more than `kernel_max_rows` of them (prefill, where it is faster).
+    """
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    if x.shape[0] > w.kernel_max_rows:
-        return F.linear(x, w.dense if w.dense is not None else dequantize(w), bias)
+    if x.shape[0] - kernel_rows > w.kernel_max_rows:
+        dense = w.dense if w.dense is not None else dequantize(w)
+        if kernel_rows == 0:
+            return F.linear(x, dense, bias)
+        y = x.new_empty(x.shape[0], w.shape[0])
+        y[:kernel_rows] = _kernel_linear(x[:kernel_rows], w, bias)
+        y[kernel_rows:] = F.linear(x[kernel_rows:], dense, bias)
+        return y
+    return _kernel_linear(x, w, bias)
+
+
+def _kernel_linear(x: torch.Tensor, w: Int8Weight | Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
     if isinstance(w, Int8Weight) and w.tiles is not None:
         return int8_gemm.int8_gemm_cpu(x.contiguous(), w.tiles, bias)
     if isinstance(w, Int8Weight):
