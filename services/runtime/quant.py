@@ -308,7 +308,7 @@ def use_int8_activations(weights: list[Weight]) -> int:
     return switched
 
 
-def calibrate_kernel_rows(weights: list[Weight], rows: tuple[int, ...] = (8, 12, 16, 24, 32),
+def calibrate_kernel_rows(weights: list[Weight], rows: tuple[int, ...] = (8, 12, 16, 24, 32, 48, 64),
                           repeats: int = 3, floor: int = 4) -> dict[str, int]:
     """Time kernel against dense copy per (format, shape) and set each weight's `kernel_max_rows`.
 
