@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from specmesh.kernels import tree_attention as dispatch_tree_attention
+from specmesh.kernels.tree_attention import cpu
 from specmesh.kernels.tree_attention import (
     ENV_BACKEND,
     TreeLayout,
@@ -153,6 +154,67 @@ def test_batched_rows_equal_each_sequence_alone() -> None:
         assert torch.equal(batched[:, a:a + n], alone)
 
 
+# ---------------------------------------------------------------- the CPU kernel (token rows)
+
+
+@pytest.fixture(scope="module")
+def cpu_kernel() -> None:
+    if not cpu.available():
+        pytest.skip(cpu.unavailable_reason())
+
+
+@pytest.mark.parametrize("d", [16, 64, 128])
+@pytest.mark.parametrize("h,hkv", [(4, 2), (4, 1), (6, 2)])
+def test_cpu_kernel_matches_naive(cpu_kernel: None, h: int, hkv: int, d: int) -> None:
+    spec = [*MIXED, (16, 20, 0, "tree"), (3, 0, 2, "tree")]
+    q, k, v, layout = make_batch(h, hkv, d, spec, seed=h * 100 + hkv * 10 + d)
+    layout.masks[-1][1] = False  # no prefix and an empty mask row: it sees nothing, gives zeros
+    scale = d**-0.5
+    out = torch.empty(q.shape[1], h, d)
+    cpu.tree_attention_cpu(q, k, v, layout, scale, layout.num_seqs, out)
+    out = out.transpose(0, 1)
+    torch.testing.assert_close(out, naive_attention(q, k, v, layout, scale), rtol=1e-5, atol=1e-5)
+    a = layout.q_start[-1]
+    assert torch.equal(out[:, a + 1], torch.zeros_like(out[:, a + 1]))
+    qb, kb, vb = q.bfloat16(), [t.bfloat16() for t in k], [t.bfloat16() for t in v]
+    outb = torch.empty(q.shape[1], h, d, dtype=torch.bfloat16)
+    cpu.tree_attention_cpu(qb, kb, vb, layout, scale, layout.num_seqs, outb)
+    naive_b = naive_attention(qb.float(), [t.float() for t in kb], [t.float() for t in vb], layout, scale)
+    torch.testing.assert_close(outb.transpose(0, 1).float(), naive_b, rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_rows_do_not_depend_on_the_batch(cpu_kernel: None, dtype: torch.dtype) -> None:
+    q, k, v, layout = make_batch(4, 2, 64, MIXED, seed=6, dtype=dtype)
+    batched = torch.empty(q.shape[1], 4, 64, dtype=dtype)
+    cpu.tree_attention_cpu(q, k, v, layout, 0.125, layout.num_seqs, batched)
+    for b in range(layout.num_seqs):
+        a, n = layout.q_start[b], layout.q_len[b]
+        alone = torch.empty(n, 4, 64, dtype=dtype)
+        single = TreeLayout.single(n, layout.kv_len[b], layout.prefix[b], layout.masks[b])
+        cpu.tree_attention_cpu(q[:, a:a + n], [k[b]], [v[b]], single, 0.125, 1, alone)
+        assert torch.equal(batched[a:a + n], alone), b
+        for r in range(n):  # and a row of a tree equals that row with the others masked out of view
+            if layout.masks[b] is None:
+                continue
+            one = torch.empty(1, 4, 64, dtype=dtype)
+            row = TreeLayout.single(1, layout.kv_len[b], layout.prefix[b], layout.masks[b][r:r + 1])
+            cpu.tree_attention_cpu(q[:, a + r:a + r + 1], [k[b]], [v[b]], row, 0.125, 1, one)
+            assert torch.equal(batched[a + r], one[0]), (b, r)
+
+
+def test_cpu_kernel_names_bad_input(cpu_kernel: None) -> None:
+    q, k, v, layout = make_batch(4, 2, 64, MIXED[:2], seed=7)
+    out = torch.empty(q.shape[1], 4, 64)
+    with pytest.raises(RuntimeError, match="out must be"):
+        cpu.tree_attention_cpu(q, k, v, layout, 0.1, 2, torch.empty(1, 4, 64))
+    with pytest.raises(RuntimeError, match="like q"):
+        cpu.tree_attention_cpu(q, [t.double() for t in k], v, layout, 0.1, 2, out)
+    with pytest.raises(RuntimeError, match="head dim 48"):
+        q48, k48, v48, l48 = make_batch(4, 2, 48, MIXED[:1], seed=8)
+        cpu.tree_attention_cpu(q48, k48, v48, l48, 0.1, 1, torch.empty(q48.shape[1], 4, 48))
+
+
 # ---------------------------------------------------------------- Triton (interpreter) vs. reference
 
 
@@ -215,11 +277,23 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch: pytest.Monkey
 # ---------------------------------------------------------------- dispatch
 
 
-def test_dispatch_picks_reference_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dispatch_on_cpu_takes_the_kernel_for_token_sequences_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV_BACKEND, raising=False)
     q, k, v, layout = make_batch(4, 2, 16, MIXED, seed=5)
-    assert select_backend(q) == "reference"
-    assert torch.equal(dispatch_tree_attention(q, k, v, layout, 0.25), tree_attention_reference(q, k, v, layout, 0.25))
+    assert select_backend(q) == ("cpu" if cpu.available() else "reference")
+    assert select_backend(q[..., :8]) == "reference"  # a head dim the kernel does not have
+    ref = tree_attention_reference(q, k, v, layout, 0.25)
+    assert torch.equal(dispatch_tree_attention(q, k, v, layout, 0.25), ref)  # no token sequences
+    if not cpu.available():
+        return
+    split = dispatch_tree_attention(q, k, v, layout, 0.25, token_seqs=2)
+    a = layout.q_start[2]
+    assert torch.equal(split[:, a:], ref[:, a:])  # prompt sequences: the reference, bit for bit
+    kernel = torch.empty(q.shape[1], 4, 16)
+    cpu.tree_attention_cpu(q, k, v, layout, 0.25, 2, kernel)
+    assert torch.equal(split[:, :a], kernel.transpose(0, 1)[:, :a])
+    monkeypatch.setenv(ENV_BACKEND, "reference")
+    assert torch.equal(dispatch_tree_attention(q, k, v, layout, 0.25, token_seqs=2), ref)
 
 
 def test_dispatch_picks_triton_for_cuda_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,7 +310,7 @@ def test_dispatch_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV_BACKEND, "Triton")
     assert select_backend(q) == "triton"
     monkeypatch.setenv(ENV_BACKEND, "auto")
-    assert select_backend(q) == "reference"
+    assert select_backend(q) == ("cpu" if cpu.available() else "reference")
     monkeypatch.setenv(ENV_BACKEND, "cudnn")
     with pytest.raises(ValueError, match=ENV_BACKEND):
         select_backend(q)

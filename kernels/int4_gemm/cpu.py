@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import sys
 from types import ModuleType
 
 import torch
 
+from ..cpu_extension import build_extension, cpu_flags as _cpu_flags
 from .layout import Int4Packed
 
 log = logging.getLogger(__name__)
@@ -515,35 +514,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 """
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _try_build() -> tuple[ModuleType | None, str]:
     """(extension module, "") or (None, why not in one line)."""
-    if not sys.platform.startswith("linux") or os.uname().machine != "x86_64":
-        return None, f"the int4 AVX-512 kernel needs Linux on x86_64, not {sys.platform}/{os.uname().machine}"
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        return None, f"this CPU lacks {', '.join(missing)}, which the int4 AVX-512 kernel needs"
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        module = load_inline(
-            name=EXTENSION_NAME, cpp_sources=CPP_SOURCE,
-            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-            verbose=False)
-    except Exception as e:  # no compiler, no ninja, a compile error: keep ATen, say why in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return None, f"the int4 AVX-512 kernel did not build ({type(e).__name__}: {first})"
-    return module, ""
+    return build_extension(EXTENSION_NAME, CPP_SOURCE, REQUIRED_CPU_FLAGS, "the int4 AVX-512 kernel", _cpu_flags())
 
 
 @functools.lru_cache(maxsize=1)

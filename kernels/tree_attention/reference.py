@@ -15,18 +15,21 @@ from .layout import TreeLayout
 
 
 def tree_attention_reference(q: torch.Tensor, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
-                             layout: TreeLayout, scale: float) -> torch.Tensor:
+                             layout: TreeLayout, scale: float, first: int = 0,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
     """Per sequence, SDPA of its rows against its first kv_len slots under prefix + tree mask.
 
     Returns ``[H, R, D]`` in q's dtype; a row that sees no slot gives zeros (SDPA's semantics since
-    torch 2.5, and what the Triton kernel produces).
+    torch 2.5, and what the Triton kernel produces). With `first`, only sequences [first, B) are
+    computed, into `out` (the CPU kernel wrote the others).
     """
     group = q.shape[0] // k[0].shape[0]
-    if layout.num_seqs == 1 and layout.q_len[0] == q.shape[1]:
+    if out is None and layout.num_seqs == 1 and layout.q_len[0] == q.shape[1]:
         s = layout.kv_len[0]  # one sequence: no packing, no copy (the common serial case)
         return _grouped_sdpa(q, k[0][:, :s], v[0][:, :s], layout.dense_mask(0, group), scale)
-    out = torch.empty_like(q)
-    for b in range(layout.num_seqs):
+    if out is None:
+        out = torch.empty_like(q)
+    for b in range(first, layout.num_seqs):
         a, n, s = layout.q_start[b], layout.q_len[b], layout.kv_len[b]
         out[:, a:a + n] = _grouped_sdpa(q[:, a:a + n], k[b][:, :s], v[b][:, :s], layout.dense_mask(b, group), scale)
     return out

@@ -79,6 +79,7 @@ class ForwardBatch:
     # whatever the batch), so a speculative step computes every token as a one-row decode would;
     # only prompt rows may take the dense copies (quant.linear).
     token_rows: int = 0
+    token_seqs: int = 0  # the sequences those rows belong to (tree attention's kernel takes them)
 
     @property
     def max_end(self) -> int:
@@ -139,7 +140,8 @@ class Runner:
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].logits is not Logits.ALL)
         seqs = [seqs[i] for i in order]
         tokens, positions, picks, q_start, at = [], [], [], [], 0
-        token_rows = sum(s.n for s in seqs if s.logits is Logits.ALL)
+        token_seqs = sum(s.logits is Logits.ALL for s in seqs)
+        token_rows = sum(s.n for s in seqs[:token_seqs])
         for s in seqs:
             tokens += s.tokens
             positions += s.positions
@@ -158,7 +160,7 @@ class Runner:
         layout = TreeLayout(q_start, [s.n for s in seqs], [s.end for s in seqs], [s.prefix for s in seqs],
                             [s.mask for s in seqs])
         batch = ForwardBatch(self._tokens[:rows], self._positions[:rows], [s.cache for s in seqs],
-                             [s.start for s in seqs], layout, logit_rows, token_rows)
+                             [s.start for s in seqs], layout, logit_rows, token_rows, token_seqs)
         logits = self.model.forward(batch)
         out: list[torch.Tensor | None] = [None] * len(seqs)
         at = 0

@@ -118,7 +118,7 @@ class Transformer:
                 cache.k[i, :, start:start + b - a] = k[:, a:b]
                 cache.v[i, :, start:start + b - a] = v[:, a:b]
             attn = tree_attention(q.transpose(0, 1), [c.k[i] for c in batch.caches], [c.v[i] for c in batch.caches],
-                                  batch.layout, self.scale)
+                                  batch.layout, self.scale, batch.token_seqs)
             h = h + self._all_reduce(linear(attn.transpose(0, 1).reshape(n, q_size), w.o, None, kernel_rows))
             if w.o_bias is not None:
                 h = h + w.o_bias
