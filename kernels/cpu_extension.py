@@ -1,16 +1,24 @@
 """Building specmesh's C++ CPU kernels: compiled on first use, cached on disk, or a one-line reason.
 
 Each kernel module passes its source and the CPU flags it needs; `load_inline` compiles it with
--O3 -march=native into torch's extension dir (about a minute on 2 cores, once per source). Where
-that cannot work (not Linux x86_64, a missing instruction set, no compiler) the caller gets None
-and one line saying why, and keeps its torch path.
+-O3 -march=native into torch's extension dir (about a minute on 2 cores, once per source). The
+library's name carries a hash of the source, flags and interpreter, so a process that finds it
+built imports it directly: `load_inline` itself runs ninja to check it (over a second per service
+start). Where building cannot work (not Linux x86_64, a missing instruction set, no compiler) the
+caller gets None and one line saying why, and keeps its torch path.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.machinery
+import importlib.util
 import os
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from types import ModuleType
+
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
 
 
 def cpu_flags() -> set[str]:
@@ -34,11 +42,30 @@ def build_extension(name: str, source: str, required_flags: Iterable[str], what:
     if missing:
         return None, f"this CPU lacks {', '.join(missing)}, which {what} needs"
     try:
-        from torch.utils.cpp_extension import load_inline
+        import torch
+        from torch.utils import cpp_extension
 
-        module = load_inline(name=name, cpp_sources=source, extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                             extra_ldflags=["-fopenmp"], verbose=False)
+        digest = hashlib.sha256("\0".join([source, *CFLAGS, torch.__version__, sys.version]).encode()).hexdigest()
+        versioned = f"{name}_{digest[:16]}"
+        built = _import_built(versioned, Path(cpp_extension._get_build_directory(versioned, False)))
+        module = built or cpp_extension.load_inline(name=versioned, cpp_sources=source, extra_cflags=list(CFLAGS),
+                                                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a compile error: the caller keeps torch, says why
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return None, f"{what} did not build ({type(e).__name__}: {first})"
     return module, ""
+
+
+def _import_built(name: str, build_dir: Path) -> ModuleType | None:
+    """The extension `name` from its build dir if a complete build is there, else None."""
+    library = build_dir / f"{name}.so"
+    if not library.is_file():
+        return None
+    try:
+        loader = importlib.machinery.ExtensionFileLoader(name, str(library))
+        spec = importlib.util.spec_from_file_location(name, str(library), loader=loader)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        return module
+    except ImportError:  # half written by a concurrent build: let load_inline wait for it
+        return None

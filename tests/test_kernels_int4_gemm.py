@@ -21,6 +21,8 @@ from specmesh.kernels import int4_gemm as k4
 from specmesh.kernels.int4_gemm import cpu, layout
 from specmesh.services.runtime.quant import Int4Groups, int4_groups_from_dense
 
+from kernel_testing import assert_matches_reference, assert_near_exact
+
 pytestmark = pytest.mark.timeout(900)  # the first test that needs the kernel also compiles it
 
 # Real shapes of the 1.5B target scaled down, plus an N that is not a multiple of the 16-row tile.
@@ -76,14 +78,7 @@ def test_kernel_matches_reference(kernel: None, n: int, k: int, scale_dtype: tor
     for m, with_bias in [(1, False), (3, True), (8, False), (9, True), (17, True), (32, False)]:
         x = random_x(m, k, dtype, seed=m)
         bias = torch.randn(n).to(dtype) if with_bias else None
-        y = cpu.int4_gemm_cpu(x, packed, bias)
-        ref = k4.int4_gemm_reference(x, packed, bias)
-        assert y.dtype == dtype and y.shape == (m, n)
-        top = ref.float().abs().max().item()
-        if dtype == torch.float32:
-            torch.testing.assert_close(y, ref, rtol=0, atol=2e-5 * top)
-        else:
-            torch.testing.assert_close(y.float(), ref.float(), rtol=2**-7, atol=1e-4 * top)
+        assert_matches_reference(cpu.int4_gemm_cpu(x, packed, bias), k4.int4_gemm_reference(x, packed, bias), 2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -97,14 +92,8 @@ def test_q8_activations_match_reference(kernel: None, n: int, k: int, scale_dtyp
         x[0, :32] = 0.0  # an all-zero group: scale 0, codes 0
         bias = torch.randn(n).to(dtype) if with_bias else None
         y = k4.int4_gemm(x, packed, bias, int8_activations=True)
-        ref = k4.int4_gemm_reference(x, packed, bias, int8_activations=True)
-        top = ref.float().abs().max().item()
-        if dtype == torch.float32:
-            torch.testing.assert_close(y, ref, rtol=0, atol=1e-6 * top)
-        else:
-            torch.testing.assert_close(y.float(), ref.float(), rtol=2**-7, atol=1e-4 * top)
-        exact = k4.int4_gemm_reference(x.float(), packed, None if bias is None else bias.float())
-        assert (y.float() - exact).abs().max() < 0.03 * exact.abs().max()  # 8-bit activations, not garbage
+        assert_matches_reference(y, k4.int4_gemm_reference(x, packed, bias, int8_activations=True), 1e-6)
+        assert_near_exact(y, k4.int4_gemm_reference(x.float(), packed, None if bias is None else bias.float()))
 
 
 def test_q8_codes_round_half_to_even_and_saturate() -> None:

@@ -9,6 +9,8 @@ import torch
 from specmesh.kernels import int8_gemm as k8
 from specmesh.kernels.int4_gemm import cpu
 
+from kernel_testing import assert_matches_reference, assert_near_exact
+
 pytestmark = pytest.mark.timeout(900)  # the first test that needs the kernel also compiles it
 
 SHAPES = [(256, 512), (40, 96), (16, 896)]
@@ -54,15 +56,8 @@ def test_kernel_matches_reference(kernel: None, n: int, k: int, dtype: torch.dty
         x = random_x(m, k, dtype, seed=m)
         bias = torch.randn(n).to(dtype) if with_bias else None
         y = k8.int8_gemm_cpu(x, packed, bias)
-        ref = k8.int8_gemm_reference(x, packed, bias)
-        assert y.dtype == dtype and y.shape == (m, n)
-        top = ref.float().abs().max().item()
-        if dtype == torch.float32:
-            torch.testing.assert_close(y, ref, rtol=0, atol=1e-6 * top)
-        else:
-            torch.testing.assert_close(y.float(), ref.float(), rtol=2**-7, atol=1e-4 * top)
-        exact = x.float() @ k8.dequantize(packed).t() + (0 if bias is None else bias.float())
-        assert (y.float() - exact).abs().max() < 0.03 * exact.abs().max()
+        assert_matches_reference(y, k8.int8_gemm_reference(x, packed, bias), 1e-6)
+        assert_near_exact(y, x.float() @ k8.dequantize(packed).t() + (0 if bias is None else bias.float()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
