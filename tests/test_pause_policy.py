@@ -78,6 +78,24 @@ def test_a_session_that_starts_paused_waits_for_the_longest_pause_or_half_the_lo
     assert p.doublings == 0
 
 
+def test_the_least_load_that_made_a_session_pause_is_remembered_until_a_look_pays() -> None:
+    policy = PausePolicy(4.0)
+    assert not policy.plain_under(8, 0.0)  # nothing paused yet
+    policy.pause(SessionPause(), 10.0, sessions=6)
+    policy.pause(SessionPause(), 11.0, sessions=4)
+    assert policy.plain_under(4, 12.0) and policy.plain_under(9, 12.0) and not policy.plain_under(3, 12.0)
+    longest = 4.0 * 2 ** MAX_DOUBLINGS
+    assert policy.plain_under(4, 11.0 + longest - 0.1) and not policy.plain_under(4, 11.0 + longest)
+    policy.pause(SessionPause(), 100.0, sessions=5)  # after the memory lapsed: a fresh least load
+    assert not policy.plain_under(4, 101.0) and policy.plain_under(5, 101.0)
+    looking = SessionPause()
+    policy.pause(looking, 102.0, sessions=5)
+    policy.resume(looking)
+    assert not policy.should_pause(looking, 3, probe=False)  # the look speculates: forget the load
+    assert not policy.plain_under(5, 103.0)
+    assert not PausePolicy(0.0).plain_under(8, 0.0)
+
+
 def test_the_planner_counts_every_session_the_target_steps() -> None:
     """A subtree in flight with its rows; a paused session, or one waiting for its subtree (the
     target gives it an ahead round), as one row and one token; a session waiting for its prefix

@@ -12,6 +12,9 @@ with int8 (Q8) activations, and dense bf16 ``F.linear``. Two tables per thread c
   copies that together exceed the L3 cache, so every layer streams its weights from memory (the
   realistic figure).
 
+``--model target`` (or draft, or a model path) instead times every projection of that real model's
+forward in its own weight formats (GGUF: int4 and int8), exact against Q8 activations.
+
 Every figure is the median of ``--repeats`` timed runs after one warm-up; the machine may be
 shared and noisy, so compare ratios (printed beside the times) rather than absolute values. On a
 busy machine ``--clock thread`` (one thread only) times the calling thread's CPU time instead of
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="distinct copies of each layer's weights in the whole forward (4 x 26 MB "
                              "of int4 per layer exceeds a 32 MB L3)")
     parser.add_argument("--skip-shapes", action="store_true", help="only the whole-forward table")
+    parser.add_argument("--model", default=None,
+                        help="target | draft | a model path: time that model's projections instead")
     parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
                         help="thread: CPU time of the calling thread (needs --threads 1)")
     args = parser.parse_args(argv)
@@ -96,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     if not k4.available():
         print(f"specmesh int4 kernel unavailable: {k4.unavailable_reason()}", file=sys.stderr)
         return 1
+    if args.model:
+        return real_model(args.model, args.threads, args.rows, args.repeats, clock)
     gen = torch.Generator().manual_seed(0)
     all_shapes = {**SHAPES, "lm_head": LM_HEAD}
     weights = {f: {name: [make_weight(f, *shape, gen) for _ in range(1 if name == "lm_head" else args.copies)]
@@ -121,6 +128,35 @@ def main(argv: list[str] | None = None) -> int:
         times = {(f, m): median_ms(lambda: forward(f, m), args.repeats, clock) for f in FORMATS for m in args.rows}
         print(table(f"whole forward ({LAYERS} layers + LM head), {threads} thread(s)", args.rows, times),
               "\n", flush=True)
+    return 0
+
+
+def real_model(model: str, threads: list[int], rows: list[int], repeats: int, clock: Callable[[], float]) -> int:
+    """Milliseconds of one forward's projections of a real model, exact vs Q8 activations."""
+    from specmesh.models.store import resolve_model_dir
+    from specmesh.models.weight_cache import load_runner
+    from specmesh.services.runtime.model_worker import model_weights
+    from specmesh.services.runtime.quant import linear, use_int8_activations
+
+    named = model in ("target", "draft")
+    model_dir = resolve_model_dir(None if named else model, model if named else "target")
+    for t in threads:
+        torch.set_num_threads(t)
+        weights = model_weights(load_runner(model_dir, "auto", torch.bfloat16, keep_dense=False, progress=False))
+        xs = {m: {k: torch.randn(m, k).to(torch.bfloat16) for k in {w.shape[1] for w in weights}} for m in rows}
+
+        def forward(m: int) -> None:
+            for w in weights:
+                linear(xs[m][w.shape[1]], w, None, m)  # token rows: the kernels, whatever m is
+
+        exact = {m: median_ms(lambda: forward(m), repeats, clock) for m in rows}
+        use_int8_activations(weights)
+        q8 = {m: median_ms(lambda: forward(m), repeats, clock) for m in rows}
+        print(f"### {model}: projections of one forward, {t} thread(s), ms\n")
+        print("| M | exact activations | Q8 activations | exact / Q8 | Q8 M / M=1 |\n|---|---|---|---|---|")
+        for m in rows:
+            print(f"| {m} | {exact[m]:.1f} | {q8[m]:.1f} | {exact[m] / q8[m]:.2f}x | {q8[m] / q8[rows[0]]:.2f}x |")
+        print(flush=True)
     return 0
 
 

@@ -381,11 +381,15 @@ class DraftEngine(EngineActor):
             self.planner.stats.rounds > 0 and self.planner.stats.size < PLAIN_SIZE
 
     def _starts_paused(self, state: DraftState) -> bool:
-        """A new greedy session joins a load under which at least half the other sessions are paused."""
+        """A new greedy session joins a load under which at least half the other sessions are
+        paused, or under which a session paused lately (PausePolicy.plain_under)."""
         if not self.pausing.pause_s or self.planner is None or self.channel is None or not state.sampling.greedy:
             return False
         others = [s for s in self.sessions.values() if s is not state]
-        return bool(others) and 2 * sum(s.pause.paused for s in others) >= len(others)
+        if not others:
+            return False
+        return 2 * sum(s.pause.paused for s in others) >= len(others) or \
+            self.pausing.plain_under(len(self.sessions), time.monotonic())
 
     def _ready_size(self, state: DraftState) -> int:
         """Tree nodes a session needs before its subtree goes out: subtree_size, or for planned

@@ -8,14 +8,17 @@ when its time is up or when the load that caused it has halved. Then the draft l
 resumed session that the planner still sends alone within `RECHECK_AFTER` plans was paused for
 the right reason, and pauses again for twice as long (up to `MAX_DOUBLINGS` times), so a steadily
 loaded server spends almost all its time target-only. One speculative plan resets the backoff.
-A session that opens while at least half the others are paused starts paused (`start_paused`).
+A session that opens while at least half the others are paused starts paused (`start_paused`),
+and so does one that opens at a load under which a session paused lately (`plain_under`): the
+policy remembers the least load that made a session pause, for as long as the longest pause,
+and forgets it when a look finds speculation paying again.
 
 Probes (the planner's forced full subtrees, for calibration) neither count towards a pause nor
 reset one: they are not the planner's choice.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PAUSE_AFTER = 8  # root-only plans in a row after which a session pauses
 RECHECK_AFTER = 3  # after a resume, root-only plans that confirm the pause
@@ -42,12 +45,16 @@ class PausePolicy:
     """The draft's rule for pausing sessions; `pause_s` = 0 never pauses."""
 
     pause_s: float
+    plain_load: int = field(default=0, init=False)  # the least load a session paused under lately
+    plain_until: float = field(default=0.0, init=False)  # ... remembered until then
 
     def should_pause(self, p: SessionPause, size: int, probe: bool) -> bool:
         """Record one plan of size `size` (1 = the root alone); True when the session should pause now."""
         if not self.pause_s or probe:
             return False
         if size > 1:
+            if p.looking:  # a look found speculation paying: the remembered load no longer holds
+                self.plain_until = 0.0
             p.streak, p.doublings, p.looking = 0, 0, False
             return False
         p.streak += 1
@@ -56,7 +63,13 @@ class PausePolicy:
     def pause(self, p: SessionPause, now: float, sessions: int) -> None:
         if p.looking:  # the look confirmed the pause: wait longer this time
             p.doublings = min(MAX_DOUBLINGS, p.doublings + 1)
+        self.plain_load = sessions if now >= self.plain_until else min(self.plain_load, sessions)
+        self.plain_until = now + self.pause_s * 2 ** MAX_DOUBLINGS
         self._hold(p, now, sessions)
+
+    def plain_under(self, sessions: int, now: float) -> bool:
+        """Whether a session paused lately under a load of at most `sessions` (see the module doc)."""
+        return bool(self.pause_s) and now < self.plain_until and sessions >= self.plain_load
 
     def start_paused(self, p: SessionPause, now: float, sessions: int) -> None:
         """A session that opens while most others are paused would only be caught up to pause
