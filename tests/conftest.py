@@ -20,6 +20,17 @@ import pytest
 import torch
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build the C++ CPU kernels (kernels/cpu_extension.py) once, before any test: every model
+    forward on CPU runs the attention kernel, and a first build (about a minute) inside a service
+    under test would eat the start-up time its test allows."""
+    from specmesh.kernels.int4_gemm import cpu as int4_cpu
+    from specmesh.kernels.tree_attention import cpu as attention_cpu
+
+    int4_cpu.available()
+    attention_cpu.available()
+
+
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(target_dir, draft_dir): Qwen2 target, draft = target weights + noise (same vocab, 260)."""

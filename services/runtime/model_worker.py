@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from specmesh.kernels.tree_attention import cpu as attention_cpu
+
 from .errors import ModelError
 from .kv_pool import KVPool
 from .loader import parse_dtype
@@ -75,9 +77,12 @@ def service_pool(model: Transformer, cfg: ModelServiceConfig, label: str, record
 
 
 def prepare_weights(model: Transformer, activations: str = "auto") -> None:
-    """What every loader of a serving model runs once loaded: pick the quantized kernels'
-    activations (`ModelServiceConfig.activations`), then calibrate their row crossovers."""
+    """What every loader of a serving model runs once loaded: build the C++ CPU kernels, pick the
+    quantized kernels' activations (`ModelServiceConfig.activations`), then calibrate their row
+    crossovers."""
     check_activations(activations)
+    if model.device.type == "cpu":  # built (or loaded) now, not on the first request's forward
+        attention_cpu.available()
     cpu_bf16 = model.dtype == torch.bfloat16 and model.device.type == "cpu"
     if activations == "int8" or (activations == "auto" and cpu_bf16):
         switched = use_int8_activations(model_weights(model))
