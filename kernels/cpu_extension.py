@@ -12,11 +12,15 @@ from __future__ import annotations
 import hashlib
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+
+log = logging.getLogger(__name__)
 
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 
@@ -69,3 +73,42 @@ def _import_built(name: str, build_dir: Path) -> ModuleType | None:
         return module
     except ImportError:  # half written by a concurrent build: let load_inline wait for it
         return None
+
+
+@dataclass
+class CpuExtension:
+    """One C++ kernel library, built (or imported) on first use, once per process."""
+
+    name: str
+    source: str
+    required_flags: tuple[str, ...]
+    what: str  # names the kernel in the one-line reason
+    fallback: str  # what callers keep without it, for the warning
+    flags: Callable[[], set[str]] = cpu_flags
+    _built: tuple[ModuleType | None, str] | None = field(default=None, init=False, repr=False)
+
+    def _build(self) -> tuple[ModuleType | None, str]:
+        if self._built is None:
+            self._built = build_extension(self.name, self.source, self.required_flags, self.what, self.flags())
+            if self._built[0] is None:
+                log.warning("%s; %s", self._built[1], self.fallback)
+        return self._built
+
+    def available(self) -> bool:
+        """Whether the library is (or can be) built here; builds it on the first call."""
+        return self._build()[0] is not None
+
+    def unavailable_reason(self) -> str:
+        """One line saying why the library cannot run here ("" when it can)."""
+        return self._build()[1]
+
+    def module(self) -> ModuleType:
+        """The compiled module; RuntimeError with the reason where there is none."""
+        module, why = self._build()
+        if module is None:
+            raise RuntimeError(why)
+        return module
+
+    def reset(self) -> None:
+        """Forget the outcome (tests): the next call builds, or loads from disk, again."""
+        self._built = None

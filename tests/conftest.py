@@ -31,6 +31,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     attention_cpu.available()
 
 
+@pytest.fixture(scope="module")
+def quant_kernel() -> None:
+    """Skip, saying why, where specmesh's int4/int8 CPU kernels cannot be built."""
+    from specmesh.kernels.int4_gemm import cpu as int4_cpu
+
+    if not int4_cpu.available():
+        pytest.skip(int4_cpu.unavailable_reason())
+
+
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(target_dir, draft_dir): Qwen2 target, draft = target weights + noise (same vocab, 260)."""

@@ -21,18 +21,11 @@ from specmesh.kernels import int4_gemm as k4
 from specmesh.kernels.int4_gemm import cpu, layout
 from specmesh.services.runtime.quant import Int4Groups, int4_groups_from_dense
 
-from kernel_testing import assert_matches_reference, assert_near_exact
+from kernel_testing import SHAPES, assert_matches_reference, assert_near_exact
 
 pytestmark = pytest.mark.timeout(900)  # the first test that needs the kernel also compiles it
 
-# Real shapes of the 1.5B target scaled down, plus an N that is not a multiple of the 16-row tile.
-SHAPES = [(256, 512), (40, 96), (16, 896)]
 
-
-@pytest.fixture(scope="module")
-def kernel() -> None:
-    if not cpu.available():
-        pytest.skip(cpu.unavailable_reason())
 
 
 def random_groups(n: int, k: int, seed: int) -> Int4Groups:
@@ -72,7 +65,7 @@ def test_pack_refuses_what_it_cannot_hold() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_kernel_matches_reference(kernel: None, n: int, k: int, scale_dtype: torch.dtype,
+def test_kernel_matches_reference(quant_kernel: None, n: int, k: int, scale_dtype: torch.dtype,
                                   dtype: torch.dtype) -> None:
     packed = layout.pack(random_groups(n, k, seed=1), scale_dtype)
     for m, with_bias in [(1, False), (3, True), (8, False), (9, True), (17, True), (32, False)]:
@@ -84,7 +77,7 @@ def test_kernel_matches_reference(kernel: None, n: int, k: int, scale_dtype: tor
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_q8_activations_match_reference(kernel: None, n: int, k: int, scale_dtype: torch.dtype,
+def test_q8_activations_match_reference(quant_kernel: None, n: int, k: int, scale_dtype: torch.dtype,
                                         dtype: torch.dtype) -> None:
     packed = layout.pack(random_groups(n, k, seed=6), scale_dtype)
     for m, with_bias in [(1, False), (3, True), (8, False), (9, True), (17, True)]:
@@ -106,7 +99,7 @@ def test_q8_codes_round_half_to_even_and_saturate() -> None:
 @pytest.mark.parametrize("int8_activations", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_rows_are_bit_identical_whatever_the_batch(kernel: None, n: int, k: int, dtype: torch.dtype,
+def test_rows_are_bit_identical_whatever_the_batch(quant_kernel: None, n: int, k: int, dtype: torch.dtype,
                                                    int8_activations: bool) -> None:
     packed = layout.pack(random_groups(n, k, seed=2))
     bias = torch.randn(n).to(dtype)
@@ -123,7 +116,7 @@ def test_rows_are_bit_identical_whatever_the_batch(kernel: None, n: int, k: int,
                 f"row {i} of {m} depends on others"
 
 
-def test_rows_do_not_depend_on_thread_count(kernel: None) -> None:
+def test_rows_do_not_depend_on_thread_count(quant_kernel: None) -> None:
     packed = layout.pack(random_groups(256, 512, seed=3))
     x = random_x(5, 512, torch.bfloat16, seed=3)
     threads = torch.get_num_threads()
@@ -137,7 +130,7 @@ def test_rows_do_not_depend_on_thread_count(kernel: None) -> None:
     assert torch.equal(one, two)
 
 
-def test_dispatch_shapes_backends_and_bad_input(kernel: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dispatch_shapes_backends_and_bad_input(quant_kernel: None, monkeypatch: pytest.MonkeyPatch) -> None:
     packed = layout.pack(random_groups(40, 96, seed=4), torch.float32)
     x = random_x(6, 96, torch.float32, seed=4).view(2, 3, 96)
     assert k4.select_backend() == "cpu"
@@ -163,8 +156,8 @@ def test_dispatch_shapes_backends_and_bad_input(kernel: None, monkeypatch: pytes
 
 
 def test_unavailable_kernel_says_why_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cpu, "_cpu_flags", lambda: {"avx2"})
-    cpu._build.cache_clear()
+    monkeypatch.setattr(cpu.EXTENSION, "flags", lambda: {"avx2"})
+    cpu.EXTENSION.reset()
     try:
         assert not cpu.available()
         why = cpu.unavailable_reason()
@@ -173,4 +166,5 @@ def test_unavailable_kernel_says_why_in_one_line(monkeypatch: pytest.MonkeyPatch
         with pytest.raises(RuntimeError, match="avx512"):
             cpu.int4_gemm_cpu(torch.randn(1, 64), layout.pack(random_groups(16, 64, seed=5)))
     finally:
-        cpu._build.cache_clear()  # the next caller builds (loads from the disk cache) again
+        monkeypatch.undo()
+        cpu.EXTENSION.reset()  # the next caller loads the built library again

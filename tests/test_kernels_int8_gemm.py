@@ -7,19 +7,12 @@ import pytest
 import torch
 
 from specmesh.kernels import int8_gemm as k8
-from specmesh.kernels.int4_gemm import cpu
 
-from kernel_testing import assert_matches_reference, assert_near_exact
+from kernel_testing import SHAPES, assert_matches_reference, assert_near_exact
 
 pytestmark = pytest.mark.timeout(900)  # the first test that needs the kernel also compiles it
 
-SHAPES = [(256, 512), (40, 96), (16, 896)]
 
-
-@pytest.fixture(scope="module")
-def kernel() -> None:
-    if not cpu.available():
-        pytest.skip(cpu.unavailable_reason())
 
 
 def random_int8(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +41,7 @@ def test_pack_round_trip_is_exact(n: int, k: int) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_kernel_matches_reference(kernel: None, n: int, k: int, dtype: torch.dtype) -> None:
+def test_kernel_matches_reference(quant_kernel: None, n: int, k: int, dtype: torch.dtype) -> None:
     q, scale = random_int8(n, k, seed=1)
     q[:, :32] = -127  # codes far from the +128 offset
     packed = k8.pack(q, scale)
@@ -61,7 +54,7 @@ def test_kernel_matches_reference(kernel: None, n: int, k: int, dtype: torch.dty
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rows_are_bit_identical_whatever_the_batch(kernel: None, dtype: torch.dtype) -> None:
+def test_rows_are_bit_identical_whatever_the_batch(quant_kernel: None, dtype: torch.dtype) -> None:
     packed = k8.pack(*random_int8(40, 96, seed=2))
     bias = torch.randn(40).to(dtype)
     for m in range(1, 18):
@@ -75,7 +68,7 @@ def test_rows_are_bit_identical_whatever_the_batch(kernel: None, dtype: torch.dt
             assert torch.equal(k8.int8_gemm_cpu(mixed, packed, bias)[i], y[i]), (i, m)
 
 
-def test_bad_input_names_the_problem(kernel: None) -> None:
+def test_bad_input_names_the_problem(quant_kernel: None) -> None:
     packed = k8.pack(*random_int8(40, 96, seed=3))
     with pytest.raises(RuntimeError, match="96"):
         k8.int8_gemm_cpu(torch.randn(2, 64), packed)

@@ -22,16 +22,12 @@ says why in one line; callers then keep ATen's kernel.
 """
 from __future__ import annotations
 
-import functools
-import logging
-from types import ModuleType
 
 import torch
 
-from ..cpu_extension import build_extension, cpu_flags as _cpu_flags
+from ..cpu_extension import CpuExtension
 from .layout import Int4Packed
 
-log = logging.getLogger(__name__)
 
 EXTENSION_NAME = "specmesh_int4_gemm"
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
@@ -514,28 +510,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 """
 
 
-def _try_build() -> tuple[ModuleType | None, str]:
-    """(extension module, "") or (None, why not in one line)."""
-    return build_extension(EXTENSION_NAME, CPP_SOURCE, REQUIRED_CPU_FLAGS, "the int4 AVX-512 kernel", _cpu_flags())
-
-
-@functools.lru_cache(maxsize=1)
-def _build() -> tuple[ModuleType | None, str]:
-    """`_try_build` once per process (the compiled library itself is cached on disk); warns once."""
-    module, why = _try_build()
-    if module is None:
-        log.warning("%s; int4 matmuls keep ATen's kernel", why)
-    return module, why
-
-
-def available() -> bool:
-    """Whether the kernel is (or can be) built here; builds it on the first call."""
-    return _build()[0] is not None
-
-
-def unavailable_reason() -> str:
-    """One line saying why the kernel cannot run here ("" when it can)."""
-    return _build()[1]
+EXTENSION = CpuExtension(EXTENSION_NAME, CPP_SOURCE, REQUIRED_CPU_FLAGS, "the int4 AVX-512 kernel",
+                         "int4 matmuls keep ATen's kernel")
+available = EXTENSION.available
+unavailable_reason = EXTENSION.unavailable_reason
 
 
 def int4_gemm_cpu(x: torch.Tensor, packed: Int4Packed, bias: torch.Tensor | None = None,
@@ -546,10 +524,7 @@ def int4_gemm_cpu(x: torch.Tensor, packed: Int4Packed, bias: torch.Tensor | None
     max|x| / 127, codes rounded to nearest even: llama.cpp's Q8_0) and multiply in exact integer
     arithmetic (``vpdpbusd``), about twice the multiplies per instruction of the bf16 path.
     """
-    module, why = _build()
-    if module is None:
-        raise RuntimeError(why)
-    return module.int4_gemm(x, packed.data, packed.out_features, packed.scale_dtype == torch.bfloat16, bias,
+    return EXTENSION.module().int4_gemm(x, packed.data, packed.out_features, packed.scale_dtype == torch.bfloat16, bias,
                             int8_activations)
 
 

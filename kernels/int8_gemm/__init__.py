@@ -25,7 +25,4 @@ def int8_gemm_cpu(x: torch.Tensor, packed: Int8Packed, bias: torch.Tensor | None
     Each output row is bit-identical whatever the other rows are and however many there are:
     integer sums are exact, and the per-group fp32 epilogue runs in one fixed order.
     """
-    module, why = _cpu._build()
-    if module is None:
-        raise RuntimeError(why)
-    return module.int8_gemm(x, packed.data, packed.scale, packed.out_features, bias)
+    return _cpu.EXTENSION.module().int8_gemm(x, packed.data, packed.scale, packed.out_features, bias)

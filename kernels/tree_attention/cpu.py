@@ -18,17 +18,13 @@ one-line reason and the torch reference serves every row.
 """
 from __future__ import annotations
 
-import functools
-import logging
 from collections.abc import Sequence
-from types import ModuleType
 
 import torch
 
-from ..cpu_extension import build_extension, cpu_flags
+from ..cpu_extension import CpuExtension
 from .layout import TreeLayout
 
-log = logging.getLogger(__name__)
 
 EXTENSION_NAME = "specmesh_tree_attention"
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
@@ -274,24 +270,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 
 
-@functools.lru_cache(maxsize=1)
-def _build() -> tuple[ModuleType | None, str]:
-    """The extension, built once per process (cached on disk); warns once where it cannot be."""
-    module, why = build_extension(EXTENSION_NAME, CPP_SOURCE, REQUIRED_CPU_FLAGS, "the CPU tree-attention kernel",
-                                  cpu_flags())
-    if module is None:
-        log.warning("%s; tree attention keeps the torch path", why)
-    return module, why
-
-
-def available() -> bool:
-    """Whether the kernel is (or can be) built here; builds it on the first call."""
-    return _build()[0] is not None
-
-
-def unavailable_reason() -> str:
-    """One line saying why the kernel cannot run here ("" when it can)."""
-    return _build()[1]
+EXTENSION = CpuExtension(EXTENSION_NAME, CPP_SOURCE, REQUIRED_CPU_FLAGS, "the CPU tree-attention kernel",
+                         "tree attention keeps the torch path")
+available = EXTENSION.available
+unavailable_reason = EXTENSION.unavailable_reason
 
 
 def supports(q: torch.Tensor) -> bool:
@@ -306,9 +288,7 @@ def tree_attention_cpu(q: torch.Tensor, k: Sequence[torch.Tensor], v: Sequence[t
 
     Raises RuntimeError (naming the problem) for inputs outside the contract, or if unavailable.
     """
-    module, why = _build()
-    if module is None:
-        raise RuntimeError(why)
+    module = EXTENSION.module()
     masks = [None if m is None else m.contiguous() for m in layout.masks[:seqs]]
     module.tree_attention_cpu(q, list(k[:seqs]), list(v[:seqs]), layout.q_start[:seqs], layout.q_len[:seqs],
                               layout.kv_len[:seqs], layout.prefix[:seqs], masks, scale, out)
