@@ -40,7 +40,7 @@ class ModelServiceConfig:
                 "CPU, else bf16)"})
     activations: str = dataclasses.field(default="auto", metadata={
         "help": "activations of the quantized-weight kernels: int8 (quantized per row and 32 columns, as "
-                "llama.cpp's Q8_0, and multiplied in exact integers: about 1.5x faster at 4-16 rows) | exact "
+                "llama.cpp's Q8_0, and multiplied in exact integers: about 2x faster on the default target) | exact "
                 "(the dtype's own) | auto (int8 in bf16; exact in fp32, the exactness mode of the tests)"})
     prefill_dense: bool = dataclasses.field(default=True, metadata={
         "help": "keep a dense copy of quantized weights for many-row forwards (prefill): about 2x faster "
