@@ -126,6 +126,21 @@ def test_int8_activations_switch_both_kernels_and_keep_the_cache_format() -> Non
         check_activations("int4")
 
 
+def test_weights_read_back_at_unaligned_offsets_are_realigned() -> None:
+    """safetensors places tensors at any byte offset; ATen's int8 kernel faulted (SIGSEGV) on them."""
+    w8 = quantize_int8(torch.randn(64, 256), torch.float32)
+    tensors, meta = weight_tensors("w", w8)
+    raw = torch.empty(tensors["w.q"].numel() + 64, dtype=torch.int8)
+    offset = 24 - raw.data_ptr() % 64 + (64 if raw.data_ptr() % 64 > 24 else 0)  # a pointer at 24 mod 64
+    unaligned = raw[offset:offset + tensors["w.q"].numel()].view_as(tensors["w.q"])
+    unaligned.copy_(tensors["w.q"])
+    assert unaligned.data_ptr() % 64 == 24
+    back = weight_from_tensors("w", {**tensors, "w.q": unaligned}, meta)
+    assert back.q.data_ptr() % 64 == 0 and torch.equal(back.q, w8.q)
+    x = torch.randn(3, 256)
+    assert torch.equal(linear(x, back), linear(x, w8))
+
+
 def test_calibration_sets_a_crossover_per_shape() -> None:
     a, b = (pack_int4(int4_groups_from_dense(torch.randn(n, 256)), torch.float32, keep_dense=True) for n in (64, 128))
     c = quantize_int8(torch.randn(64, 256), torch.float32)  # no dense copy: the kernel serves every row count

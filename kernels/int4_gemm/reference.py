@@ -19,6 +19,16 @@ def quantize_activations_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return codes.to(torch.int8).view(m, k), amax / 127.0
 
 
+def q8_group_dots(x: torch.Tensor, weight_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dots [M, N, K / 32], activation scales [M, K / 32]): per row and group, the exact integer
+    dot of the row's Q8 codes with the weight codes [N, K] (|dot| < 2^24, so fp32 holds it)."""
+    m, k = x.shape
+    g = k // GROUP_K
+    codes, x_scale = quantize_activations_q8(x)
+    dots = torch.einsum("mgk,ngk->mng", codes.float().view(m, g, GROUP_K), weight_codes.float().view(-1, g, GROUP_K))
+    return dots, x_scale
+
+
 def int4_gemm_reference(x: torch.Tensor, packed: Int4Packed, bias: torch.Tensor | None = None,
                         int8_activations: bool = False) -> torch.Tensor:
     """``x @ W.T + bias`` with W the packed weight's exact fp32 values, accumulated in fp32.
@@ -36,14 +46,10 @@ def int4_gemm_reference(x: torch.Tensor, packed: Int4Packed, bias: torch.Tensor 
     """
     if int8_activations:
         m, k = x.shape
-        codes, x_scale = quantize_activations_q8(x)
-        q = unpack_q(packed).float() - 8.0
+        dots, x_scale = q8_group_dots(x, unpack_q(packed).float() - 8.0)
         scale, zero = scales_zeros(packed)
-        g = k // GROUP_K
-        # [M, G, 32] x [N, G, 32] -> [M, N, G] exact integer dots (|dot| < 2^24), then per-group scales
-        dots = torch.einsum("mgk,ngk->mng", codes.float().view(m, g, GROUP_K), q.view(-1, g, GROUP_K))
         y = (dots * x_scale[:, None, :] * scale[None]).sum(-1)
-        y = y + x.float().view(m, g, GROUP_K).sum(-1) @ zero.t()
+        y = y + x.float().view(m, k // GROUP_K, GROUP_K).sum(-1) @ zero.t()
     else:
         y = x.float() @ dequantize(packed).t()
     if bias is not None:
