@@ -58,16 +58,34 @@ def make_tiny_model(path: Path, arch: str = "qwen2", seed: int = 0, hidden: int 
     return path
 
 
-def make_tiny_pair(root: Path, seed: int = 0, draft_arch: str | None = None, noise: float = 0.3) -> tuple[Path, Path]:
-    """(target_dir, draft_dir) under root; reuses them if already made with the same settings."""
+def make_contrary_draft(path: Path, target: Path) -> Path:
+    """The target with its logits negated: the draft ranks the target's greedy choice last, so
+    (with a vocabulary wider than the tree) every node it sends is rejected, and it says so with
+    the target's own confidence. What a planner test needs to see a draft that never pays."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32, local_files_only=True)
+    with torch.no_grad():
+        model.lm_head.weight.neg_()
+    model.save_pretrained(path)
+    make_tokenizer(path)
+    return path
+
+
+def make_tiny_pair(root: Path, seed: int = 0, draft_arch: str | None = None, noise: float = 0.3,
+                   contrary: bool = False) -> tuple[Path, Path]:
+    """(target_dir, draft_dir) under root; reuses them if already made with the same settings.
+    `contrary`: the draft is `make_contrary_draft` of the target (`draft_arch`, `noise` unused)."""
     root = Path(root)
     stamp = root / "pair.json"
-    settings = {"seed": seed, "draft_arch": draft_arch, "noise": noise, "version": 1}
+    settings = {"seed": seed, "draft_arch": draft_arch, "noise": noise, "contrary": contrary, "version": 1}
     target, draft = root / "target", root / "draft"
     if stamp.exists() and json.loads(stamp.read_text()) == settings:
         return target, draft
     make_tiny_model(target, "qwen2", seed)
-    if draft_arch is None:
+    if contrary:
+        make_contrary_draft(draft, target)
+    elif draft_arch is None:
         make_tiny_model(draft, "qwen2", seed + 1, noise_from=target, noise=noise)
     else:
         make_tiny_model(draft, draft_arch, seed + 1, hidden=32, layers=1, heads=2, kv_heads=1)

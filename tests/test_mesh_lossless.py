@@ -109,10 +109,11 @@ def test_fully_rejected_trees_and_tensor_parallel_target(rejecting_tp_mesh: Full
 
 
 def rejecting_planned_mesh(base: Path, pause_s: float) -> Iterator[FullMesh]:
-    """The rejecting draft with its planner on: it sends the root alone, pauses, looks again. The
-    target waits for its draft (a long patience): on a busy machine the tiny target would otherwise
-    outrun it alone, and the draft would plan too few rounds to pause."""
-    pair = make_tiny_pair(base / "pair", seed=7, draft_arch="llama")
+    """A draft whose every node is rejected (`contrary`, so no chance agreement keeps the planner
+    hoping), with its planner on: it sends the root alone, pauses, looks again. The target waits
+    for its draft (a long patience): on a busy machine the tiny target would otherwise outrun it
+    alone, and the draft would plan too few rounds to pause."""
+    pair = make_tiny_pair(base / "pair", seed=7, contrary=True)
     yield from serve_mesh(base, pair=pair,
                           target_args=[*FP32, "--verify-delay-ms", "8", "--draft-patience-ms", "60000"],
                           draft_args=[*FP32, "--plain-pause-s", str(pause_s), "--metrics-port", "0"])

@@ -47,6 +47,14 @@ def test_hopeless_drafts_give_plain_decoding() -> None:
     assert plan(chain(0, [0.01] * 8), [0], STEEP, Acceptance()).sizes[0] == 1
 
 
+def test_a_flat_curve_does_not_send_nodes_that_are_all_but_sure_to_be_rejected() -> None:
+    """Start-up noise can measure a cost curve flat to 32 rows; a node worth 0.5% of a token still
+    costs the draft its growth and the channel its bytes (NODE_COST_TOKENS)."""
+    flat = CostCurve([1, 32], [10.0, 10.0])
+    assert plan(chain(0, [0.005] + [1.0] * 6), [0], flat, Acceptance()).sizes[0] == 1
+    assert plan(chain(0, [0.05] + [1.0] * 6), [0], flat, Acceptance()).sizes[0] == 8
+
+
 def test_more_load_means_smaller_trees() -> None:
     cands = chain(0, [0.8] * 16)
     linear = CostCurve([1, 64], [10.0, 10.0 + 63 * 2.5])

@@ -14,8 +14,9 @@ goodput: expected committed tokens per second of target time.
   rounds over predicted ones, as an exponential average) corrects a draft that is over- or
   under-confident.
 - `plan`: merges candidate nodes best first (a best-first prefix of a session's nodes is always a
-  subtree) and picks the row count M that maximises (sessions + expected accepted(M)) / (cost(M +
-  rows other sessions already put in the step) + what a round costs besides the forward).
+  subtree) and picks the row count M that maximises (sessions + expected accepted(M) - M *
+  NODE_COST_TOKENS) / (cost(M + rows other sessions already put in the step) + what a round costs
+  besides the forward).
 - `SpeculationPlanner`: what a draft keeps. In the mesh a round costs more than the target's forward
   (the channel both ways, the router, the target's other work); it learns that overhead from the
   rounds it sees, since a cost curve measured alone would size trees for a round that never
@@ -37,6 +38,10 @@ MEASURED_ROWS = (1, 2, 4, 8, 12, 16, 24, 32)
 RECENT_WEIGHT = 0.1  # weight of the newest plan in PlanStats' averages of the current choice
 PROBE_AFTER = 16  # root-only plans in a row after which one full subtree is sent (calibration)
 OVERHEAD_WEIGHT = 0.2  # weight of the newest round in the learned per-round overhead
+# What a sent node costs besides its target row, in expected tokens: the draft's work to grow it
+# and the channel's to carry it. It also keeps a cost curve that start-up noise measured flat from
+# sending nodes the calibration says are all but sure to be rejected.
+NODE_COST_TOKENS = 0.01
 
 
 @dataclass
@@ -191,12 +196,14 @@ def plan(candidates: list[Candidate], sessions: list[int], curve: CostCurve, acc
     base_rows = len(sessions) + other_rows
     tokens = len(sessions) + other_tokens  # every round commits at least the bonus token
     best_m, best_rate, best_tokens = 0, tokens / (curve.at(base_rows) + fixed_ms), tokens
-    gained = tokens
+    expected = net = tokens
     for m, c in enumerate(ranked[:max(0, max_rows - base_rows)], start=1):
-        gained += min(1.0, c.prob * acceptance.factor(c.depth))
-        rate = gained / (curve.at(base_rows + m) + fixed_ms)
+        gain = min(1.0, c.prob * acceptance.factor(c.depth))
+        expected += gain
+        net += gain - NODE_COST_TOKENS
+        rate = net / (curve.at(base_rows + m) + fixed_ms)
         if rate > best_rate or take_all:
-            best_m, best_rate, best_tokens = m, rate, gained
+            best_m, best_rate, best_tokens = m, rate, expected
     sizes = {s: 1 for s in sessions}
     for c in ranked[:best_m]:
         sizes[c.session] += 1
