@@ -30,7 +30,9 @@ def _health(addr: str) -> int:
 
 
 def test_sigterm_lets_in_flight_streams_finish(tmp_path: Path) -> None:
-    mesh = FullMesh(tmp_path, pool_blocks=256, target_args=["--verify-delay-ms", "5"])
+    # --no-plan: at 4 streams the planner may fairly decode them all plainly (the tiny target outruns
+    # a draft growing 4 trees), and then nothing would show that the draft kept speculating
+    mesh = FullMesh(tmp_path, pool_blocks=256, target_args=["--verify-delay-ms", "5"], draft_args=["--no-plan"])
     try:
         mesh.wait_paired()
         channel = grpc.insecure_channel(mesh.router.addr)
