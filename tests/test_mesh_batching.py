@@ -45,10 +45,10 @@ BATCHING = ["--step-rows", "48", "--prefill-chunk", "8", "--metrics-port", "0"]
 
 @pytest.fixture(scope="module")
 def batching_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullMesh]:
-    # --prefill-threads 1: the draft prefills beside the target (it does not wait for the target's
+    # --borrow-threads 1: the draft prefills beside the target (it does not wait for the target's
     # prefill), so its first trees are there for the short sampled streams.
     yield from serve_mesh(tmp_path_factory.mktemp("batching"),
-                          target_args=[*FP32, *BATCHING, "--verify-delay-ms", "4", "--prefill-threads", "1"],
+                          target_args=[*FP32, *BATCHING, "--verify-delay-ms", "4", "--borrow-threads", "1"],
                           draft_args=[*FP32, *BATCHING, "--expand-delay-ms", "2"],
                           router_args=["--subtree-size", "12"])
 

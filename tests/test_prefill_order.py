@@ -1,6 +1,7 @@
 """Where draft and target share cores, they never prefill at once: the target tells the draft a
 new session is prefilled only when no prompt is left to prefill, and it prefills on every core
-only in steps of prefill alone, which never come while the draft follows a session.
+only in steps of prefill alone, which never come while the draft follows a session. Once the
+draft follows none, every step borrows its cores.
 
 The target engine over a real tensor channel (gloo on loopback), with this test as the draft.
 """
@@ -22,19 +23,20 @@ from specmesh.services.target.engine import SessionState, TargetEngine
 from channel_testing import channel_pair
 
 
-def test_the_draft_hears_of_prefills_once_none_is_left_and_told_sessions_stop_wide_prefill(tiny_target: Any) -> None:
+def test_the_draft_hears_of_prefills_once_none_is_left_and_only_steps_without_it_are_wide(tiny_target: Any) -> None:
     prompts = [list(range(3, 40)), list(range(50, 250)), [7, 8, 9]]
     n = 40
     refs = [sum(generate_ar(tiny_target, Request(p, n), 2048), []) for p in prompts]
     target_end, draft_end = channel_pair(tiny_target.vocab_size)
     engine = TargetEngine(Runner(tiny_target, 64),
                           service_pool(tiny_target, TargetConfig(pool_blocks=96, block_size=16), "target"),
-                          prefill_chunk=32, prefill_threads=torch.get_num_threads() + 1, draft_patience_s=60.0)
+                          prefill_chunk=32, borrow_threads=torch.get_num_threads() + 1, draft_patience_s=60.0)
     events: list[tuple[str, Any]] = []  # in the engine's thread, in order
     real_forward, real_signal = engine.runner.forward, target_end.send_prefilled
 
     def forward(rows: list) -> Any:
-        events.append(("forward", torch.get_num_threads() == engine.prefill_threads))
+        followed = any(s.speculative and not s.done for s in engine.sessions.values())
+        events.append(("forward", (torch.get_num_threads() == engine.borrow_threads, followed)))
         return real_forward(rows)
 
     def signal(channel_id: int) -> None:
@@ -98,6 +100,11 @@ def test_the_draft_hears_of_prefills_once_none_is_left_and_told_sessions_stop_wi
     told = [data for kind, data in events if kind == "signal"]
     assert told == [(1, []), (2, []), (3, [])]  # never while a prompt was left to prefill
     first_told = next(i for i, (kind, _) in enumerate(events) if kind == "signal")
-    wide = [i for i, (kind, data) in enumerate(events) if kind == "forward" and data]
-    assert wide and max(wide) < first_told  # the first two prefilled on every core, the third did not
+    forwards = [(i, wide, followed) for i, (kind, (wide, followed)) in enumerate(events) if kind == "forward"]
+    # the first two prefilled on every core, the third did not: the draft followed the first two
+    assert any(wide for i, wide, _ in forwards if i < first_told)
+    assert not any(wide for i, wide, followed in forwards if i > first_told and followed)
+    # once the draft gave every session up, their plain steps borrowed its cores
+    assert all(wide for i, wide, followed in forwards if not followed and i > first_told)
+    assert any(not followed for i, _, followed in forwards if i > first_told)
     assert engine.active_sessions == 0 and engine.pool.snapshot().used_blocks == 0

@@ -6,24 +6,29 @@ from typing import Any
 import torch
 
 
-def test_prefill_only_steps_borrow_every_core(tiny_target: Any) -> None:
-    """The target widens torch's threads for a step of prefill chunks only, and restores them."""
+def test_steps_without_the_draft_borrow_every_core(tiny_target: Any) -> None:
+    """The target widens torch's threads for a step of prefill chunks only, and for any step while
+    the draft follows no live session; a round while it follows one keeps --threads."""
     from types import SimpleNamespace
 
     from specmesh.services.runtime.forward_batch import Runner
     from specmesh.services.runtime.model_worker import ModelServiceConfig, service_pool
     from specmesh.services.target.engine import TargetEngine
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     engine = TargetEngine(Runner(tiny_target, 64), service_pool(tiny_target, ModelServiceConfig(pool_blocks=4), "target"),
-                          prefill_threads=3)
+                          borrow_threads=3)
     try:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
+        prefill, mixed = [SimpleNamespace(tree=None)], [SimpleNamespace(tree=None), SimpleNamespace(tree=[1])]
         seen = []
-        for jobs in ([SimpleNamespace(tree=None)], [SimpleNamespace(tree=None), SimpleNamespace(tree=[1])]):
-            with engine._threads_for(jobs):  # type: ignore[arg-type]
-                seen.append(torch.get_num_threads())
-        assert seen == [3, 1] and torch.get_num_threads() == 1
+        for speculative, done in ((True, False), (False, False), (True, True)):  # followed, paused, ended
+            engine.sessions = {1: SimpleNamespace(speculative=speculative, done=done)}  # type: ignore[dict-item]
+            for jobs in (prefill, mixed):
+                with engine._threads_for(jobs):  # type: ignore[arg-type]
+                    seen.append(torch.get_num_threads())
+        assert seen == [3, 1, 3, 3, 3, 3] and torch.get_num_threads() == 1
     finally:
+        engine.sessions = {}
         torch.set_num_threads(before)
         engine.stop()

@@ -17,9 +17,10 @@ class TargetConfig(CommonConfig, ModelServiceConfig):
                                                                           "rendezvous listens on ('' = --host)"})
     subtree_capacity: int = dataclasses.field(default=64, metadata={"help": "max nodes per subtree"})
     calibrate_tokens: int = dataclasses.field(default=16, metadata={"help": "tree size timed at start-up"})
-    prefill_threads: int = dataclasses.field(default=0, metadata={
-        "help": "torch threads for steps that only prefill (0 = every core): prefill is compute-bound and "
-                "comes before any round, so it may borrow the draft's cores; rounds keep --threads"})
+    borrow_threads: int = dataclasses.field(default=0, metadata={
+        "help": "torch threads for steps the draft takes no part in (0 = every core): steps that only "
+                "prefill, and every step while the draft follows no session (it paused them all, or there "
+                "is none); they may borrow the draft's cores, rounds it takes part in keep --threads"})
     draft_patience_ms: float = dataclasses.field(default=0.0, metadata={
         "help": "how long a session waits for its draft's subtree before it decodes a token alone "
                 "(0 = two 1-row forwards as timed at start-up, at least 50 ms)"})

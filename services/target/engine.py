@@ -123,15 +123,15 @@ class TargetEngine(EngineActor):
     name = "target"
 
     def __init__(self, runner: Runner, pool: SessionPool, tp: Any = None, verify_delay_ms: float = 0.0,
-                 prefill_chunk: int = 256, prefill_threads: int | None = None, draft_patience_s: float = 0.0) -> None:
+                 prefill_chunk: int = 256, borrow_threads: int | None = None, draft_patience_s: float = 0.0) -> None:
         super().__init__()
         self.runner, self.pool = runner, pool
         self.model = runner.model
         self.verify_delay_ms = verify_delay_ms
         self.prefill_chunk = prefill_chunk
-        self.prefill_threads = prefill_threads  # None: prefill steps keep the process's threads
-        # Prefill-only steps take the draft's cores too: the draft then prefills after the target.
-        self.borrows_cores = prefill_threads is not None and prefill_threads > torch.get_num_threads()
+        self.borrow_threads = borrow_threads  # None: every step keeps the process's threads
+        # Steps the draft takes no part in take its cores too: the draft then prefills after the target.
+        self.borrows_cores = borrow_threads is not None and borrow_threads > torch.get_num_threads()
         self.draft_patience_s = draft_patience_s  # 0 = wait for the draft as long as it takes
         self.tp = tp  # TPLeader when the target is tensor parallel: broadcasts batches and decisions
         self.sessions: dict[int, SessionState] = {}
@@ -328,16 +328,26 @@ class TargetEngine(EngineActor):
                 self.channel_failed(exc)
                 return
 
+    def _draft_follows_none(self) -> bool:
+        """No live session is speculative: the draft paused them all (the load, or trees that do
+        not pay), or there is no draft. Its cores are idle until it looks again."""
+        return not any(s.speculative and not s.done for s in self.sessions.values())
+
     @contextlib.contextmanager
     def _threads_for(self, jobs: list["_Job"]) -> Iterator[None]:
-        """All cores for a step of prefill chunks only (TTFT is prefill-bound); --threads otherwise.
-        Such a step never overlaps the draft's work: every session the draft follows is in every
-        step (a round or an ahead round), and it starts following a new one only after the
-        prefills (_tell_draft_prefilled)."""
+        """All cores (borrow_threads) for a step the draft takes no part in; --threads otherwise.
+
+        - Prefill chunks only (TTFT is prefill-bound): such a step never overlaps the draft's work,
+          since every session the draft follows is in every step (a round or an ahead round), and
+          it starts following a new one only after the prefills (_tell_draft_prefilled).
+        - Any step while the draft follows no session: under load the draft pauses every session,
+          and plain decoding at 8 rows is compute-bound, so its idle cores are the target's. A
+          look (a paused session resumed) overlaps a step or two, until its subtree comes.
+        The kernels' rows do not depend on the thread count, so neither does any token."""
         threads = torch.get_num_threads()
-        wide = self.borrows_cores and all(job.tree is None for job in jobs)
+        wide = self.borrows_cores and (all(job.tree is None for job in jobs) or self._draft_follows_none())
         if wide:
-            torch.set_num_threads(self.prefill_threads)
+            torch.set_num_threads(self.borrow_threads)
         try:
             yield
         finally:

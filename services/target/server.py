@@ -151,7 +151,7 @@ async def serve(config: TargetConfig) -> None:
                           prefill_chunk=config.prefill_chunk,
                           draft_patience_s=(config.draft_patience_ms or max(MIN_PATIENCE_MS, 2 * curve.ms[0])) / 1000,
                           # tensor-parallel ranks already share the cores: their prefill keeps --threads
-                          prefill_threads=(config.prefill_threads or os.cpu_count() or 1) if config.tp == 1 else None)
+                          borrow_threads=(config.borrow_threads or os.cpu_count() or 1) if config.tp == 1 else None)
     servicer = TargetServicer(config, engine, curve, store)
     metrics_port = start_metrics(config.host, config.metrics_port)
     health_servicer = health.aio.HealthServicer()
