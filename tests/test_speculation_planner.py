@@ -55,6 +55,21 @@ def test_a_flat_curve_does_not_send_nodes_that_are_all_but_sure_to_be_rejected()
     assert plan(chain(0, [0.05] + [1.0] * 6), [0], flat, Acceptance()).sizes[0] == 8
 
 
+def test_the_root_alone_is_priced_on_the_cores_it_frees() -> None:
+    """Once the draft follows no session the target borrows its cores (plain_curve, here twice as
+    fast): a draft worth speculating against the target on its own cores is not worth it against
+    the target on all of them, and a planner says so only for the last session speculating."""
+    cands = chain(0, [0.6] * 8)
+    borrowed = CostCurve([1, 16], [5.0, 23.5])
+    assert plan(cands, [0], STEEP, Acceptance()).sizes[0] > 1
+    alone = plan(cands, [0], STEEP, Acceptance(), plain_curve=borrowed)
+    assert alone.sizes[0] == 1 and alone.forward_ms == 5.0
+    depth, score, best = _chain_tree([0.6] * 8)
+    planner = SpeculationPlanner(STEEP, plain_curve=borrowed)
+    assert planner.subtree_size(0, depth, score, best)[0] > 1
+    assert planner.subtree_size(0, depth, score, best, last_speculating=True)[0] == 1
+
+
 def test_more_load_means_smaller_trees() -> None:
     cands = chain(0, [0.8] * 16)
     linear = CostCurve([1, 64], [10.0, 10.0 + 63 * 2.5])

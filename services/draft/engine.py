@@ -101,6 +101,7 @@ class AttachChannel:
     channel: TensorChannel
     vocab_width: int
     target_cost: CostCurve | None  # the target's verify time by rows, for the planner
+    plain_cost: CostCurve | None = None  # ... on the draft's cores too (ChannelEndpoint.plain_ms_by_rows)
     waits_for_prefill: bool = False  # new sessions wait for the target's FLAG_PREFILLED
 
 
@@ -168,8 +169,8 @@ class DraftEngine(EngineActor):
         return done
 
     def attach_channel(self, channel: TensorChannel, vocab_width: int, target_cost: CostCurve | None = None,
-                       waits_for_prefill: bool = False) -> None:
-        self.post(AttachChannel(channel, vocab_width, target_cost, waits_for_prefill))
+                       waits_for_prefill: bool = False, plain_cost: CostCurve | None = None) -> None:
+        self.post(AttachChannel(channel, vocab_width, target_cost, waits_for_prefill, plain_cost))
 
     @property
     def active_sessions(self) -> int:
@@ -214,7 +215,8 @@ class DraftEngine(EngineActor):
     def _on_attach(self, message: AttachChannel) -> None:
         self.vocab_width = message.vocab_width
         self.waits_for_prefill = message.waits_for_prefill
-        self.planner = SpeculationPlanner(message.target_cost) if self.plan and message.target_cost else None
+        self.planner = SpeculationPlanner(message.target_cost, plain_curve=message.plain_cost) \
+            if self.plan and message.target_cost else None
         self._on_channel_up(ChannelUp(message.channel))
 
     def _on_open(self, message: Open) -> None:
@@ -408,10 +410,13 @@ class DraftEngine(EngineActor):
         if self.planner is None or not state.sampling.greedy or state.round == 0:
             state.sent_size, state.sent_tokens, state.sent_plan = cap, 1.0, None
             return cap, None  # round 0: the first tree is re-rooted by the target, its depths shift
-        shares = [self._step_share(s) for s in self.sessions.values() if s is not state]
+        others = [s for s in self.sessions.values() if s is not state]
+        shares = [self._step_share(s) for s in others]
         t = state.session.tree
+        last = all(s.pause.paused or s.sent_size == 1 for s in others if not s.waiting and s.session is not None)
         size, reach = self.planner.subtree_size(state.channel_id, t.depth, t.score, t.best(cap),
-                                                sum(rows for rows, _ in shares), sum(tokens for _, tokens in shares))
+                                                sum(rows for rows, _ in shares), sum(tokens for _, tokens in shares),
+                                                last_speculating=last)
         chosen = self.planner.last
         state.sent_size, state.sent_tokens, state.sent_plan = size, chosen.tokens_per_round, chosen
         metrics.PLANNED_SIZE.observe(size)

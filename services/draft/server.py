@@ -47,7 +47,8 @@ class DraftServicer(mesh_pb2_grpc.DraftServicer):
             raise ServiceUnavailable(f"cannot join the tensor channel at {request.host}:{request.port}: "
                                      f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         curve = CostCurve.from_by_rows(list(request.verify_ms_by_rows)) if request.verify_ms_by_rows else None
-        self.engine.attach_channel(channel, request.vocab_size, curve, request.draft_waits_for_prefill)
+        plain = CostCurve.from_by_rows(list(request.plain_ms_by_rows)) if request.plain_ms_by_rows else None
+        self.engine.attach_channel(channel, request.vocab_size, curve, request.draft_waits_for_prefill, plain)
         return mesh_pb2.Empty()
 
     @rpc.rpc_errors

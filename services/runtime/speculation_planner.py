@@ -73,13 +73,23 @@ class CostCurve:
 
 
 def measure_cost_curve(model: "Transformer", rows: tuple[int, ...] = MEASURED_ROWS, context: int = 128,  # noqa: F821
-                       repeats: int = 3) -> CostCurve:
-    """Fastest of `repeats` forwards of a chain of M tree rows after `context` committed tokens, per M.
+                       repeats: int = 3, threads: int | None = None) -> CostCurve:
+    """Fastest of `repeats` forwards of a chain of M tree rows after `context` committed tokens, per M,
+    on `threads` torch threads (None: the process's).
 
     Each M is run once untimed first. The minimum, not the median: interference from other processes
     only ever adds time. The curve is then made non-decreasing (more rows never cost less), which
     also absorbs leftover noise.
     """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return _measure(model, rows, context, repeats)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(model: "Transformer", rows: tuple[int, ...], context: int, repeats: int) -> CostCurve:  # noqa: F821
     top = max(rows)
     runner = Runner(model, max_rows=max(context, top))
     cache = model.new_cache(context + top)
@@ -181,7 +191,7 @@ class PlanStats:
 
 def plan(candidates: list[Candidate], sessions: list[int], curve: CostCurve, acceptance: Acceptance,
          other_rows: int = 0, other_tokens: float = 0.0, max_rows: int = 64, fixed_ms: float = 0.0,
-         take_all: bool = False) -> Plan:
+         take_all: bool = False, plain_curve: CostCurve | None = None) -> Plan:
     """Subtree sizes maximising (committed tokens) / (step time) over the sessions given.
 
     `candidates`: non-root nodes of every session's tree, with prob = exp(score). A session's
@@ -190,12 +200,15 @@ def plan(candidates: list[Candidate], sessions: list[int], curve: CostCurve, acc
     `other_tokens`: what sessions not planned here already put into the step. `fixed_ms`: time a
     round costs besides the target forward (the serial engine's draft expansions, the mesh's
     learned overhead). `take_all`: every candidate within max_rows (a probe), with its prediction.
+    `plain_curve`: what the step costs if these sessions send their roots alone, when that is
+    cheaper than `curve` (the target borrows the draft's cores once the draft follows no session).
     """
     # The draft's own order (raw scores): a best-first prefix of it is what select_subtree sends.
     ranked = sorted(candidates, key=lambda c: -c.prob)
     base_rows = len(sessions) + other_rows
     tokens = len(sessions) + other_tokens  # every round commits at least the bonus token
-    best_m, best_rate, best_tokens = 0, tokens / (curve.at(base_rows) + fixed_ms), tokens
+    plain_ms = (plain_curve or curve).at(base_rows)
+    best_m, best_rate, best_tokens = 0, tokens / (plain_ms + fixed_ms), tokens
     expected = net = tokens
     for m, c in enumerate(ranked[:max(0, max_rows - base_rows)], start=1):
         gain = min(1.0, c.prob * acceptance.factor(c.depth))
@@ -207,7 +220,7 @@ def plan(candidates: list[Candidate], sessions: list[int], curve: CostCurve, acc
     sizes = {s: 1 for s in sessions}
     for c in ranked[:best_m]:
         sizes[c.session] += 1
-    forward_ms = curve.at(base_rows + best_m)
+    forward_ms = curve.at(base_rows + best_m) if best_m else plain_ms
     return Plan(sizes, best_tokens - other_tokens, forward_ms + fixed_ms, forward_ms, probe=take_all)
 
 
@@ -230,11 +243,14 @@ class SpeculationPlanner:
     the learned per-round overhead.
 
     `fixed_ms`: a round's known cost besides the forward (the serial engine's draft expansions);
-    `overhead_ms`: the rest, learned by `observe_round` (0 until a round is observed).
+    `overhead_ms`: the rest, learned by `observe_round` (0 until a round is observed);
+    `plain_curve`: the target's forward time on the draft's cores too, which it borrows while the
+    draft follows no session (None: it never does).
     """
 
-    def __init__(self, curve: CostCurve, fixed_ms: float = 0.0) -> None:
+    def __init__(self, curve: CostCurve, fixed_ms: float = 0.0, plain_curve: CostCurve | None = None) -> None:
         self.curve = curve
+        self.plain_curve = plain_curve
         self.fixed_ms = fixed_ms
         self.overhead_ms = 0.0
         self.acceptance = Acceptance()
@@ -243,13 +259,17 @@ class SpeculationPlanner:
         self.root_only_streak = 0
 
     def subtree_size(self, session: int, depth: list[int], score: list[float], best: list[int],
-                     other_rows: int = 0, other_tokens: float = 0.0) -> tuple[int, dict[int, float]]:
+                     other_rows: int = 0, other_tokens: float = 0.0,
+                     last_speculating: bool = False) -> tuple[int, dict[int, float]]:
         """How many of the session's `best` nodes (best first, root included: at most len(best))
-        to send, and the predicted reach of that subtree (to `record` once it is verified)."""
+        to send, and the predicted reach of that subtree (to `record` once it is verified).
+        `last_speculating`: every other session is paused or sends its root alone, so plain
+        decoding for this one too would free the draft's cores (priced by plain_curve)."""
         cands = tree_candidates(session, depth, score, best)
         chosen = plan(cands, [session], self.curve, self.acceptance, other_rows, other_tokens,
                       max_rows=other_rows + len(best), fixed_ms=self.fixed_ms + self.overhead_ms,
-                      take_all=self.root_only_streak == PROBE_AFTER)  # a probe: what the draft is worth now
+                      take_all=self.root_only_streak == PROBE_AFTER,  # a probe: what the draft is worth now
+                      plain_curve=self.plain_curve if last_speculating else None)
         self.last = chosen
         size = chosen.sizes[session]
         self.root_only_streak = self.root_only_streak + 1 if size == 1 else 0

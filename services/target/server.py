@@ -8,6 +8,7 @@ import threading
 import uuid
 
 import grpc
+import torch
 from grpc_health.v1 import health
 
 from specmesh.services.runtime import rpc, telemetry
@@ -31,10 +32,11 @@ log = logging.getLogger("specmesh.target")
 
 
 class TargetServicer(mesh_pb2_grpc.TargetServicer):
-    def __init__(self, config: TargetConfig, engine: TargetEngine, curve: CostCurve, store: object) -> None:
+    def __init__(self, config: TargetConfig, engine: TargetEngine, curve: CostCurve, store: object,
+                 plain_curve: CostCurve | None = None) -> None:
         self.config = config
         self.engine = engine
-        self.curve = curve
+        self.curve, self.plain_curve = curve, plain_curve
         self.forward_ms = curve.at(config.calibrate_tokens)
         self.instance = instance_id()
         self.store = store
@@ -54,6 +56,7 @@ class TargetServicer(mesh_pb2_grpc.TargetServicer):
                                             epoch=epoch, subtree_capacity=self.config.subtree_capacity,
                                             vocab_size=model.vocab_size, backend=self.backend,
                                             verify_ms_by_rows=self.curve.by_rows(),
+                                            plain_ms_by_rows=self.plain_curve.by_rows() if self.plain_curve else [],
                                             draft_waits_for_prefill=self.engine.borrows_cores)
 
         def pair() -> None:  # blocks until the draft joins with the same epoch
@@ -143,6 +146,12 @@ async def serve(config: TargetConfig) -> None:
     # followers run the same forwards in lockstep.
     curve = await asyncio.to_thread(measure_cost_curve, model)
     log.info("verify cost by rows: %s", ", ".join(f"{r}: {ms:.1f} ms" for r, ms in zip(curve.rows, curve.ms)))
+    borrow_threads = (config.borrow_threads or os.cpu_count() or 1) if config.tp == 1 else None
+    plain_curve = None
+    if borrow_threads is not None and borrow_threads > torch.get_num_threads():
+        plain_curve = await asyncio.to_thread(measure_cost_curve, model, threads=borrow_threads)
+        log.info("on %d borrowed threads: %s", borrow_threads,
+                 ", ".join(f"{r}: {ms:.1f} ms" for r, ms in zip(plain_curve.rows, plain_curve.ms)))
     runner = Runner(model, config.step_rows)
     pool = service_pool(model, config, "target", record=tp is not None)
     if tp is not None:
@@ -151,8 +160,8 @@ async def serve(config: TargetConfig) -> None:
                           prefill_chunk=config.prefill_chunk,
                           draft_patience_s=(config.draft_patience_ms or max(MIN_PATIENCE_MS, 2 * curve.ms[0])) / 1000,
                           # tensor-parallel ranks already share the cores: their prefill keeps --threads
-                          borrow_threads=(config.borrow_threads or os.cpu_count() or 1) if config.tp == 1 else None)
-    servicer = TargetServicer(config, engine, curve, store)
+                          borrow_threads=borrow_threads)
+    servicer = TargetServicer(config, engine, curve, store, plain_curve)
     metrics_port = start_metrics(config.host, config.metrics_port)
     health_servicer = health.aio.HealthServicer()
     server, port = await rpc.start_internal_server(config, [(mesh_pb2_grpc.add_TargetServicer_to_server, servicer)],
