@@ -384,14 +384,16 @@ class DraftEngine(EngineActor):
 
     def _starts_paused(self, state: DraftState) -> bool:
         """A new greedy session joins a load under which at least half the other sessions are
-        paused, or under which a session paused lately (PausePolicy.plain_under)."""
+        paused, or under which a session paused lately (PausePolicy.plain_under), one alone
+        included: where the target borrows the draft's cores, plain decoding on all of them can
+        beat speculation even for a single stream, and each new request would otherwise pay its
+        catch-up and PAUSE_AFTER rounds on half the cores to learn that again."""
         if not self.pausing.pause_s or self.planner is None or self.channel is None or not state.sampling.greedy:
             return False
         others = [s for s in self.sessions.values() if s is not state]
-        if not others:
-            return False
-        return 2 * sum(s.pause.paused for s in others) >= len(others) or \
-            self.pausing.plain_under(len(self.sessions), time.monotonic())
+        if others and 2 * sum(s.pause.paused for s in others) >= len(others):
+            return True
+        return self.pausing.plain_under(len(self.sessions), time.monotonic())
 
     def _ready_size(self, state: DraftState) -> int:
         """Tree nodes a session needs before its subtree goes out: subtree_size, or for planned
