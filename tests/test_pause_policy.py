@@ -1,6 +1,8 @@
 """The draft's pause rule: when a session runs target-only, and for how long."""
 from __future__ import annotations
 
+import time
+
 from specmesh.services.draft.engine import DraftEngine, DraftState
 from specmesh.services.draft.pause_policy import (MAX_DOUBLINGS, PAUSE_AFTER, RECHECK_AFTER, PausePolicy,
                                                   SessionPause)
@@ -115,3 +117,19 @@ def test_the_planner_counts_every_session_the_target_steps() -> None:
     waiting = state(waiting=True)
     assert [DraftEngine._step_share(s) for s in (in_flight, owed, paused, waiting)] == \
         [(5, 2.5), (1, 1.0), (1, 1.0), (0, 0.0)]
+
+
+def test_a_lone_session_starts_paused_under_a_remembered_plain_load_of_one() -> None:
+    """Where plain decoding on the borrowed cores beats speculation even for one stream, the next
+    request alone starts paused too, instead of paying its catch-up and PAUSE_AFTER rounds again."""
+    from types import SimpleNamespace
+
+    from specmesh.services.runtime.sampling import SamplingParams
+    from specmesh.services.runtime.tree_params import TreeParams
+
+    new = DraftState(2, "s2", [1, 2], SamplingParams(), TreeParams(2, 8, 3), 4)
+    policy = PausePolicy(4.0)
+    engine = SimpleNamespace(pausing=policy, planner=object(), channel=object(), sessions={2: new})
+    assert not DraftEngine._starts_paused(engine, new)  # type: ignore[arg-type]
+    policy.pause(SessionPause(), time.monotonic(), 1)  # a session alone paused
+    assert DraftEngine._starts_paused(engine, new)  # type: ignore[arg-type]
