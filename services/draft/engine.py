@@ -101,8 +101,8 @@ class AttachChannel:
     channel: TensorChannel
     vocab_width: int
     target_cost: CostCurve | None  # the target's verify time by rows, for the planner
-    plain_cost: CostCurve | None = None  # ... on the draft's cores too (ChannelEndpoint.plain_ms_by_rows)
     waits_for_prefill: bool = False  # new sessions wait for the target's FLAG_PREFILLED
+    plain_cost: CostCurve | None = None  # ... on the draft's cores too (ChannelEndpoint.plain_ms_by_rows)
 
 
 class DraftEngine(EngineActor):
@@ -170,7 +170,8 @@ class DraftEngine(EngineActor):
 
     def attach_channel(self, channel: TensorChannel, vocab_width: int, target_cost: CostCurve | None = None,
                        waits_for_prefill: bool = False, plain_cost: CostCurve | None = None) -> None:
-        self.post(AttachChannel(channel, vocab_width, target_cost, waits_for_prefill, plain_cost))
+        self.post(AttachChannel(channel, vocab_width, target_cost, waits_for_prefill=waits_for_prefill,
+                                plain_cost=plain_cost))
 
     @property
     def active_sessions(self) -> int:
