@@ -158,7 +158,7 @@ def test_sessions_opened_under_plain_load_start_paused_and_stay_lossless(long_pa
     runner.start()
     while pause_events(mesh).get("paused", 0) <= before.get("paused", 0) and runner.is_alive():
         time.sleep(0.05)
-    assert runner.is_alive(), "the first stream ended before its session paused"
+    assert runner.is_alive(), "the first stream ended before its session paused\n" + mesh.draft.log_tail(4000) + str(pause_events(mesh))
     results: dict[int, list[int]] = {}
     joiners = [threading.Thread(target=lambda i=i: results.update({i: tokens_of(stream(
         mesh.router.addr, PROMPTS[i], 150))})) for i in (1, 2)]

@@ -68,6 +68,9 @@ def test_the_root_alone_is_priced_on_the_cores_it_frees() -> None:
     planner = SpeculationPlanner(STEEP, plain_curve=borrowed)
     assert planner.subtree_size(0, depth, score, best)[0] > 1
     assert planner.subtree_size(0, depth, score, best, last_speculating=True)[0] == 1
+    # a borrowed curve measured dearer than --threads (a busy start-up) prices nothing above it
+    hopeless = chain(0, [0.001] * 8)
+    assert plan(hopeless, [0], STEEP, Acceptance(), plain_curve=CostCurve([1, 16], [50.0, 90.0])).sizes[0] == 1
 
 
 def test_more_load_means_smaller_trees() -> None:

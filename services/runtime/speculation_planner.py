@@ -207,7 +207,9 @@ def plan(candidates: list[Candidate], sessions: list[int], curve: CostCurve, acc
     ranked = sorted(candidates, key=lambda c: -c.prob)
     base_rows = len(sessions) + other_rows
     tokens = len(sessions) + other_tokens  # every round commits at least the bonus token
-    plain_ms = (plain_curve or curve).at(base_rows)
+    # Never dearer than on --threads: a borrowed-thread curve measured while the draft was busy
+    # (start-up) can say 2 threads are slower, and would then keep hopeless trees going.
+    plain_ms = min(plain_curve.at(base_rows), curve.at(base_rows)) if plain_curve else curve.at(base_rows)
     best_m, best_rate, best_tokens = 0, tokens / (plain_ms + fixed_ms), tokens
     expected = net = tokens
     for m, c in enumerate(ranked[:max(0, max_rows - base_rows)], start=1):
