@@ -63,6 +63,9 @@ class CostCurve:
         slope = max(0.0, (ms[-1] - ms[-2]) / (rows[-1] - rows[-2]))
         return ms[-1] + slope * (m - rows[-1])
 
+    def __str__(self) -> str:
+        return ", ".join(f"{r}: {ms:.1f} ms" for r, ms in zip(self.rows, self.ms))
+
     def by_rows(self, limit: int = 32) -> list[float]:
         """ms for 1..limit rows (what the target hands the draft on pairing)."""
         return [self.at(m) for m in range(1, limit + 1)]

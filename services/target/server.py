@@ -8,7 +8,6 @@ import threading
 import uuid
 
 import grpc
-import torch
 from grpc_health.v1 import health
 
 from specmesh.services.runtime import rpc, telemetry
@@ -145,13 +144,7 @@ async def serve(config: TargetConfig) -> None:
     # The cost curve the planner sizes trees by (the draft gets it on pairing); tensor-parallel
     # followers run the same forwards in lockstep.
     curve = await asyncio.to_thread(measure_cost_curve, model)
-    log.info("verify cost by rows: %s", ", ".join(f"{r}: {ms:.1f} ms" for r, ms in zip(curve.rows, curve.ms)))
-    borrow_threads = (config.borrow_threads or os.cpu_count() or 1) if config.tp == 1 else None
-    plain_curve = None
-    if borrow_threads is not None and borrow_threads > torch.get_num_threads():
-        plain_curve = await asyncio.to_thread(measure_cost_curve, model, threads=borrow_threads)
-        log.info("on %d borrowed threads: %s", borrow_threads,
-                 ", ".join(f"{r}: {ms:.1f} ms" for r, ms in zip(plain_curve.rows, plain_curve.ms)))
+    log.info("verify cost by rows: %s", curve)
     runner = Runner(model, config.step_rows)
     pool = service_pool(model, config, "target", record=tp is not None)
     if tp is not None:
@@ -159,8 +152,12 @@ async def serve(config: TargetConfig) -> None:
     engine = TargetEngine(runner, pool, tp=tp, verify_delay_ms=config.verify_delay_ms,
                           prefill_chunk=config.prefill_chunk,
                           draft_patience_s=(config.draft_patience_ms or max(MIN_PATIENCE_MS, 2 * curve.ms[0])) / 1000,
-                          # tensor-parallel ranks already share the cores: their prefill keeps --threads
-                          borrow_threads=borrow_threads)
+                          # tensor-parallel ranks already share the cores: every step keeps --threads
+                          borrow_threads=(config.borrow_threads or os.cpu_count() or 1) if config.tp == 1 else None)
+    plain_curve = None
+    if engine.borrows_cores:  # what the planner weighs pausing every session against
+        plain_curve = await asyncio.to_thread(measure_cost_curve, model, threads=engine.borrow_threads)
+        log.info("on %d borrowed threads: %s", engine.borrow_threads, plain_curve)
     servicer = TargetServicer(config, engine, curve, store, plain_curve)
     metrics_port = start_metrics(config.host, config.metrics_port)
     health_servicer = health.aio.HealthServicer()
