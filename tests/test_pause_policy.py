@@ -4,8 +4,8 @@ from __future__ import annotations
 import time
 
 from specmesh.services.draft.engine import DraftEngine, DraftState
-from specmesh.services.draft.pause_policy import (MAX_DOUBLINGS, PAUSE_AFTER, RECHECK_AFTER, PausePolicy,
-                                                  SessionPause)
+from specmesh.services.draft.pause_policy import (MAX_DOUBLINGS, PAUSE_AFTER, RECHECK_AFTER, SETTLE_FRACTION,
+                                                  PausePolicy, SessionPause)
 
 
 def plans(policy: PausePolicy, p: SessionPause, sizes: list[int], probe: bool = False) -> list[bool]:
@@ -57,11 +57,16 @@ def test_confirmed_pauses_double_up_to_a_cap_and_speculation_resets_the_backoff(
     assert policy.duration(p) == 4.0
 
 
-def test_a_pause_ends_early_when_the_load_that_caused_it_halves() -> None:
+def test_a_pause_ends_early_when_the_load_that_caused_it_halves_and_stays_so() -> None:
     policy, p = PausePolicy(4.0), SessionPause()
+    settle = SETTLE_FRACTION * 4.0
     policy.pause(p, 0.0, sessions=6)
+    policy.plain_until = 0.0  # the remembered load is tested below
     assert not policy.resume_due(p, 1.0, sessions=4)
-    assert policy.resume_due(p, 1.0, sessions=3)
+    assert not policy.resume_due(p, 1.0, sessions=3)  # a closed loop's next request may follow at once
+    assert not policy.resume_due(p, 1.0 + settle / 2, sessions=6)  # it did: the dip is forgotten
+    assert not policy.resume_due(p, 1.0 + settle, sessions=3)
+    assert policy.resume_due(p, 1.0 + 2 * settle, sessions=3)
     alone = SessionPause()
     policy.pause(alone, 0.0, sessions=1)  # a rejecting draft, not the load: only time ends it
     assert not policy.resume_due(alone, 3.9, sessions=1)
@@ -74,7 +79,8 @@ def test_a_session_that_starts_paused_waits_for_the_longest_pause_or_half_the_lo
     longest = 4.0 * 2 ** MAX_DOUBLINGS
     assert p.paused and policy.duration(p) == longest
     assert not policy.resume_due(p, longest - 0.1, sessions=5)
-    assert policy.resume_due(p, 1.0, sessions=4) and policy.resume_due(p, longest, sessions=8)
+    assert not policy.resume_due(p, 1.0, sessions=4)
+    assert policy.resume_due(p, 2.0, sessions=4) and policy.resume_due(p, longest, sessions=8)
     policy.resume(p)
     assert not policy.should_pause(p, 2, probe=False)  # its first look speculates: back to normal
     assert p.doublings == 0
@@ -96,6 +102,15 @@ def test_the_least_load_that_made_a_session_pause_is_remembered_until_a_look_pay
     assert not policy.should_pause(looking, 3, probe=False)  # the look speculates: forget the load
     assert not policy.plain_under(5, 103.0)
     assert not PausePolicy(0.0).plain_under(8, 0.0)
+
+
+def test_a_lower_load_ends_no_pause_while_it_is_still_a_plain_load() -> None:
+    """Sessions held at 8 do not look again when the load falls to 4 if a session paused at 4."""
+    policy, held = PausePolicy(4.0), SessionPause()
+    policy.start_paused(held, 0.0, sessions=8)
+    policy.pause(SessionPause(), 0.0, sessions=3)
+    assert not any(policy.resume_due(held, t, sessions=4) for t in (1.0, 2.0, 3.0))
+    assert not policy.resume_due(held, 4.0, sessions=2) and policy.resume_due(held, 5.0, sessions=2)
 
 
 def test_the_planner_counts_every_session_the_target_steps() -> None:
@@ -122,14 +137,37 @@ def test_the_planner_counts_every_session_the_target_steps() -> None:
 def test_a_lone_session_starts_paused_under_a_remembered_plain_load_of_one() -> None:
     """Where plain decoding on the borrowed cores beats speculation even for one stream, the next
     request alone starts paused too, instead of paying its catch-up and PAUSE_AFTER rounds again."""
-    from types import SimpleNamespace
 
     from specmesh.services.runtime.sampling import SamplingParams
     from specmesh.services.runtime.tree_params import TreeParams
 
     new = DraftState(2, "s2", [1, 2], SamplingParams(), TreeParams(2, 8, 3), 4)
-    policy = PausePolicy(4.0)
-    engine = SimpleNamespace(pausing=policy, planner=object(), channel=object(), sessions={2: new})
-    assert not DraftEngine._starts_paused(engine, new)  # type: ignore[arg-type]
-    policy.pause(SessionPause(), time.monotonic(), 1)  # a session alone paused
-    assert DraftEngine._starts_paused(engine, new)  # type: ignore[arg-type]
+    engine = unstarted_engine({2: new})
+    assert not engine._starts_paused(new)
+    engine.pausing.pause(SessionPause(), time.monotonic(), 1)  # a session alone paused
+    assert engine._starts_paused(new)
+
+
+def unstarted_engine(sessions: dict[int, DraftState]) -> DraftEngine:
+    """A DraftEngine's pause rules without its worker or model."""
+    engine = DraftEngine.__new__(DraftEngine)
+    engine.pausing, engine.planner, engine.channel, engine.sessions = PausePolicy(4.0), object(), object(), sessions
+    return engine
+
+
+def test_running_sessions_are_held_once_the_load_reaches_a_remembered_plain_load() -> None:
+    """A burst's first session opened below the plain load; once the load reaches it, that session
+    stops at its next send (not PAUSE_AFTER rounds later). A session looking again, and a sampled
+    one (its subtree size is fixed), are left alone."""
+    from specmesh.services.runtime.sampling import SamplingParams
+    from specmesh.services.runtime.tree_params import TreeParams
+
+    running, looking, sampled = (DraftState(i, f"s{i}", [1, 2], SamplingParams(), TreeParams(2, 8, 3), 4)
+                                 for i in (1, 2, 3))
+    sampled.sampling = SamplingParams(temperature=0.7)
+    looking.pause.looking = True
+    engine = unstarted_engine({1: running})
+    engine.pausing.pause(SessionPause(), time.monotonic(), 3)
+    assert not engine._held_by_load(running)  # one session: below the load that made one pause
+    engine.sessions.update({2: looking, 3: sampled})
+    assert [engine._held_by_load(s) for s in (running, looking, sampled)] == [True, False, False]

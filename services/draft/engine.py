@@ -239,7 +239,7 @@ class DraftEngine(EngineActor):
         self._begin(state)
         if self._starts_paused(state):
             state.held = False  # its catch-up comes with its first look, whenever that is
-            self._pause(state, start=True)
+            self._pause(state, "started_paused")
 
     def _begin(self, state: DraftState) -> None:
         """Copy the session's cached prefix and start catching up, unless its source is not there yet."""
@@ -261,6 +261,8 @@ class DraftEngine(EngineActor):
         if verified.prefilled:
             state.held = False
             state.heard_at = time.monotonic()
+            if self._held_by_load(state):  # before its catch-up, which the look brings
+                self._pause(state, "held_by_load")
             return
         now = time.perf_counter()
         state.heard_at = time.monotonic()
@@ -357,11 +359,14 @@ class DraftEngine(EngineActor):
         session = state.session
         if not state.owed or self.channel is None or not session.ready:
             return
+        if self._held_by_load(state):
+            self._pause(state, "held_by_load")
+            return
         if len(session.tree) < self._ready_size(state) and session.can_expand():
             return  # too small to be worth a target forward; grow first
         size, state.sent_reach = self._plan_size(state)
         if state.sent_plan is not None and self.pausing.should_pause(state.pause, size, state.sent_plan.probe):
-            self._pause(state)
+            self._pause(state, "paused")
             return
         tokens, parents, q = session.select_subtree(size)
         trace_ids = self._trace_round(state, len(tokens)) if telemetry.trace_round() else (0, 0, 0)
@@ -389,12 +394,24 @@ class DraftEngine(EngineActor):
         included: where the target borrows the draft's cores, plain decoding on all of them can
         beat speculation even for a single stream, and each new request would otherwise pay its
         catch-up and PAUSE_AFTER rounds on half the cores to learn that again."""
-        if not self.pausing.pause_s or self.planner is None or self.channel is None or not state.sampling.greedy:
+        if not self._may_pause(state) or self.channel is None:
             return False
         others = [s for s in self.sessions.values() if s is not state]
         if others and 2 * sum(s.pause.paused for s in others) >= len(others):
             return True
         return self.pausing.plain_under(len(self.sessions), time.monotonic())
+
+    def _held_by_load(self, state: DraftState) -> bool:
+        """A running session stops speculating at once, not PAUSE_AFTER rounds later, when the load
+        reaches one under which a session paused lately: while the draft follows any session the
+        target steps on --threads only, so one session still speculating slows all the others (a
+        burst's first session, opened below that load). A session looking again is left to its look."""
+        return self._may_pause(state) and not state.pause.looking and \
+            self.pausing.plain_under(len(self.sessions), time.monotonic())
+
+    def _may_pause(self, state: DraftState) -> bool:
+        """Pausing is on and the planner sizes this session's subtrees (greedy)."""
+        return bool(self.pausing.pause_s) and self.planner is not None and state.sampling.greedy
 
     def _ready_size(self, state: DraftState) -> int:
         """Tree nodes a session needs before its subtree goes out: subtree_size, or for planned
@@ -453,22 +470,23 @@ class DraftEngine(EngineActor):
         span.end()
         return telemetry.span_ids(span)
 
-    def _pause(self, state: DraftState, start: bool = False) -> None:
+    def _pause(self, state: DraftState, event: str) -> None:
         """Speculation does not pay for this session now (the load, or a draft it keeps rejecting):
         an empty subtree lets the target go on alone, at its own pace, and this draft stops
-        following the session until `_resume` (its KV stays)."""
+        following the session until `_resume` (its KV stays). `event`: "paused" (its planner's
+        streak), "started_paused" (at open) or "held_by_load" (`_held_by_load`), as counted."""
         try:
             self.channel.send_subtree(state.channel_id, state.round, [], [])
         except Exception as exc:
             self.channel_failed(exc)
             return
-        if start:
-            self.pausing.start_paused(state.pause, time.monotonic(), len(self.sessions))
-        else:
+        if event == "paused":
             self.pausing.pause(state.pause, time.monotonic(), len(self.sessions))
+        else:
+            self.pausing.start_paused(state.pause, time.monotonic(), len(self.sessions))
         state.owed, state.sent_plan, state.sent_reach = False, None, None
         state.idle_since = None
-        metrics.PAUSES.labels("started_paused" if start else "paused").inc()
+        metrics.PAUSES.labels(event).inc()
         self._count_paused()
 
     def _resume(self, state: DraftState) -> None:

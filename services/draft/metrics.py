@@ -23,6 +23,7 @@ PREDICTED_TOKENS = Gauge("specmesh_draft_predicted_tokens_per_round",
 PREDICTED_STEP_MS = Gauge("specmesh_draft_predicted_step_ms",
                           "target step time the planner predicted for its last choice (all sessions' rows)")
 PAUSES = Counter("specmesh_draft_pauses", "greedy sessions handed to the target alone because speculation did not "
-                 "pay (paused; started_paused: opened under such a load), and looked at again (resumed)",
+                 "pay (paused; started_paused: opened under such a load; held_by_load: running when the load "
+                 "reached it), and looked at again (resumed)",
                  ["event"])
 PAUSED = Gauge("specmesh_draft_paused_sessions", "sessions the target runs alone now (paused)")

@@ -4,14 +4,20 @@ Under load (or with a draft the target keeps rejecting) the planner sends a sess
 plain decoding. A draft that still follows that session only spends memory bandwidth the target
 needs, so after `PAUSE_AFTER` root-only plans in a row the session is paused: the target runs it
 alone and the draft does no work for it. A pause is a bet that the reason lasts, so it ends either
-when its time is up or when the load that caused it has halved. Then the draft looks again: a
+when its time is up or when the load that caused it has halved, stayed so for `SETTLE_FRACTION`
+of the shortest pause (a closed-loop client's next request follows the last one's end within
+milliseconds: resuming on that dip would pay a catch-up for nothing) and fallen below the
+remembered plain load. Then the draft looks again: a
 resumed session that the planner still sends alone within `RECHECK_AFTER` plans was paused for
 the right reason, and pauses again for twice as long (up to `MAX_DOUBLINGS` times), so a steadily
 loaded server spends almost all its time target-only. One speculative plan resets the backoff.
 A session that opens while at least half the others are paused starts paused (`start_paused`),
-and so does one that opens at a load under which a session paused lately (`plain_under`): the
-policy remembers the least load that made a session pause, for as long as the longest pause,
-and forgets it when a look finds speculation paying again.
+and so does one that opens at a load under which a session paused lately (`plain_under`); a
+running session (not one looking) is held the same way at its next send once the load reaches
+that level: while the draft follows any session the target steps on its own cores only, so one
+session still speculating slows every other. The policy remembers the least load that made a
+session pause, for as long as the longest pause, and forgets it when a look finds speculation
+paying again.
 
 Probes (the planner's forced full subtrees, for calibration) neither count towards a pause nor
 reset one: they are not the planner's choice.
@@ -23,6 +29,7 @@ from dataclasses import dataclass, field
 PAUSE_AFTER = 8  # root-only plans in a row after which a session pauses
 RECHECK_AFTER = 3  # after a resume, root-only plans that confirm the pause
 MAX_DOUBLINGS = 3  # a pause lasts at most pause_s * 2**MAX_DOUBLINGS
+SETTLE_FRACTION = 0.25  # of pause_s: how long a lower load must last before it ends a pause
 
 
 @dataclass
@@ -34,6 +41,7 @@ class SessionPause:
     looking: bool = False  # resumed, and no speculative plan since
     paused_at: float | None = None  # the target runs the session alone since then
     sessions_at_pause: int = 0  # the draft's sessions when it paused
+    low_since: float | None = None  # the load has been low enough to end the pause since then
 
     @property
     def paused(self) -> bool:
@@ -72,23 +80,33 @@ class PausePolicy:
         return bool(self.pause_s) and now < self.plain_until and sessions >= self.plain_load
 
     def start_paused(self, p: SessionPause, now: float, sessions: int) -> None:
-        """A session that opens while most others are paused would only be caught up to pause
-        PAUSE_AFTER rounds later: it starts paused, for the longest pause or until the load halves
-        (its catch-up then comes with the look)."""
+        """A session that opens while most others are paused (or under the plain load) would only be
+        caught up to pause PAUSE_AFTER rounds later: it starts paused, for the longest pause or until
+        the load halves (its catch-up then comes with the look). A running session held under the
+        plain load is paused the same way."""
         p.doublings = MAX_DOUBLINGS
         self._hold(p, now, sessions)
 
     @staticmethod
     def _hold(p: SessionPause, now: float, sessions: int) -> None:
-        p.paused_at, p.sessions_at_pause, p.streak, p.looking = now, sessions, 0, False
+        p.paused_at, p.sessions_at_pause, p.streak, p.looking, p.low_since = now, sessions, 0, False, None
 
     def duration(self, p: SessionPause) -> float:
         return self.pause_s * 2 ** p.doublings
 
     def resume_due(self, p: SessionPause, now: float, sessions: int) -> bool:
-        """Time is up, or the load that caused the pause has halved."""
-        return p.paused_at is not None and (now - p.paused_at >= self.duration(p) or
-                                            2 * sessions <= p.sessions_at_pause)
+        """Time is up, or the load that caused the pause has halved and lies below the remembered
+        plain load, and has for SETTLE_FRACTION * pause_s (called once per tick: it tracks that)."""
+        if p.paused_at is None:
+            return False
+        if now - p.paused_at >= self.duration(p):
+            return True
+        if 2 * sessions > p.sessions_at_pause or self.plain_under(sessions, now):
+            p.low_since = None
+            return False
+        if p.low_since is None:
+            p.low_since = now
+        return now - p.low_since >= SETTLE_FRACTION * self.pause_s
 
     def resume(self, p: SessionPause) -> None:
         p.paused_at, p.streak, p.looking = None, 0, True
