@@ -6,6 +6,7 @@ import time
 from specmesh.services.draft.engine import DraftEngine, DraftState
 from specmesh.services.draft.pause_policy import (MAX_DOUBLINGS, PAUSE_AFTER, RECHECK_AFTER, SETTLE_FRACTION,
                                                   PausePolicy, SessionPause)
+from specmesh.services.runtime.speculation_planner import YIELD_ROUNDS, CostCurve, SpeculationPlanner
 
 
 def plans(policy: PausePolicy, p: SessionPause, sizes: list[int], probe: bool = False) -> list[bool]:
@@ -40,9 +41,9 @@ def test_confirmed_pauses_double_up_to_a_cap_and_speculation_resets_the_backoff(
     for _ in range(MAX_DOUBLINGS + 2):
         policy.pause(p, now, sessions=8)
         lengths.append(policy.duration(p))
-        assert p.paused and not policy.resume_due(p, now + lengths[-1] - 0.01, sessions=8)
+        assert p.paused and not policy.resume_due(p, now + lengths[-1] - 0.01, sessions=8, plain=True)
         now += lengths[-1]
-        assert policy.resume_due(p, now, sessions=8)
+        assert policy.resume_due(p, now, sessions=8, plain=True)
         policy.resume(p)
         assert not p.paused
         # the look: RECHECK_AFTER root-only plans confirm the pause
@@ -61,16 +62,15 @@ def test_a_pause_ends_early_when_the_load_that_caused_it_halves_and_stays_so() -
     policy, p = PausePolicy(4.0), SessionPause()
     settle = SETTLE_FRACTION * 4.0
     policy.pause(p, 0.0, sessions=6)
-    policy.plain_until = 0.0  # the remembered load is tested below
-    assert not policy.resume_due(p, 1.0, sessions=4)
-    assert not policy.resume_due(p, 1.0, sessions=3)  # a closed loop's next request may follow at once
-    assert not policy.resume_due(p, 1.0 + settle / 2, sessions=6)  # it did: the dip is forgotten
-    assert not policy.resume_due(p, 1.0 + settle, sessions=3)
-    assert policy.resume_due(p, 1.0 + 2 * settle, sessions=3)
+    assert not policy.resume_due(p, 1.0, sessions=4, plain=False)
+    assert not policy.resume_due(p, 1.0, sessions=3, plain=False)  # a closed loop's next request may follow at once
+    assert not policy.resume_due(p, 1.0 + settle / 2, sessions=6, plain=False)  # it did: the dip is forgotten
+    assert not policy.resume_due(p, 1.0 + settle, sessions=3, plain=False)
+    assert policy.resume_due(p, 1.0 + 2 * settle, sessions=3, plain=False)
     alone = SessionPause()
     policy.pause(alone, 0.0, sessions=1)  # a rejecting draft, not the load: only time ends it
-    assert not policy.resume_due(alone, 3.9, sessions=1)
-    assert policy.resume_due(alone, 4.0, sessions=1)
+    assert not policy.resume_due(alone, 3.9, sessions=1, plain=False)
+    assert policy.resume_due(alone, 4.0, sessions=1, plain=True)
 
 
 def test_a_session_that_starts_paused_waits_for_the_longest_pause_or_half_the_load() -> None:
@@ -78,9 +78,9 @@ def test_a_session_that_starts_paused_waits_for_the_longest_pause_or_half_the_lo
     policy.start_paused(p, 0.0, sessions=8)
     longest = 4.0 * 2 ** MAX_DOUBLINGS
     assert p.paused and policy.duration(p) == longest
-    assert not policy.resume_due(p, longest - 0.1, sessions=5)
-    assert not policy.resume_due(p, 1.0, sessions=4)
-    assert policy.resume_due(p, 2.0, sessions=4) and policy.resume_due(p, longest, sessions=8)
+    assert not policy.resume_due(p, longest - 0.1, sessions=5, plain=False)
+    assert not policy.resume_due(p, 1.0, sessions=4, plain=False)
+    assert policy.resume_due(p, 2.0, sessions=4, plain=False) and policy.resume_due(p, longest, sessions=8, plain=True)
     policy.resume(p)
     assert not policy.should_pause(p, 2, probe=False)  # its first look speculates: back to normal
     assert p.doublings == 0
@@ -105,12 +105,12 @@ def test_the_least_load_that_made_a_session_pause_is_remembered_until_a_look_pay
 
 
 def test_a_lower_load_ends_no_pause_while_it_is_still_a_plain_load() -> None:
-    """Sessions held at 8 do not look again when the load falls to 4 if a session paused at 4."""
+    """Sessions held at 8 do not look again when the load falls to 4 if that is still a plain load."""
     policy, held = PausePolicy(4.0), SessionPause()
     policy.start_paused(held, 0.0, sessions=8)
-    policy.pause(SessionPause(), 0.0, sessions=3)
-    assert not any(policy.resume_due(held, t, sessions=4) for t in (1.0, 2.0, 3.0))
-    assert not policy.resume_due(held, 4.0, sessions=2) and policy.resume_due(held, 5.0, sessions=2)
+    assert not any(policy.resume_due(held, t, sessions=4, plain=True) for t in (1.0, 2.0, 3.0))
+    assert not policy.resume_due(held, 4.0, sessions=2, plain=False)
+    assert policy.resume_due(held, 5.0, sessions=2, plain=False)
 
 
 def test_the_planner_counts_every_session_the_target_steps() -> None:
@@ -149,9 +149,10 @@ def test_a_lone_session_starts_paused_under_a_remembered_plain_load_of_one() -> 
 
 
 def unstarted_engine(sessions: dict[int, DraftState]) -> DraftEngine:
-    """A DraftEngine's pause rules without its worker or model."""
+    """A DraftEngine's pause rules without its worker or model (a planner that has seen no round)."""
     engine = DraftEngine.__new__(DraftEngine)
-    engine.pausing, engine.planner, engine.channel, engine.sessions = PausePolicy(4.0), object(), object(), sessions
+    engine.pausing, engine.channel, engine.sessions = PausePolicy(4.0), object(), sessions
+    engine.planner = SpeculationPlanner(CostCurve([1, 16], [10.0, 47.0]))
     return engine
 
 
@@ -171,3 +172,24 @@ def test_running_sessions_are_held_once_the_load_reaches_a_remembered_plain_load
     assert not engine._held_by_load(running)  # one session: below the load that made one pause
     engine.sessions.update({2: looking, 3: sampled})
     assert [engine._held_by_load(s) for s in (running, looking, sampled)] == [True, False, False]
+
+
+def test_a_load_the_cost_curves_call_plain_holds_sessions_with_no_pause_remembered() -> None:
+    """The first burst after a quiet spell: no session paused lately, but what speculative rounds
+    gave (2 tokens for 4 nodes) beats plain decoding on this curve for one session, not for two:
+    the second session starts paused, the first is held, and neither resumes while both run."""
+    from specmesh.services.runtime.sampling import SamplingParams
+    from specmesh.services.runtime.tree_params import TreeParams
+
+    first, second = (DraftState(i, f"s{i}", [1, 2], SamplingParams(), TreeParams(2, 8, 3), 4) for i in (1, 2))
+    engine = unstarted_engine({1: first})
+    engine.planner.record({1: 0.5}, accepted=1, size=4)
+    assert not engine._plain_load(8)  # too few rounds seen
+    for _ in range(YIELD_ROUNDS):
+        engine.planner.record({1: 0.5}, accepted=1, size=4)
+    # 1 session: 1 / 10 ms against 2 / 17.4 ms; 2: 1 / 12.5 ms against 2 / 27.3 ms
+    assert not engine._plain_load(1) and not engine._held_by_load(first)
+    engine.sessions[2] = second
+    assert engine._plain_load(2) and engine._starts_paused(second) and engine._held_by_load(first)
+    engine.pausing.start_paused(second.pause, 0.0, 2)
+    assert not any(engine.pausing.resume_due(second.pause, t, 2, engine._plain_load(2)) for t in (1.0, 2.0, 3.0))

@@ -8,7 +8,7 @@ import pytest
 
 from specmesh.services.runtime.engines import DecodeStats, generate_ar, generate_serial
 from specmesh.services.runtime.request import Request
-from specmesh.services.runtime.speculation_planner import (PROBE_AFTER, Acceptance, Candidate, CostCurve,
+from specmesh.services.runtime.speculation_planner import (PROBE_AFTER, YIELD_ROUNDS, Acceptance, Candidate, CostCurve,
                                                            SpeculationPlanner, measure_cost_curve, plan, reach_of,
                                                            tree_candidates)
 from specmesh.services.runtime.tree_params import TreeParams
@@ -71,6 +71,24 @@ def test_the_root_alone_is_priced_on_the_cores_it_frees() -> None:
     # a borrowed curve measured dearer than --threads (a busy start-up) prices nothing above it
     hopeless = chain(0, [0.001] * 8)
     assert plan(hopeless, [0], STEEP, Acceptance(), plain_curve=CostCurve([1, 16], [50.0, 90.0])).sizes[0] == 1
+
+
+def test_the_yield_of_speculative_rounds_says_from_what_load_on_plain_decoding_pays_more() -> None:
+    """Rounds that sent 4 nodes and committed about 2 tokens: against the target on its own cores
+    one session speculates and 8 do not; against a target that borrows the draft's cores (twice as
+    fast) not even one. Root-only rounds say nothing, and neither do fewer than YIELD_ROUNDS."""
+    planner = SpeculationPlanner(STEEP)
+    for _ in range(YIELD_ROUNDS - 1):
+        planner.record({1: 0.5}, accepted=1, size=4)
+        planner.record({}, accepted=0, size=1)
+    assert not planner.plain_pays_more(8)  # too few rounds seen
+    planner.record({1: 0.5}, accepted=2, size=4)
+    assert planner.yield_.rounds == YIELD_ROUNDS and 2.0 < planner.yield_.tokens < 2.5
+    # 1 session: 1 / 10 ms against ~2.05 / 17.4 ms; 8: 1 / 27.3 ms against ~2.05 / 86.5 ms
+    assert not planner.plain_pays_more(1) and planner.plain_pays_more(8)
+    borrowed = SpeculationPlanner(STEEP, plain_curve=CostCurve([1, 16], [5.0, 23.5]))
+    borrowed.yield_ = planner.yield_
+    assert borrowed.plain_pays_more(1)  # against the target on every core, not even one
 
 
 def test_more_load_means_smaller_trees() -> None:
@@ -136,7 +154,7 @@ def test_a_root_only_planner_probes_and_recovers() -> None:
         size, reach = planner.subtree_size(0, depth, score, best)
         while size == 1:
             size, reach = planner.subtree_size(0, depth, score, best)
-        planner.record(reach, accepted=len(best) - 1)
+        planner.record(reach, accepted=len(best) - 1, size=size)
     assert planner.subtree_size(0, depth, score, best)[0] > 1
 
 

@@ -138,18 +138,22 @@ def run_level(addr: str, system: str, prompts: list[Prompt], concurrency: int, m
 
 def run_loadtest(systems: dict[str, str], prompts: list[Prompt], levels: list[int], max_tokens: int,
                  raw: bool = False, progress=None, cached: bool = False) -> list[LevelResult]:  # type: ignore[no-untyped-def]
-    """Every system (name -> router address) at every concurrency level, in that order."""
+    """Every system (name -> router address) at every concurrency level, returned by system, then
+    level. They run interleaved (each level on every system before the next level): this machine's
+    speed drifts by tens of percent over minutes, and each ratio between systems then compares
+    runs a minute apart, not the two ends of the whole test."""
     results = []
     run_id = time.time_ns()  # tags differ from any earlier load test's, whose KV may still be cached
-    for name, addr in systems.items():
-        for level in levels:
+    for level in levels:
+        for name, addr in systems.items():
             # What differs comes first: runs share at most a token or two of it.
             tag = "" if cached else f"[{name} x{level} {run_id}] You are a helpful assistant."
             result = run_level(addr, name, prompts, level, max_tokens, raw, tag=tag)
             if progress is not None:
                 progress(result)
             results.append(result)
-    return results
+    order = list(systems)
+    return sorted(results, key=lambda r: (order.index(r.system), levels.index(r.concurrency)))
 
 
 def table(results: list[LevelResult]) -> str:

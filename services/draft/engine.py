@@ -197,8 +197,9 @@ class DraftEngine(EngineActor):
         for state in [s for s in self.sessions.values() if s.waiting]:
             self.for_session(state, self._begin, state)
         now = time.monotonic()
+        plain = self._plain_load(len(self.sessions))
         for state in [s for s in self.sessions.values() if s.pause.paused]:
-            if self.pausing.resume_due(state.pause, now, len(self.sessions)):
+            if self.pausing.resume_due(state.pause, now, len(self.sessions), plain):
                 self.for_session(state, self._resume, state)
         if not self.session_idle_s or now - self._idle_checked_at < IDLE_CHECK_S:
             return
@@ -277,7 +278,7 @@ class DraftEngine(EngineActor):
         if state.sent_reach is not None and state.sent_plan is not None and self.planner is not None:
             # Tokens the target committed before this subtree came (its ahead rounds) cost the draft
             # nothing to predict and saved no step: only what the subtree itself verified counts.
-            self.planner.record(state.sent_reach, max(0, result.tree_hits - verified.skipped))
+            self.planner.record(state.sent_reach, max(0, result.tree_hits - verified.skipped), state.sent_size)
             if not any(s is not state and not s.pause.paused for s in self.sessions.values()):
                 # Alone, a round is its forward plus the overhead. With others it also holds their
                 # steps, which the cost curve already prices (their rows are in the plan).
@@ -390,24 +391,31 @@ class DraftEngine(EngineActor):
 
     def _starts_paused(self, state: DraftState) -> bool:
         """A new greedy session joins a load under which at least half the other sessions are
-        paused, or under which a session paused lately (PausePolicy.plain_under), one alone
-        included: where the target borrows the draft's cores, plain decoding on all of them can
-        beat speculation even for a single stream, and each new request would otherwise pay its
-        catch-up and PAUSE_AFTER rounds on half the cores to learn that again."""
+        paused, or a plain load (`_plain_load`), one alone included: where the target borrows the
+        draft's cores, plain decoding on all of them can beat speculation even for a single
+        stream, and each new request would otherwise pay its catch-up and PAUSE_AFTER rounds on
+        half the cores to learn that again."""
         if not self._may_pause(state) or self.channel is None:
             return False
         others = [s for s in self.sessions.values() if s is not state]
         if others and 2 * sum(s.pause.paused for s in others) >= len(others):
             return True
-        return self.pausing.plain_under(len(self.sessions), time.monotonic())
+        return self._plain_load(len(self.sessions))
+
+    def _plain_load(self, sessions: int) -> bool:
+        """At this many sessions plain decoding beats speculation: a session paused lately under
+        no more (PausePolicy.plain_under), or the cost curves say so for what speculative rounds
+        have lately given (SpeculationPlanner.plain_pays_more), which needs no session to learn
+        it again at the start of every burst."""
+        return self.pausing.plain_under(sessions, time.monotonic()) or \
+            (self.planner is not None and self.planner.plain_pays_more(sessions))
 
     def _held_by_load(self, state: DraftState) -> bool:
         """A running session stops speculating at once, not PAUSE_AFTER rounds later, when the load
-        reaches one under which a session paused lately: while the draft follows any session the
+        becomes a plain load (`_plain_load`): while the draft follows any session the
         target steps on --threads only, so one session still speculating slows all the others (a
         burst's first session, opened below that load). A session looking again is left to its look."""
-        return self._may_pause(state) and not state.pause.looking and \
-            self.pausing.plain_under(len(self.sessions), time.monotonic())
+        return self._may_pause(state) and not state.pause.looking and self._plain_load(len(self.sessions))
 
     def _may_pause(self, state: DraftState) -> bool:
         """Pausing is on and the planner sizes this session's subtrees (greedy)."""

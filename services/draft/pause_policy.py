@@ -6,9 +6,9 @@ needs, so after `PAUSE_AFTER` root-only plans in a row the session is paused: th
 alone and the draft does no work for it. A pause is a bet that the reason lasts, so it ends either
 when its time is up or when the load that caused it has halved, stayed so for `SETTLE_FRACTION`
 of the shortest pause (a closed-loop client's next request follows the last one's end within
-milliseconds: resuming on that dip would pay a catch-up for nothing) and fallen below the
-remembered plain load. Then the draft looks again: a
-resumed session that the planner still sends alone within `RECHECK_AFTER` plans was paused for
+milliseconds: resuming on that dip would pay a catch-up for nothing) and is no plain load (the
+draft judges that: below the remembered one, and not one its cost curves call plain). Then the
+draft looks again: a resumed session that the planner still sends alone within `RECHECK_AFTER` plans was paused for
 the right reason, and pauses again for twice as long (up to `MAX_DOUBLINGS` times), so a steadily
 loaded server spends almost all its time target-only. One speculative plan resets the backoff.
 A session that opens while at least half the others are paused starts paused (`start_paused`),
@@ -94,14 +94,15 @@ class PausePolicy:
     def duration(self, p: SessionPause) -> float:
         return self.pause_s * 2 ** p.doublings
 
-    def resume_due(self, p: SessionPause, now: float, sessions: int) -> bool:
-        """Time is up, or the load that caused the pause has halved and lies below the remembered
-        plain load, and has for SETTLE_FRACTION * pause_s (called once per tick: it tracks that)."""
+    def resume_due(self, p: SessionPause, now: float, sessions: int, plain: bool) -> bool:
+        """Time is up, or the load that caused the pause has halved and is no plain load (`plain`:
+        the draft's judgement, `plain_under` included), and has been so for SETTLE_FRACTION *
+        pause_s (called once per tick: it tracks that)."""
         if p.paused_at is None:
             return False
         if now - p.paused_at >= self.duration(p):
             return True
-        if 2 * sessions > p.sessions_at_pause or self.plain_under(sessions, now):
+        if 2 * sessions > p.sessions_at_pause or plain:
             p.low_since = None
             return False
         if p.low_since is None:

@@ -127,7 +127,7 @@ def generate_serial(target: Transformer, draft: Transformer, request: Request, c
         v1 = time.perf_counter()
         stats.subtree_sizes.append(len(tokens))
         if reach is not None:
-            planner.record(reach, result.accepted_draft)
+            planner.record(reach, result.accepted_draft, len(tokens))
         chunk, reason = clip_chunk(result.tokens, stats.tokens, request)
         stats.rounds += 1
         stats.accepted_draft += result.accepted_draft

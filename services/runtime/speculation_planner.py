@@ -42,6 +42,8 @@ OVERHEAD_WEIGHT = 0.2  # weight of the newest round in the learned per-round ove
 # and the channel's to carry it. It also keeps a cost curve that start-up noise measured flat from
 # sending nodes the calibration says are all but sure to be rejected.
 NODE_COST_TOKENS = 0.01
+YIELD_WEIGHT = 0.05  # weight of the newest speculative round in RoundYield's averages
+YIELD_ROUNDS = 8  # speculative rounds seen before the yield may say speculation cannot pay
 
 
 @dataclass
@@ -192,6 +194,29 @@ class PlanStats:
         self.step_ms += w * (chosen.step_ms - self.step_ms)
 
 
+@dataclass
+class RoundYield:
+    """What verified speculative rounds (more than the root sent) gave lately, over every session:
+    nodes sent and tokens committed (accepted + bonus), as exponential averages."""
+
+    rounds: int = 0
+    size: float = 0.0
+    tokens: float = 0.0
+
+    def add(self, size: int, tokens: int) -> None:
+        self.rounds += 1
+        w = 1.0 if self.rounds == 1 else YIELD_WEIGHT
+        self.size += w * (size - self.size)
+        self.tokens += w * (tokens - self.tokens)
+
+
+def plain_step_ms(rows: int, curve: CostCurve, plain_curve: CostCurve | None) -> float:
+    """A step of `rows` roots alone: on the borrowed cores where the target has them (`plain_curve`),
+    but never dearer than on --threads (a borrowed-thread curve measured while the draft was busy
+    at start-up can say 2 threads are slower, and would then keep hopeless trees going)."""
+    return min(plain_curve.at(rows), curve.at(rows)) if plain_curve else curve.at(rows)
+
+
 def plan(candidates: list[Candidate], sessions: list[int], curve: CostCurve, acceptance: Acceptance,
          other_rows: int = 0, other_tokens: float = 0.0, max_rows: int = 64, fixed_ms: float = 0.0,
          take_all: bool = False, plain_curve: CostCurve | None = None) -> Plan:
@@ -210,9 +235,7 @@ def plan(candidates: list[Candidate], sessions: list[int], curve: CostCurve, acc
     ranked = sorted(candidates, key=lambda c: -c.prob)
     base_rows = len(sessions) + other_rows
     tokens = len(sessions) + other_tokens  # every round commits at least the bonus token
-    # Never dearer than on --threads: a borrowed-thread curve measured while the draft was busy
-    # (start-up) can say 2 threads are slower, and would then keep hopeless trees going.
-    plain_ms = min(plain_curve.at(base_rows), curve.at(base_rows)) if plain_curve else curve.at(base_rows)
+    plain_ms = plain_step_ms(base_rows, curve, plain_curve)
     best_m, best_rate, best_tokens = 0, tokens / (plain_ms + fixed_ms), tokens
     expected = net = tokens
     for m, c in enumerate(ranked[:max(0, max_rows - base_rows)], start=1):
@@ -261,6 +284,7 @@ class SpeculationPlanner:
         self.acceptance = Acceptance()
         self.last: Plan | None = None
         self.stats = PlanStats()
+        self.yield_ = RoundYield()
         self.root_only_streak = 0
 
     def subtree_size(self, session: int, depth: list[int], score: list[float], best: list[int],
@@ -282,8 +306,24 @@ class SpeculationPlanner:
         sent = sorted(best[:size])
         return size, reach_of([depth[i] for i in sent], [math.exp(score[i]) for i in sent])
 
-    def record(self, reach: dict[int, float], accepted: int) -> None:
+    def record(self, reach: dict[int, float], accepted: int, size: int) -> None:
+        """One verified round of a planned send of `size` nodes, `accepted` of them accepted."""
         self.acceptance.record(reach, accepted)
+        if size > 1:
+            self.yield_.add(size, accepted + 1)
+
+    def plain_pays_more(self, sessions: int) -> bool:
+        """Whether `sessions` sessions all decoding plainly commit tokens faster than as many
+        speculating with what speculative rounds lately gave (RoundYield), by the cost curves
+        (the plain step on the borrowed cores where the target borrows). Forward times only:
+        speculation's extra round overhead is left out, so this errs towards speculating; and
+        without YIELD_ROUNDS rounds seen it does not say. Under load it is what a session's own
+        planner would find only after rounds on half the cores."""
+        y = self.yield_
+        if y.rounds < YIELD_ROUNDS:
+            return False
+        plain = plain_step_ms(sessions, self.curve, self.plain_curve)
+        return 1.0 / plain >= y.tokens / self.curve.at(sessions * y.size)
 
     def observe_round(self, round_ms: float, planned: Plan) -> None:
         """One round of a planned send took `round_ms` from verified tokens to verified tokens:
