@@ -35,7 +35,7 @@ def test_the_draft_hears_of_prefills_once_none_is_left_and_only_steps_without_it
     real_forward, real_signal = engine.runner.forward, target_end.send_prefilled
 
     def forward(rows: list) -> Any:
-        followed = any(s.speculative and not s.done for s in engine.sessions.values())
+        followed = any(s.speculative and not s.done and s.draft_told_prefilled for s in engine.sessions.values())
         events.append(("forward", (torch.get_num_threads() == engine.borrow_threads, followed)))
         return real_forward(rows)
 

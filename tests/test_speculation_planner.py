@@ -8,9 +8,9 @@ import pytest
 
 from specmesh.services.runtime.engines import DecodeStats, generate_ar, generate_serial
 from specmesh.services.runtime.request import Request
-from specmesh.services.runtime.speculation_planner import (PROBE_AFTER, YIELD_ROUNDS, Acceptance, Candidate, CostCurve,
-                                                           SpeculationPlanner, measure_cost_curve, plan, reach_of,
-                                                           tree_candidates)
+from specmesh.services.runtime.speculation_planner import (PROBE_AFTER, YIELD_ROUNDS, YIELD_STALE_S, Acceptance,
+                                                           Candidate, CostCurve, SpeculationPlanner,
+                                                           measure_cost_curve, plan, reach_of, tree_candidates)
 from specmesh.services.runtime.tree_params import TreeParams
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -89,6 +89,8 @@ def test_the_yield_of_speculative_rounds_says_from_what_load_on_plain_decoding_p
     borrowed = SpeculationPlanner(STEEP, plain_curve=CostCurve([1, 16], [5.0, 23.5]))
     borrowed.yield_ = planner.yield_
     assert borrowed.plain_pays_more(1)  # against the target on every core, not even one
+    planner.yield_.last_at -= YIELD_STALE_S + 1  # no speculative round lately: the next one tests it again
+    assert not planner.plain_pays_more(8) and not borrowed.plain_pays_more(1)
 
 
 def test_more_load_means_smaller_trees() -> None:

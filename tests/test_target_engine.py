@@ -13,7 +13,7 @@ def test_steps_without_the_draft_borrow_every_core(tiny_target: Any) -> None:
 
     from specmesh.services.runtime.forward_batch import Runner
     from specmesh.services.runtime.model_worker import ModelServiceConfig, service_pool
-    from specmesh.services.target.engine import TargetEngine
+    from specmesh.services.target.engine import SessionState, TargetEngine
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -22,12 +22,17 @@ def test_steps_without_the_draft_borrow_every_core(tiny_target: Any) -> None:
     try:
         prefill, mixed = [SimpleNamespace(tree=None)], [SimpleNamespace(tree=None), SimpleNamespace(tree=[1])]
         seen = []
-        for speculative, done in ((True, False), (False, False), (True, True)):  # followed, paused, ended
-            engine.sessions = {1: SimpleNamespace(speculative=speculative, done=done)}  # type: ignore[dict-item]
+        # followed (told of its prefill, or sent a subtree), paused, ended, held until its prefill
+        for speculative, done, told, sent in ((True, False, True, False), (True, False, False, True),
+                                              (False, False, True, True), (True, True, True, True),
+                                              (True, False, False, False)):
+            state = SessionState(1, "s", None, 1, speculative, None, None, done=done,  # type: ignore[arg-type]
+                                 draft_told_prefilled=told, draft_sent=sent)
+            engine.sessions = {1: state}
             for jobs in (prefill, mixed):
                 with engine._threads_for(jobs):  # type: ignore[arg-type]
                     seen.append(torch.get_num_threads())
-        assert seen == [3, 1, 3, 3, 3, 3] and torch.get_num_threads() == 1
+        assert seen == [3, 1, 3, 1, 3, 3, 3, 3, 3, 3] and torch.get_num_threads() == 1
     finally:
         engine.sessions = {}
         torch.set_num_threads(before)

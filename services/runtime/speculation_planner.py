@@ -44,6 +44,9 @@ OVERHEAD_WEIGHT = 0.2  # weight of the newest round in the learned per-round ove
 NODE_COST_TOKENS = 0.01
 YIELD_WEIGHT = 0.05  # weight of the newest speculative round in RoundYield's averages
 YIELD_ROUNDS = 8  # speculative rounds seen before the yield may say speculation cannot pay
+# ... and how long after the last one it still may: a verdict that keeps every session plain would
+# otherwise never be tested again (a workload the draft predicts better arrives).
+YIELD_STALE_S = 30.0
 
 
 @dataclass
@@ -202,9 +205,11 @@ class RoundYield:
     rounds: int = 0
     size: float = 0.0
     tokens: float = 0.0
+    last_at: float = 0.0  # time.monotonic() of the newest
 
     def add(self, size: int, tokens: int) -> None:
         self.rounds += 1
+        self.last_at = time.monotonic()
         w = 1.0 if self.rounds == 1 else YIELD_WEIGHT
         self.size += w * (size - self.size)
         self.tokens += w * (tokens - self.tokens)
@@ -318,9 +323,10 @@ class SpeculationPlanner:
         (the plain step on the borrowed cores where the target borrows). Forward times only:
         speculation's extra round overhead is left out, so this errs towards speculating; and
         without YIELD_ROUNDS rounds seen it does not say. Under load it is what a session's own
-        planner would find only after rounds on half the cores."""
+        planner would find only after rounds on half the cores. A yield older than YIELD_STALE_S
+        does not say either: the next session then speculates, and its rounds renew it."""
         y = self.yield_
-        if y.rounds < YIELD_ROUNDS:
+        if y.rounds < YIELD_ROUNDS or time.monotonic() - y.last_at > YIELD_STALE_S:
             return False
         plain = plain_step_ms(sessions, self.curve, self.plain_curve)
         return 1.0 / plain >= y.tokens / self.curve.at(sessions * y.size)

@@ -81,6 +81,13 @@ class SessionState:
     trace_ctx: Any = None  # the Generate span's context: round spans are its children
     sent_at: float | None = None  # when verified tokens last went to the draft
     draft_told_prefilled: bool = False  # the draft heard this session's prefill is done
+    draft_sent: bool = False  # a subtree came for it (the draft follows it, or did)
+
+    @property
+    def draft_follows(self) -> bool:
+        """The draft works for this live session: it speculates, and the draft is not holding it
+        until it hears of the prefill (DraftOpenRequest.after_target_prefill)."""
+        return self.speculative and not self.done and (self.draft_told_prefilled or self.draft_sent)
 
     def emit(self, item: RoundOut) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -229,7 +236,7 @@ class TargetEngine(EngineActor):
             return
         # The current draft holds this session (a session running target-only re-enters speculation
         # here: the router re-opened it on a restarted draft); the tree is fitted when it is verified.
-        state.speculative = True
+        state.speculative = state.draft_sent = True
         state.trees.append((subtree, time.perf_counter()))
 
     def _keep_orphan(self, subtree: Subtree) -> None:
@@ -329,9 +336,11 @@ class TargetEngine(EngineActor):
                 return
 
     def _draft_follows_none(self) -> bool:
-        """No live session is speculative: the draft paused them all (the load, or trees that do
-        not pay), or there is no draft. Its cores are idle until it looks again."""
-        return not any(s.speculative and not s.done for s in self.sessions.values())
+        """The draft works for no live session: it paused them all (the load, or trees that do not
+        pay), holds the rest until they are prefilled, or there is none. Its cores are idle until
+        it looks again (or hears of a prefill: a burst's first session is held through the whole
+        burst's prefill, which would otherwise share its steps' decode rows on half the cores)."""
+        return not any(s.draft_follows for s in self.sessions.values())
 
     @contextlib.contextmanager
     def _threads_for(self, jobs: list["_Job"]) -> Iterator[None]:
@@ -346,6 +355,7 @@ class TargetEngine(EngineActor):
         The kernels' rows do not depend on the thread count, so neither does any token."""
         threads = torch.get_num_threads()
         wide = self.borrows_cores and (all(job.tree is None for job in jobs) or self._draft_follows_none())
+        metrics.STEPS.labels("borrowed" if wide else "own").inc()
         if wide:
             torch.set_num_threads(self.borrow_threads)
         try:

@@ -39,5 +39,7 @@ def record_round(accepted: int, tree_size: int, tokens: int, verify_s: float, wa
         WAIT.observe(wait_s)
 STEP_ROWS = Histogram("specmesh_target_step_rows", "rows in one batched target forward (trees + prefill chunks)",
                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+STEPS = Counter("specmesh_target_steps", "batched forwards by the threads they ran on (own: --threads; "
+                "borrowed: the draft's cores too, --borrow-threads)", ["threads"])
 STEP_SESSIONS = Histogram("specmesh_target_step_sessions", "sessions in one batched target forward",
                           buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
