@@ -135,6 +135,7 @@ class DraftEngine(EngineActor):
         self.plan = plan
         self.waits_for_prefill = False  # the paired target's ChannelEndpoint.draft_waits_for_prefill
         self.planner: SpeculationPlanner | None = None  # set on pairing, from the target's cost curve
+        metrics.PLAIN_LOAD.set_function(self._least_plain_load)  # at scrape time, off the hot path
         self.handle(Open, self._on_open)
         self.handle(Close, self._on_close)
         self.handle(VerifiedIn, self._on_verified)
@@ -279,10 +280,13 @@ class DraftEngine(EngineActor):
             # Tokens the target committed before this subtree came (its ahead rounds) cost the draft
             # nothing to predict and saved no step: only what the subtree itself verified counts.
             self.planner.record(state.sent_reach, max(0, result.tree_hits - verified.skipped), state.sent_size)
+            metrics.YIELD_TOKENS.set(self.planner.yield_.tokens)
+            metrics.YIELD_NODES.set(self.planner.yield_.size)
             if not any(s is not state and not s.pause.paused for s in self.sessions.values()):
                 # Alone, a round is its forward plus the overhead. With others it also holds their
                 # steps, which the cost curve already prices (their rows are in the plan).
                 self.planner.observe_round((now - state.round_started) * 1000, state.sent_plan)
+                metrics.ROUND_OVERHEAD.set(self.planner.overhead_ms)
         metrics.REROOTS.labels("hit" if result.hit else "new_tree").inc()
         state.round, state.owed, state.reroot_hit = verified.round, True, result.hit
         state.round_started, state.round_expansions, state.grown = now, 0, 0
@@ -409,6 +413,12 @@ class DraftEngine(EngineActor):
         it again at the start of every burst."""
         return self.pausing.plain_under(sessions, time.monotonic()) or \
             (self.planner is not None and self.planner.plain_pays_more(sessions))
+
+    def _least_plain_load(self) -> int:
+        """specmesh_draft_plain_load_sessions: read at scrape time, from the gRPC side (a stale
+        planner reference is harmless there)."""
+        planner = self.planner
+        return next((n for n in range(1, 65) if planner is not None and planner.plain_pays_more(n)), 0)
 
     def _held_by_load(self, state: DraftState) -> bool:
         """A running session stops speculating at once, not PAUSE_AFTER rounds later, when the load

@@ -27,3 +27,10 @@ PAUSES = Counter("specmesh_draft_pauses", "greedy sessions handed to the target 
                  "reached it), and looked at again (resumed)",
                  ["event"])
 PAUSED = Gauge("specmesh_draft_paused_sessions", "sessions the target runs alone now (paused)")
+YIELD_TOKENS = Gauge("specmesh_draft_yield_tokens_per_round", "tokens verified speculative rounds committed lately "
+                     "(accepted + bonus; the planner's RoundYield)")
+YIELD_NODES = Gauge("specmesh_draft_yield_nodes_per_round", "nodes those rounds sent, root included")
+ROUND_OVERHEAD = Gauge("specmesh_draft_round_overhead_ms", "what a round costs besides the target's forward, as the "
+                       "planner learned it")
+PLAIN_LOAD = Gauge("specmesh_draft_plain_load_sessions", "the least number of sessions the planner's verdict calls a "
+                   "plain load now (0: none up to 64, or no verdict yet)")

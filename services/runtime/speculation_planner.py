@@ -86,8 +86,11 @@ def measure_cost_curve(model: "Transformer", rows: tuple[int, ...] = MEASURED_RO
     on `threads` torch threads (None: the process's).
 
     Each M is run once untimed first. The minimum, not the median: interference from other processes
-    only ever adds time. The curve is then made non-decreasing (more rows never cost less), which
-    also absorbs leftover noise.
+    only ever adds time. The repeats come in passes over every M, not one M after another: a
+    service starting beside this one (the draft loading its weights) slows whatever is measured
+    meanwhile, and the smallest M, measured first, then priced one row at 126 ms where it costs
+    71. The curve is then made non-decreasing (more rows never cost less), which also absorbs
+    leftover noise.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
@@ -104,17 +107,19 @@ def _measure(model: "Transformer", rows: tuple[int, ...], context: int, repeats:
     tokens = torch.randint(0, model.vocab_size, (context + top,)).tolist()
     runner.forward_one(SeqRows(cache, tokens[:context], list(range(context)), 0, 0, causal(context, model.device),
                                Logits.NONE))
-    ms = []
-    for m in rows:
-        chain = SeqRows(cache, tokens[context:context + m], list(range(context, context + m)), context, context,
-                        causal(m, model.device), Logits.ALL)
+    chains = [SeqRows(cache, tokens[context:context + m], list(range(context, context + m)), context, context,
+                      causal(m, model.device), Logits.ALL) for m in rows]
+    for chain in chains:
         runner.forward_one(chain)  # untimed: a shape's first forward also allocates and picks kernels
-        times = []
-        for _ in range(repeats):
+    best = [math.inf] * len(rows)
+    for _ in range(repeats):
+        for i, chain in enumerate(chains):
             t0 = time.perf_counter()
             runner.forward_one(chain)
-            times.append((time.perf_counter() - t0) * 1000)
-        ms.append(max(min(times), ms[-1] if ms else 0.0))
+            best[i] = min(best[i], (time.perf_counter() - t0) * 1000)
+    ms: list[float] = []
+    for t in best:
+        ms.append(max(t, ms[-1] if ms else 0.0))
     return CostCurve(list(rows), ms)
 
 
