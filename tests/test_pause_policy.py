@@ -6,7 +6,7 @@ import time
 from specmesh.services.draft.engine import DraftEngine, DraftState
 from specmesh.services.draft.pause_policy import (MAX_DOUBLINGS, PAUSE_AFTER, RECHECK_AFTER, SETTLE_FRACTION,
                                                   PausePolicy, SessionPause)
-from specmesh.services.runtime.speculation_planner import YIELD_ROUNDS, CostCurve, SpeculationPlanner
+from specmesh.services.runtime.speculation_planner import YIELD_ROUNDS, YIELD_STALE_S, CostCurve, SpeculationPlanner
 
 
 def plans(policy: PausePolicy, p: SessionPause, sizes: list[int], probe: bool = False) -> list[bool]:
@@ -193,3 +193,21 @@ def test_a_load_the_cost_curves_call_plain_holds_sessions_with_no_pause_remember
     assert engine._plain_load(2) and engine._starts_paused(second) and engine._held_by_load(first)
     engine.pausing.start_paused(second.pause, 0.0, 2)
     assert not any(engine.pausing.resume_due(second.pause, t, 2, engine._plain_load(2)) for t in (1.0, 2.0, 3.0))
+
+
+def test_a_stale_verdict_is_tested_by_one_session_while_the_others_keep_to_it() -> None:
+    """No speculative round for YIELD_STALE_S, every session paused: the next one opens as a look
+    (never held, so its rounds renew the yield); one opening beside it starts paused."""
+    from specmesh.services.runtime.sampling import SamplingParams
+    from specmesh.services.runtime.tree_params import TreeParams
+
+    held, tester, third = (DraftState(i, f"s{i}", [1, 2], SamplingParams(), TreeParams(2, 8, 3), 4) for i in (1, 2, 3))
+    engine = unstarted_engine({1: held})
+    for _ in range(YIELD_ROUNDS):
+        engine.planner.record({1: 0.5}, accepted=0, size=4)
+    engine.pausing.start_paused(held.pause, time.monotonic(), 1)
+    engine.planner.yield_.last_at -= YIELD_STALE_S + 1
+    engine.sessions[2] = tester
+    assert not engine._starts_paused(tester) and tester.pause.looking and not engine._held_by_load(tester)
+    engine.sessions[3] = third
+    assert engine._starts_paused(third) and not third.pause.looking

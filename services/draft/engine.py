@@ -398,13 +398,21 @@ class DraftEngine(EngineActor):
         paused, or a plain load (`_plain_load`), one alone included: where the target borrows the
         draft's cores, plain decoding on all of them can beat speculation even for a single
         stream, and each new request would otherwise pay its catch-up and PAUSE_AFTER rounds on
-        half the cores to learn that again."""
+        half the cores to learn that again. Unless the reason is not a pause remembered, the yield
+        is stale and no session speculates: then this one looks, and tests the verdict."""
         if not self._may_pause(state) or self.channel is None:
             return False
         others = [s for s in self.sessions.values() if s is not state]
-        if others and 2 * sum(s.pause.paused for s in others) >= len(others):
-            return True
-        return self._plain_load(len(self.sessions))
+        remembered = self.pausing.plain_under(len(self.sessions), time.monotonic())
+        if not (others and 2 * sum(s.pause.paused for s in others) >= len(others)) and not remembered and \
+                not self.planner.plain_pays_more(len(self.sessions)):
+            return False
+        if not remembered and self.planner.yield_stale() and all(s.pause.paused for s in others):
+            # Nothing speculated for a while: this one tests the verdict as a look (never held; its
+            # planner's rounds renew the yield), while the others keep to it.
+            state.pause.looking = True
+            return False
+        return True
 
     def _plain_load(self, sessions: int) -> bool:
         """At this many sessions plain decoding beats speculation: a session paused lately under

@@ -44,9 +44,7 @@ OVERHEAD_WEIGHT = 0.2  # weight of the newest round in the learned per-round ove
 NODE_COST_TOKENS = 0.01
 YIELD_WEIGHT = 0.05  # weight of the newest speculative round in RoundYield's averages
 YIELD_ROUNDS = 8  # speculative rounds seen before the yield may say speculation cannot pay
-# ... and how long after the last one it still may: a verdict that keeps every session plain would
-# otherwise never be tested again (a workload the draft predicts better arrives).
-YIELD_STALE_S = 30.0
+YIELD_STALE_S = 30.0  # ... after which one session tests its verdict (SpeculationPlanner.yield_stale)
 
 
 @dataclass
@@ -322,16 +320,21 @@ class SpeculationPlanner:
         if size > 1:
             self.yield_.add(size, accepted + 1)
 
+    def yield_stale(self) -> bool:
+        """No speculative round for YIELD_STALE_S: a verdict that keeps every session plain would
+        otherwise never be tested again (a workload the draft predicts better arrives)."""
+        return time.monotonic() - self.yield_.last_at > YIELD_STALE_S
+
     def plain_pays_more(self, sessions: int) -> bool:
         """Whether `sessions` sessions all decoding plainly commit tokens faster than as many
         speculating with what speculative rounds lately gave (RoundYield), by the cost curves
         (the plain step on the borrowed cores where the target borrows). Forward times only:
         speculation's extra round overhead is left out, so this errs towards speculating; and
         without YIELD_ROUNDS rounds seen it does not say. Under load it is what a session's own
-        planner would find only after rounds on half the cores. A yield older than YIELD_STALE_S
-        does not say either: the next session then speculates, and its rounds renew it."""
+        planner would find only after rounds on half the cores. A verdict older than YIELD_STALE_S
+        still holds, but wants testing (`yield_stale`)."""
         y = self.yield_
-        if y.rounds < YIELD_ROUNDS or time.monotonic() - y.last_at > YIELD_STALE_S:
+        if y.rounds < YIELD_ROUNDS:
             return False
         plain = plain_step_ms(sessions, self.curve, self.plain_curve)
         return 1.0 / plain >= y.tokens / self.curve.at(sessions * y.size)
