@@ -193,7 +193,7 @@ def late_draft_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullMe
     yield from serve_mesh(tmp_path_factory.mktemp("late"),
                           target_args=[*FP32, "--draft-patience-ms", "30", "--verify-delay-ms", "50",
                                        "--metrics-port", "0"],
-                          draft_args=[*FP32, "--expand-delay-ms", "60"])
+                          draft_args=[*FP32, "--expand-delay-ms", "60", "--plain-pause-s", "0"])
 
 
 def test_a_late_draft_is_not_waited_for_and_output_stays_lossless(late_draft_mesh: FullMesh) -> None:

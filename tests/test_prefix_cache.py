@@ -48,7 +48,9 @@ def pair(tiny_pair: tuple[Path, Path]) -> Iterator[Pair]:
     target = start_service(TARGET, ["--model", str(tiny_pair[0]), *POOL, "--tensor-port", "0", "--tp", "2",
                                     "--verify-delay-ms", "10"], timeout=120)
     try:
-        draft = start_service(DRAFT, ["--model", str(tiny_pair[1]), *POOL], timeout=120)
+        # --plain-pause-s 0: every case checks the draft's KV too, so no session may start paused
+        # (the tiny draft's yield can fairly call even one session a plain load)
+        draft = start_service(DRAFT, ["--model", str(tiny_pair[1]), *POOL, "--plain-pause-s", "0"], timeout=120)
     except BaseException:
         target.stop()
         raise

@@ -32,7 +32,10 @@ LONG = 1800  # tokens: several seconds on the tiny pair, for requests that must 
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullMesh]:
     yield from serve_mesh(tmp_path_factory.getbasetemp(), pool_blocks=1024,
                           router_args=["--max-concurrent", str(MAX_CONCURRENT)],
-                          target_args=["--verify-delay-ms", "5"])  # rounds of a few ms, like a real target
+                          target_args=["--verify-delay-ms", "5"],  # rounds of a few ms, like a real target
+                          # streams check the draft took part: none may start paused under a load
+                          # the tiny draft's yield calls plain
+                          draft_args=["--plain-pause-s", "0"])
 
 
 @pytest.fixture(scope="module")

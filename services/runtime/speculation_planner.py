@@ -43,7 +43,7 @@ OVERHEAD_WEIGHT = 0.2  # weight of the newest round in the learned per-round ove
 # sending nodes the calibration says are all but sure to be rejected.
 NODE_COST_TOKENS = 0.01
 YIELD_WEIGHT = 0.05  # weight of the newest speculative round in RoundYield's averages
-YIELD_ROUNDS = 8  # speculative rounds seen before the yield may say speculation cannot pay
+YIELD_ROUNDS = 32  # speculative rounds seen before the yield may say speculation cannot pay (every session obeys it)
 YIELD_STALE_S = 30.0  # ... after which one session tests its verdict (SpeculationPlanner.yield_stale)
 
 
