@@ -145,10 +145,12 @@ def test_paused_and_resumed_sessions_stay_lossless(pausing_mesh: FullMesh) -> No
     assert_concurrent_streams_lossless(pausing_mesh, 3, 240)
     events = pause_events(pausing_mesh)
     assert stopped(events) > 0 and events.get("resumed", 0) > 0, events
-    if events.get("held_by_load"):  # a draft that never agrees: its yield calls even one session plain
-        body = urllib.request.urlopen(f"http://127.0.0.1:{pausing_mesh.draft.ready['metrics_port']}/metrics",
-                                      timeout=10).read().decode()
-        assert re.search(r"^specmesh_draft_plain_load_sessions 1\.0$", body, re.M), body[-3000:]
+    # A draft that never agrees: every speculative round committed the bonus token alone, and once
+    # the verdict speaks (32 such rounds) it calls even one session plain.
+    body = urllib.request.urlopen(f"http://127.0.0.1:{pausing_mesh.draft.ready['metrics_port']}/metrics",
+                                  timeout=10).read().decode()
+    assert re.search(r"^specmesh_draft_yield_tokens_per_round 1\.0$", body, re.M), body[-3000:]
+    assert re.search(r"^specmesh_draft_plain_load_sessions [01]\.0$", body, re.M), body[-3000:]
     wait_kv_idle(pausing_mesh.treekv.addr)
 
 
