@@ -137,7 +137,6 @@ def test_the_planner_counts_every_session_the_target_steps() -> None:
 def test_a_lone_session_starts_paused_under_a_remembered_plain_load_of_one() -> None:
     """Where plain decoding on the borrowed cores beats speculation even for one stream, the next
     request alone starts paused too, instead of paying its catch-up and PAUSE_AFTER rounds again."""
-
     from specmesh.services.runtime.sampling import SamplingParams
     from specmesh.services.runtime.tree_params import TreeParams
 

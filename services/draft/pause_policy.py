@@ -8,16 +8,18 @@ when its time is up or when the load that caused it has halved, stayed so for `S
 of the shortest pause (a closed-loop client's next request follows the last one's end within
 milliseconds: resuming on that dip would pay a catch-up for nothing) and is no plain load (the
 draft judges that: below the remembered one, and not one its cost curves call plain). Then the
-draft looks again: a resumed session that the planner still sends alone within `RECHECK_AFTER` plans was paused for
-the right reason, and pauses again for twice as long (up to `MAX_DOUBLINGS` times), so a steadily
-loaded server spends almost all its time target-only. One speculative plan resets the backoff.
+draft looks again: a resumed session that the planner still sends alone within `RECHECK_AFTER`
+plans was paused for the right reason, and pauses again for twice as long (up to `MAX_DOUBLINGS`
+times), so a steadily loaded server spends almost all its time target-only. One speculative plan
+resets the backoff.
+
 A session that opens while at least half the others are paused starts paused (`start_paused`),
-and so does one that opens at a load under which a session paused lately (`plain_under`); a
-running session (not one looking) is held the same way at its next send once the load reaches
-that level: while the draft follows any session the target steps on its own cores only, so one
-session still speculating slows every other. The policy remembers the least load that made a
-session pause, for as long as the longest pause, and forgets it when a look finds speculation
-paying again.
+and so does one that opens under a plain load: one under which a session paused lately
+(`plain_under`), or one the planner's verdict calls plain (the draft asks both). A running
+session (not one looking) is held the same way at its next send once the load is plain: while
+the draft follows any session the target steps on its own cores only, so one session still
+speculating slows every other. The policy remembers the least load that made a session pause,
+for as long as the longest pause, and forgets it when a look finds speculation paying again.
 
 Probes (the planner's forced full subtrees, for calibration) neither count towards a pause nor
 reset one: they are not the planner's choice.
