@@ -207,6 +207,11 @@ def test_a_stale_verdict_is_tested_by_one_session_while_the_others_keep_to_it() 
     engine.pausing.start_paused(held.pause, time.monotonic(), 1)
     engine.planner.yield_.last_at -= YIELD_STALE_S + 1
     engine.sessions[2] = tester
-    assert not engine._starts_paused(tester) and tester.pause.looking and not engine._held_by_load(tester)
+    assert engine._starts_paused(tester) and engine._tests_stale_verdict(tester)
+    tester.pause.looking = True  # as DraftEngine._on_open makes it
+    assert not engine._held_by_load(tester)
     engine.sessions[3] = third
-    assert engine._starts_paused(third) and not third.pause.looking
+    assert engine._starts_paused(third) and not engine._tests_stale_verdict(third)  # the tester speculates
+    engine.pausing.pause(SessionPause(), time.monotonic(), 2)  # a session paused lately: memory decides
+    engine.sessions.pop(2)
+    assert not engine._tests_stale_verdict(third)

@@ -240,8 +240,11 @@ class DraftEngine(EngineActor):
         message.done.set_result(None)
         self._begin(state)
         if self._starts_paused(state):
-            state.held = False  # its catch-up comes with its first look, whenever that is
-            self._pause(state, "started_paused")
+            if self._tests_stale_verdict(state):
+                state.pause.looking = True  # a look: never held, and its rounds renew the yield
+            else:
+                state.held = False  # its catch-up comes with its first look, whenever that is
+                self._pause(state, "started_paused")
 
     def _begin(self, state: DraftState) -> None:
         """Copy the session's cached prefix and start catching up, unless its source is not there yet."""
@@ -398,21 +401,22 @@ class DraftEngine(EngineActor):
         paused, or a plain load (`_plain_load`), one alone included: where the target borrows the
         draft's cores, plain decoding on all of them can beat speculation even for a single
         stream, and each new request would otherwise pay its catch-up and PAUSE_AFTER rounds on
-        half the cores to learn that again. Unless the reason is not a pause remembered, the yield
-        is stale and no session speculates: then this one looks, and tests the verdict."""
+        half the cores to learn that again."""
         if not self._may_pause(state) or self.channel is None:
             return False
         others = [s for s in self.sessions.values() if s is not state]
-        remembered = self.pausing.plain_under(len(self.sessions), time.monotonic())
-        if not (others and 2 * sum(s.pause.paused for s in others) >= len(others)) and not remembered and \
-                not self.planner.plain_pays_more(len(self.sessions)):
-            return False
-        if not remembered and self.planner.yield_stale() and all(s.pause.paused for s in others):
-            # Nothing speculated for a while: this one tests the verdict as a look (never held; its
-            # planner's rounds renew the yield), while the others keep to it.
-            state.pause.looking = True
-            return False
-        return True
+        if others and 2 * sum(s.pause.paused for s in others) >= len(others):
+            return True
+        return self._plain_load(len(self.sessions))
+
+    def _tests_stale_verdict(self, state: DraftState) -> bool:
+        """A session that would start paused opens as a look instead when nothing speculated for
+        a while (SpeculationPlanner.yield_stale), no session paused lately (then the pause memory
+        decides, not the verdict) and every other session is paused: one session tests the
+        verdict while the others keep to it."""
+        return self.planner is not None and self.planner.yield_stale() and \
+            not self.pausing.plain_under(len(self.sessions), time.monotonic()) and \
+            all(s.pause.paused for s in self.sessions.values() if s is not state)
 
     def _plain_load(self, sessions: int) -> bool:
         """At this many sessions plain decoding beats speculation: a session paused lately under
@@ -426,7 +430,9 @@ class DraftEngine(EngineActor):
         """specmesh_draft_plain_load_sessions: read at scrape time, from the gRPC side (a stale
         planner reference is harmless there)."""
         planner = self.planner
-        return next((n for n in range(1, 65) if planner is not None and planner.plain_pays_more(n)), 0)
+        if planner is None:
+            return 0
+        return next((n for n in range(1, 65) if planner.plain_pays_more(n)), 0)
 
     def _held_by_load(self, state: DraftState) -> bool:
         """A running session stops speculating at once, not PAUSE_AFTER rounds later, when the load

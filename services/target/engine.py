@@ -355,7 +355,7 @@ class TargetEngine(EngineActor):
         The kernels' rows do not depend on the thread count, so neither does any token."""
         threads = torch.get_num_threads()
         wide = self.borrows_cores and (all(job.tree is None for job in jobs) or self._draft_follows_none())
-        metrics.STEPS.labels("borrowed" if wide else "own").inc()
+        (metrics.STEPS_BORROWED if wide else metrics.STEPS_OWN).inc()
         if wide:
             torch.set_num_threads(self.borrow_threads)
         try:

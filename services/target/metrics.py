@@ -41,5 +41,6 @@ STEP_ROWS = Histogram("specmesh_target_step_rows", "rows in one batched target f
                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 STEPS = Counter("specmesh_target_steps", "batched forwards by the threads they ran on (own: --threads; "
                 "borrowed: the draft's cores too, --borrow-threads)", ["threads"])
+STEPS_OWN, STEPS_BORROWED = STEPS.labels("own"), STEPS.labels("borrowed")  # bound once: counted every step
 STEP_SESSIONS = Histogram("specmesh_target_step_sessions", "sessions in one batched target forward",
                           buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
